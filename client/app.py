@@ -1,0 +1,147 @@
+"""The Flower ``ClientApp``: glue between Flower messages and ``client.site.SiteRuntime``.
+
+A train instruction carries the global adapter and a header (round, version, base fingerprint,
+site plan); the reply carries the *encoded delta* and metrics. Nothing else leaves the site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from client.data import Dataset, load_dataset, site_data
+from client.site import AdapterHost, SiteRuntime
+from common import protocol as P
+from common.adapters import AdapterState
+from common.config import RunConfig, SitePlan
+from common.encoding import encode_delta
+from common.errors import FedloraError
+from common.progress import print_step
+
+logger = logging.getLogger(__name__)
+
+# Error codes of refusal replies (Flower reserves small codes for its own errors).
+ERROR_REFUSED = 1001
+
+# Ray actors serve many rounds (and several virtual sites) in one process: loading a base model
+# costs 1-25 s and ~0.5 GB, so each process keeps one host per model and module, and the data.
+_HOSTS: dict[str, AdapterHost] = {}
+_DATASETS: dict[str, Dataset] = {}
+
+
+def _dataset(cfg: RunConfig) -> Dataset:
+    key = str(cfg.data.path)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_dataset(cfg.data)
+    return _DATASETS[key]
+
+
+def _host(cfg: RunConfig, plan: SitePlan, num_labels: int | None) -> AdapterHost:
+    module = plan.modules["shared"]
+    key = f"{cfg.model.model_dump_json()}|{module.model_dump_json()}|{num_labels}"
+    if key not in _HOSTS:
+        _HOSTS[key] = AdapterHost(cfg.model, module, num_labels)
+    return _HOSTS[key]
+
+
+def _runtime(cfg: RunConfig, plan: SitePlan, context: Context) -> SiteRuntime:
+    index = int(context.node_config.get("partition-id", 0))
+    num_sites = int(context.node_config.get("num-partitions", cfg.federation.sites))
+    dataset = _dataset(cfg)
+    labels = dataset.label_names
+    host = _host(cfg, plan, len(labels) if labels else None)
+    data = site_data(dataset, index, num_sites, cfg.data)
+    return SiteRuntime(host, data, dataset.kind, site_id=f"site-{index}", site_index=index)
+
+
+def _received(msg: Message) -> tuple[ConfigRecord, SitePlan, AdapterState]:
+    header = msg.content.config_records[P.HEADER_RECORD]
+    plan = SitePlan.model_validate_json(str(header[P.KEY_PLAN]))
+    state = msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict()
+    return header, plan, state
+
+
+def _refuse(msg: Message, exc: Exception) -> Message:
+    logger.error("refusing %s instruction: %s", msg.metadata.message_type, exc)
+    return Message(Error(code=ERROR_REFUSED, reason=str(exc)), reply_to=msg)
+
+
+def make_client_app(cfg: RunConfig) -> ClientApp:
+    """A ClientApp whose virtual sites read their partition of ``cfg.data``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        try:
+            header, plan, received = _received(msg)
+            site = _runtime(cfg, plan, context)
+            site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
+            server_round = int(str(header[P.KEY_ROUND]))
+            update = site.train(received, plan, server_round, _progress(site.site_id, server_round))
+        except FedloraError as exc:
+            return _refuse(msg, exc)
+        payload = encode_delta(update.delta, plan.encoding)
+        reply = RecordDict(
+            {
+                P.UPDATE_RECORD: ConfigRecord(
+                    {
+                        P.KEY_SITE: site.site_id,
+                        P.KEY_FINGERPRINT: site.fingerprint,
+                        P.KEY_ROUND: server_round,
+                        P.KEY_VERSION: int(str(header[P.KEY_VERSION])),
+                        P.KEY_ENCODING: plan.encoding,
+                        P.KEY_DELTA: payload,
+                    }
+                ),
+                P.METRICS_RECORD: MetricRecord(
+                    {
+                        P.METRIC_EXAMPLES: update.examples,
+                        P.METRIC_TRAIN_LOSS: update.result.loss,
+                        P.METRIC_SECONDS: update.result.seconds,
+                        P.METRIC_PEAK_MEMORY: update.result.peak_memory_bytes,
+                        P.METRIC_STEPS: update.result.steps,
+                    }
+                ),
+            }
+        )
+        return Message(reply, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        try:
+            header, plan, received = _received(msg)
+            site = _runtime(cfg, plan, context)
+            site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
+            result = site.evaluate(received, plan)
+        except FedloraError as exc:
+            return _refuse(msg, exc)
+        metrics: dict[str, MetricRecordValues] = {
+            P.METRIC_EXAMPLES: result.examples,
+            P.METRIC_EVAL_LOSS: result.loss,
+            P.METRIC_EVAL_TOKENS: result.tokens,
+        }
+        if result.accuracy is not None:
+            metrics[P.METRIC_EVAL_ACCURACY] = result.accuracy
+        content = RecordDict({P.METRICS_RECORD: MetricRecord(metrics)})
+        content.config_records[P.UPDATE_RECORD] = ConfigRecord({P.KEY_SITE: site.site_id})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def _progress(site_id: str, server_round: int) -> Callable[[int, int, float], None]:
+    def on_step(step: int, steps: int, loss: float) -> None:
+        print_step(site_id, server_round, step, steps, loss)
+
+    return on_step

@@ -1,0 +1,419 @@
+"""A site's examples: read one data file, split it into simulated sites, keep some back.
+
+Three kinds of data, one ``Example`` type:
+
+- ``instruction``: JSONL/JSON/CSV rows with an instruction, an optional context and a response
+  (databricks-dolly-15k, Alpaca-style files);
+- ``classification``: JSONL/JSON/CSV rows with a text and a label (banking77);
+- ``text``: a plain ``.txt`` file cut into chunks of whole paragraphs (tinyshakespeare).
+
+Every problem with a file is a ``DataError`` naming the file, the line and what was expected;
+every impossible split is a ``ConfigError`` naming the config key. Token tensors and batches are
+made in ``client.tokens``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+from client.records import Record, read_records, read_text
+from common.config import DataConfig
+from common.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["instruction", "classification", "text"]
+
+# A Dirichlet draw can leave a site empty; redraw (with derived seeds) this many times at most.
+DIRICHLET_DRAWS = 10
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or evaluation example.
+
+    ``text`` is the input text (classification), one chunk (text) or the instruction, followed
+    by a blank line and the context when there is one (instruction). ``group`` is the value of
+    the ``data.by`` column, or the label name of a classification example; partitioning uses it.
+    """
+
+    text: str
+    response: str | None = None
+    label: int | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The examples of one file, their kind and, for classification, the label names by id."""
+
+    examples: list[Example]
+    kind: Kind
+    label_names: list[str] | None
+    source: Path
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's examples: those it trains on and those it keeps back for local evaluation."""
+
+    train: list[Example]
+    heldout: list[Example]
+
+
+# --------------------------------------------------------------------------- rows to examples
+
+
+def _column(where: str, row: dict[str, Any], column: str, key: str) -> Any:
+    if column not in row:
+        found = ", ".join(repr(name) for name in row)
+        raise DataError(
+            f"{where}: missing column {column!r} (columns found: {found}); "
+            f"set {key} to the column that holds it"
+        )
+    return row[column]
+
+
+def _string(where: str, row: dict[str, Any], column: str, key: str) -> str:
+    """A non-empty text column."""
+    value = _column(where, row, column, key)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {column!r} must be a string, got {value!r}")
+    if not value.strip():
+        raise DataError(f"{where}: column {column!r} is empty; expected non-empty text")
+    return value
+
+
+def _name(where: str, row: dict[str, Any], column: str, key: str) -> str:
+    """A label or group value: a non-empty string or an integer, as a string."""
+    value = _column(where, row, column, key)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise DataError(f"{where}: column {column!r} must be a string or integer, got {value!r}")
+    name = str(value).strip()
+    if not name:
+        raise DataError(f"{where}: column {column!r} is empty; expected a label")
+    return name
+
+
+def _group(where: str, row: dict[str, Any], cfg: DataConfig) -> str | None:
+    return None if cfg.by is None else _name(where, row, cfg.by, "data.by")
+
+
+def _instruction_example(where: str, row: dict[str, Any], cfg: DataConfig) -> Example:
+    text = _string(where, row, cfg.instruction_column, "data.instruction-column")
+    context = row.get(cfg.context_column)
+    if context is not None and not isinstance(context, str):
+        raise DataError(f"{where}: column {cfg.context_column!r} must be a string")
+    if context and context.strip():
+        text = f"{text}\n\n{context}"
+    response = _string(where, row, cfg.response_column, "data.response-column")
+    return Example(text=text, response=response, group=_group(where, row, cfg))
+
+
+def sort_label_names(names: set[str]) -> list[str]:
+    """Label names in id order: numerically when all are integers (so "10" follows "9")."""
+    if all(re.fullmatch(r"-?\d+", name) for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _label_ids(path: Path, found: set[str], label_names: list[str] | None) -> list[str]:
+    names = sort_label_names(found) if label_names is None else [str(n) for n in label_names]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: the given label names repeat a name: {names}")
+    if len(names) < 2:
+        raise DataError(
+            f"{path}: classification needs at least 2 distinct labels, found {names}; "
+            "check data.label-column"
+        )
+    return names
+
+
+def _classification_dataset(
+    path: Path, records: list[Record], cfg: DataConfig, label_names: list[str] | None
+) -> Dataset:
+    rows = []
+    for where, row in records:
+        text = _string(where, row, cfg.text_column, "data.text-column")
+        label = _name(where, row, cfg.label_column, "data.label-column")
+        rows.append((where, text, label, _group(where, row, cfg)))
+    names = _label_ids(path, {label for _, _, label, _ in rows}, label_names)
+    ids = {name: i for i, name in enumerate(names)}
+    examples = []
+    for where, text, label, group in rows:
+        if label not in ids:
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            raise DataError(
+                f"{where}: label {label!r} is not one of the {len(names)} known labels ({shown})"
+            )
+        examples.append(
+            Example(text=text, label=ids[label], group=label if group is None else group)
+        )
+    return Dataset(examples, "classification", names, path)
+
+
+def _detect_kind(where: str, row: dict[str, Any], cfg: DataConfig) -> Kind:
+    if cfg.instruction_column in row and cfg.response_column in row:
+        return "instruction"
+    if cfg.text_column in row and cfg.label_column in row:
+        return "classification"
+    found = ", ".join(repr(name) for name in row)
+    raise DataError(
+        f"{where}: cannot tell the format from the columns ({found}); expected "
+        f"{cfg.instruction_column!r} and {cfg.response_column!r} (instruction data) or "
+        f"{cfg.text_column!r} and {cfg.label_column!r} (classification); set data.format "
+        "and the data.*-column keys"
+    )
+
+
+# --------------------------------------------------------------------------- plain text
+
+
+def _pack(parts: list[str], separator: str, limit: int) -> list[str]:
+    """Join consecutive parts with ``separator`` into pieces of at most ``limit`` characters."""
+    pieces: list[str] = []
+    current = ""
+    for part in parts:
+        candidate = f"{current}{separator}{part}" if current else part
+        if len(candidate) <= limit or not current:
+            current = candidate
+        else:
+            pieces.append(current)
+            current = part
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _split_line(line: str, limit: int) -> list[str]:
+    """Cut one overlong line into pieces of at most ``limit`` characters, at spaces if any."""
+    pieces = []
+    while len(line) > limit:
+        cut = line.rfind(" ", 1, limit + 1)
+        cut = cut if cut > 0 else limit
+        pieces.append(line[:cut])
+        line = line[cut:].lstrip(" ")
+    pieces.append(line)
+    return pieces
+
+
+def text_chunks(text: str, chunk_chars: int) -> list[str]:
+    """Cut text into chunks of about ``chunk_chars`` characters at paragraph or line ends.
+
+    Whole paragraphs (separated by blank lines) are packed together; a paragraph longer than
+    a chunk is cut at line ends, and a line longer than a chunk at spaces (or anywhere if it
+    has none).
+    """
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be positive, got {chunk_chars}")
+    paragraphs: list[str] = []
+    for paragraph in re.split(r"\n[ \t\r]*\n", text):
+        paragraph = paragraph.strip("\r\n")
+        if not paragraph.strip():
+            continue
+        if len(paragraph) <= chunk_chars:
+            paragraphs.append(paragraph)
+            continue
+        lines: list[str] = []
+        for line in paragraph.split("\n"):
+            lines.extend(_split_line(line, chunk_chars))
+        paragraphs.extend(_pack(lines, "\n", chunk_chars))
+    return _pack(paragraphs, "\n\n", chunk_chars)
+
+
+# --------------------------------------------------------------------------- load_dataset
+
+
+def load_dataset(
+    cfg: DataConfig,
+    path: Path | None = None,
+    label_names: list[str] | None = None,
+    text_chunk_chars: int = 512,
+) -> Dataset:
+    """Read one data file (``cfg.path`` unless ``path`` is given) into a ``Dataset``.
+
+    ``label_names`` fixes the classification label ids (pass the training set's names when
+    loading an evaluation file or a site's own file, so that ids agree everywhere); by default
+    they are the sorted distinct labels of the whole file.
+    """
+    path = Path(cfg.path if path is None else path)
+    text = read_text(path)
+    if cfg.format == "text" or (cfg.format == "auto" and path.suffix.lower() == ".txt"):
+        chunks = text_chunks(text, text_chunk_chars)
+        dataset = Dataset([Example(text=chunk) for chunk in chunks], "text", None, path)
+    else:
+        records = read_records(path, text, explicit_format=cfg.format != "auto")
+        if not records:
+            raise DataError(
+                f"{path}: no examples found; expected at least one row after the header"
+            )
+        kind = _detect_kind(*records[0], cfg) if cfg.format == "auto" else cfg.format
+        if kind == "classification":
+            dataset = _classification_dataset(path, records, cfg, label_names)
+        else:
+            examples = [_instruction_example(where, row, cfg) for where, row in records]
+            dataset = Dataset(examples, "instruction", None, path)
+    if not dataset.examples:
+        raise DataError(f"{path}: no examples found; expected at least one")
+    log.info("loaded %d %s examples from %s", len(dataset.examples), dataset.kind, path)
+    return dataset
+
+
+# --------------------------------------------------------------------------- partitioning
+
+
+def _seed(seed: int, draw: int = 0) -> int:
+    """A non-negative 32-bit seed for numpy derived from a config seed (which may be negative)."""
+    return int(np.random.SeedSequence([seed % 2**32, draw]).generate_state(1)[0])
+
+
+def _partition_keys(dataset: Dataset, cfg: DataConfig) -> list[str]:
+    """The value each example is partitioned by: its ``data.by`` column, else its label."""
+    if cfg.by is not None:
+        keys = [example.group for example in dataset.examples]
+        if any(key is None for key in keys):
+            raise DataError(
+                f"{dataset.source}: data.by = {cfg.by!r} but the examples have no {cfg.by!r} "
+                f"values ({dataset.kind} data); load the file with the same data config"
+            )
+        return [str(key) for key in keys]
+    names = dataset.label_names
+    if dataset.kind == "classification" and names is not None:
+        return [names[e.label] if e.label is not None else "" for e in dataset.examples]
+    raise DataError(
+        f"{dataset.source}: data.partition = {cfg.partition!r} needs data.by = '<column>' for "
+        f"{dataset.kind} data (only classification data can be split by its labels)"
+    )
+
+
+def _partition_iid(num_examples: int, num_sites: int, seed: int) -> list[list[int]]:
+    # IidPartitioner shards contiguously, so shuffle the indices first (as FederatedDataset does).
+    order = np.random.default_rng(_seed(seed)).permutation(num_examples).tolist()
+    partitioner = IidPartitioner(num_partitions=num_sites)
+    partitioner.dataset = datasets.Dataset.from_dict({"index": order})
+    return [list(partitioner.load_partition(i)["index"]) for i in range(num_sites)]
+
+
+def _partition_dirichlet(keys: list[str], num_sites: int, cfg: DataConfig) -> list[list[int]]:
+    table = datasets.Dataset.from_dict({"index": list(range(len(keys))), "group": keys})
+    for draw in range(DIRICHLET_DRAWS):
+        # min_partition_size=0: empty sites are redrawn here with a derived seed instead of by
+        # the partitioner's own retry loop, which warns on every retry.
+        partitioner = DirichletPartitioner(
+            num_partitions=num_sites,
+            partition_by="group",
+            alpha=float(cfg.alpha),
+            min_partition_size=0,
+            self_balancing=False,
+            seed=_seed(cfg.seed, draw),
+        )
+        partitioner.dataset = table
+        parts = [list(partitioner.load_partition(i)["index"]) for i in range(num_sites)]
+        if all(parts):
+            return parts
+        log.debug("Dirichlet draw %d left a site empty; drawing again", draw)
+    raise ConfigError(
+        f"data.partition = 'dirichlet' with data.alpha = {cfg.alpha} left a site with 0 "
+        f"examples in {DIRICHLET_DRAWS} draws ({len(keys)} examples, {len(set(keys))} "
+        f"distinct values); use a larger data.alpha or fewer federation.sites"
+    )
+
+
+def _partition_by_column(keys: list[str], num_sites: int, cfg: DataConfig) -> list[list[int]]:
+    counts = Counter(keys)
+    if len(counts) < num_sites:
+        raise ConfigError(
+            f"data.partition = 'by-column': data.by = {cfg.by!r} has {len(counts)} distinct "
+            f"values but federation.sites = {num_sites}; use at most {len(counts)} sites"
+        )
+    # Most frequent values first, dealt round-robin, so that site sizes stay comparable.
+    ranked = sorted(counts, key=lambda value: (-counts[value], value))
+    site_of = {value: rank % num_sites for rank, value in enumerate(ranked)}
+    parts: list[list[int]] = [[] for _ in range(num_sites)]
+    for index, key in enumerate(keys):
+        parts[site_of[key]].append(index)
+    return parts
+
+
+def partition(dataset: Dataset, num_sites: int, cfg: DataConfig) -> list[list[int]]:
+    """Indices of ``dataset.examples`` for each of ``num_sites`` sites, fixed by ``cfg.seed``.
+
+    ``iid`` deals shuffled examples evenly; ``dirichlet`` draws each site's share of every
+    ``data.by`` value (or label) from Dirichlet(``data.alpha``): small alpha, skewed sites;
+    ``by-column`` gives every value of ``data.by`` to one site. One site gets everything.
+    """
+    total = len(dataset.examples)
+    if num_sites < 1 or num_sites > total:
+        raise ConfigError(
+            f"federation.sites = {num_sites}: expected between 1 and the {total} examples "
+            f"in {dataset.source}"
+        )
+    if num_sites == 1:
+        return [list(range(total))]
+    if cfg.partition == "iid":
+        parts = _partition_iid(total, num_sites, cfg.seed)
+    elif cfg.partition == "dirichlet":
+        parts = _partition_dirichlet(_partition_keys(dataset, cfg), num_sites, cfg)
+    else:
+        parts = _partition_by_column(_partition_keys(dataset, cfg), num_sites, cfg)
+    for site, indices in enumerate(parts):
+        if not indices:
+            raise ConfigError(
+                f"data.partition = {cfg.partition!r} left site {site} with 0 examples; use a "
+                "larger data.alpha or fewer federation.sites"
+            )
+    log.info(
+        "partition %s over %d sites: sizes %s", cfg.partition, num_sites, [len(p) for p in parts]
+    )
+    return [sorted(indices) for indices in parts]
+
+
+def split_holdout(
+    examples: list[Example],
+    fraction: float,
+    seed: int,
+    max_train: int | None = None,
+    max_heldout: int | None = None,
+) -> SiteData:
+    """Shuffle (seeded) and keep ``round(fraction * n)`` examples back for evaluation.
+
+    At least one example is held out when ``fraction > 0`` and there are two or more, and at
+    least one is left to train on. The caps apply after the split.
+    """
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"data.holdout = {fraction}: expected a fraction in [0, 1)")
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    count = round(fraction * len(order))
+    if fraction > 0 and len(order) >= 2:
+        count = min(max(count, 1), len(order) - 1)
+    heldout, train = order[:count], order[count:]
+    if max_train is not None:
+        train = train[:max_train]
+    if max_heldout is not None:
+        heldout = heldout[:max_heldout]
+    return SiteData(train=train, heldout=heldout)
+
+
+def site_data(dataset: Dataset, site: int, num_sites: int, cfg: DataConfig) -> SiteData:
+    """The examples of simulated site ``site`` (0-based): its partition, split and capped."""
+    if not 0 <= site < num_sites:
+        raise ConfigError(f"site {site}: expected a site number in [0, {num_sites})")
+    indices = partition(dataset, num_sites, cfg)[site]
+    return split_holdout(
+        [dataset.examples[i] for i in indices],
+        cfg.holdout,
+        cfg.seed + site,
+        cfg.max_examples_per_site,
+        cfg.max_eval_examples,
+    )

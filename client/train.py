@@ -1,0 +1,188 @@
+"""Local LoRA training and evaluation at one site: peft on a frozen base, no Flower, no crypto.
+
+Reads top to bottom like nanoGPT's train loop: build the adapter, load the received global
+weights, run ``local_steps`` optimizer steps on seeded batches, report loss, time and memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
+from common.adapters import AdapterState
+from common.config import ModuleConfig, Task, TrainConfig
+from common.errors import ModelError, UpdateRejected
+from common.models import peak_memory_bytes
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+# Called after every optimizer step with (step, steps, loss): the app turns it into progress.
+StepCallback = Callable[[int, int, float], None]
+
+
+def lora_config(module: ModuleConfig, task: Task) -> LoraConfig:
+    """The peft ``LoraConfig`` of one module, for a causal LM or a sequence classifier."""
+    return LoraConfig(
+        r=module.rank,
+        lora_alpha=module.alpha,
+        lora_dropout=module.dropout,
+        target_modules=list(module.targets),
+        task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
+        bias="none",
+    )
+
+
+def attach_adapter(model: PreTrainedModel, config: LoraConfig, seed: int) -> PeftModel:
+    """Inject LoRA layers into ``model`` (in place) with a seeded, reproducible initialisation.
+
+    The coordinator publishes this initialisation as version 0; sites overwrite it with the
+    global weights they receive, so only the coordinator's seed matters.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    missing = [m for m in config.target_modules or [] if not _has_module(peft_model, m)]
+    if missing:
+        raise ModelError(f"modules.shared.targets: no module named {missing} in the base model")
+    return peft_model
+
+
+def _has_module(model: torch.nn.Module, suffix: str) -> bool:
+    return any(name.split(".")[-1] == suffix for name, _ in model.named_modules())
+
+
+def adapter_state(model: PeftModel) -> AdapterState:
+    """The adapter's trainable tensors (peft's saved key names), as float32 CPU copies."""
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
+    """Overwrite the adapter with ``state``; its keys and shapes must match exactly."""
+    current = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    if set(current) != set(state):
+        missing = sorted(set(current) - set(state))[:3]
+        extra = sorted(set(state) - set(current))[:3]
+        raise UpdateRejected(f"adapter keys differ: missing {missing}, unexpected {extra}")
+    for key, tensor in state.items():
+        if tuple(current[key].shape) != tuple(tensor.shape):
+            raise UpdateRejected(
+                f"adapter tensor {key}: expected shape {tuple(current[key].shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise UpdateRejected(f"peft did not accept keys {unexpected[:3]}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the local steps (nats per token or per example)
+    first_loss: float
+    last_loss: float
+    steps: int
+    seconds: float
+    peak_memory_bytes: int
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_local(
+    model: PeftModel,
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    seed: int,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Run ``cfg.local_steps`` AdamW steps (each of ``cfg.grad_accum`` micro-batches).
+
+    The optimizer state starts fresh every round, as in FedIT: only the adapter travels.
+    Deterministic on CPU for a fixed ``seed`` (dropout RNG and batch order are seeded).
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, cfg.local_steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            out = model(**_to_device(next(batches), device))
+            (out.loss / cfg.grad_accum).backward()
+            step_loss += float(out.loss.detach()) / cfg.grad_accum
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"training loss became {step_loss} at step {step}")
+        optimizer.step()
+        losses.append(step_loss)
+        if on_step is not None:
+            on_step(step, cfg.local_steps, step_loss)
+    model.eval()
+    return TrainResult(
+        loss=sum(losses) / len(losses),
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        steps=len(losses),
+        seconds=time.perf_counter() - start,
+        peak_memory_bytes=peak_memory_bytes(device),
+    )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean loss per target token (causal LM) or per example (classification)
+    perplexity: float
+    accuracy: float | None  # classification only
+    examples: int
+    tokens: int  # target tokens (causal LM) or examples (classification) the loss averages over
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], task: Task
+) -> EvalResult:
+    """Loss, perplexity and (classification) accuracy over one ordered pass of ``batches``."""
+    device = next(model.parameters()).device
+    model.eval()
+    total_loss, total_tokens, correct, examples = 0.0, 0, 0, 0
+    for batch in batches:
+        batch = _to_device(batch, device)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        labels = batch["labels"]
+        examples += int(labels.shape[0])
+        if task == "classification":
+            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+            total_loss += float(losses)
+            total_tokens += int(labels.shape[0])
+            correct += int((logits.argmax(-1) == labels).sum())
+        else:
+            # Shift so that tokens < n predict token n, as the model's own loss does.
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            mask = shift_labels != -100
+            losses = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total_loss += float(losses)
+            total_tokens += int(mask.sum())
+    if total_tokens == 0:
+        return EvalResult(math.nan, math.nan, None, examples, 0)
+    mean = total_loss / total_tokens
+    accuracy = correct / examples if task == "classification" else None
+    return EvalResult(mean, math.exp(min(mean, 50.0)), accuracy, examples, total_tokens)

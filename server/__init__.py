@@ -1,0 +1,1 @@
+"""The coordinator: the Flower ServerApp, aggregation strategy and adapter registry."""

@@ -1,0 +1,243 @@
+"""The coordinator's strategy on Flower's Message API: send the global adapter, validate and
+aggregate the sites' deltas, collect evaluations.
+
+A bad reply (error, wrong base, wrong round, duplicate, malformed, oversized, non-finite or
+wrongly shaped delta, implausible example count) is logged with its reason and left out; the
+round aggregates the rest. ``AggregationError`` is raised only when too few replies remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common import protocol as P
+from common.adapters import (
+    AdapterState,
+    AggregationError,
+    aggregate_fedavg,
+    apply_delta,
+    check_delta,
+)
+from common.config import RunConfig, SitePlan
+from common.encoding import decode_delta
+from common.errors import FedloraError, UpdateRejected
+
+logger = logging.getLogger(__name__)
+
+MetricValue = MetricRecordValues
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    site: str
+    examples: int
+    delta: AdapterState
+    metrics: dict[str, float]
+    payload_bytes: int
+
+
+@dataclass
+class StageLog:
+    """What happened in one stage (train or evaluate) of one round, for metrics and audit."""
+
+    accepted: dict[str, dict[str, float]] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+
+    def reject(self, site: str, reason: str) -> None:
+        logger.warning("rejected reply from %s: %s", site, reason)
+        self.rejected.append({"site": site, "reason": reason})
+
+
+def array_record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ArrayRecord's tensors (what one site downloads)."""
+    return sum(len(array.data) for array in record.values())
+
+
+class FedLoraStrategy(Strategy):
+    """Weighted FedAvg of adapter deltas, with per-reply validation."""
+
+    def __init__(self, cfg: RunConfig, plan: SitePlan, fingerprint: str, run_id: str) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.fingerprint = fingerprint
+        self.run_id = run_id
+        self.version = 0  # the global version the current instructions carry
+        self.node_ids: list[int] = []
+        self.train_log = StageLog()
+        self.eval_log = StageLog()
+        self._global: AdapterState = {}
+
+    # -- instructions ------------------------------------------------------------------------
+    def _header(self, server_round: int) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                P.KEY_PROTOCOL: P.PROTOCOL_VERSION,
+                P.KEY_RUN_ID: self.run_id,
+                P.KEY_ROUND: server_round,
+                P.KEY_MODULE: "shared",
+                P.KEY_VERSION: self.version,
+                P.KEY_FINGERPRINT: self.fingerprint,
+                P.KEY_PLAN: self.plan.model_dump_json(by_alias=True),
+            }
+        )
+
+    def _instructions(
+        self, server_round: int, arrays: ArrayRecord, message_type: str, log: StageLog
+    ) -> list[Message]:
+        content = RecordDict({P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: self._header(server_round)})
+        log.bytes_down = array_record_bytes(arrays) * len(self.node_ids)
+        return [
+            Message(content, dst_node_id=node, message_type=message_type) for node in self.node_ids
+        ]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays.to_torch_state_dict()
+        self.train_log = StageLog()
+        return self._instructions(server_round, arrays, MessageType.TRAIN, self.train_log)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.eval_log = StageLog()
+        return self._instructions(server_round, arrays, MessageType.EVALUATE, self.eval_log)
+
+    # -- replies -----------------------------------------------------------------------------
+    def _site_of(self, reply: Message) -> str:
+        if reply.has_content() and P.UPDATE_RECORD in reply.content.config_records:
+            return str(reply.content.config_records[P.UPDATE_RECORD].get(P.KEY_SITE, "?"))
+        return f"node-{reply.metadata.src_node_id}"
+
+    def _open_update(self, server_round: int, reply: Message) -> AcceptedUpdate:
+        """Validate one train reply; raise ``UpdateRejected`` with the reason if it is bad."""
+        if reply.has_error():
+            raise UpdateRejected(f"site reported an error: {reply.error.reason}")
+        update = reply.content.config_records.get(P.UPDATE_RECORD)
+        metrics = reply.content.metric_records.get(P.METRICS_RECORD)
+        if update is None or metrics is None:
+            raise UpdateRejected("reply lacks the update or metrics record")
+        if update.get(P.KEY_FINGERPRINT) != self.fingerprint:
+            raise UpdateRejected(
+                f"base fingerprint {update.get(P.KEY_FINGERPRINT)!r} differs from the "
+                f"coordinator's {self.fingerprint}"
+            )
+        if update.get(P.KEY_ROUND) != server_round or update.get(P.KEY_VERSION) != self.version:
+            raise UpdateRejected(
+                f"reply is for round {update.get(P.KEY_ROUND)!r} / version "
+                f"{update.get(P.KEY_VERSION)!r}, expected {server_round} / {self.version}"
+            )
+        examples = metrics.get(P.METRIC_EXAMPLES)
+        if not isinstance(examples, int) or not 0 < examples <= self.cfg.aggregation.max_examples:
+            raise UpdateRejected(
+                f"example count {examples!r} outside 1..{self.cfg.aggregation.max_examples} "
+                "(aggregation.max-examples)"
+            )
+        payload = update.get(P.KEY_DELTA)
+        if not isinstance(payload, bytes):
+            raise UpdateRejected("delta payload is missing or not bytes")
+        shapes = {k: tuple(v.shape) for k, v in self._global.items()}
+        delta = decode_delta(payload, self.cfg.privacy.max_payload_bytes, expected=shapes)
+        check_delta(delta, self._global)
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        return AcceptedUpdate(self._site_of(reply), examples, delta, values, len(payload))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[AcceptedUpdate] = []
+        for reply in replies:
+            site = self._site_of(reply)
+            try:
+                update = self._open_update(server_round, reply)
+                if any(a.site == update.site for a in accepted):
+                    raise UpdateRejected("a second reply from the same site in one round")
+            except UpdateRejected as exc:
+                self.train_log.reject(site, str(exc))
+                continue
+            accepted.append(update)
+            self.train_log.bytes_up += update.payload_bytes
+            self.train_log.accepted[update.site] = update.metrics
+        needed = self.cfg.federation.min_sites or self.cfg.federation.sites
+        if len(accepted) < needed:
+            raise AggregationError(
+                f"round {server_round}: {len(accepted)} valid replies, federation.min-sites "
+                f"needs {needed}; rejected: {self.train_log.rejected}"
+            )
+        delta = aggregate_fedavg([a.delta for a in accepted], [a.examples for a in accepted])
+        new_state = apply_delta(self._global, delta, self.cfg.aggregation.server_lr)
+        return ArrayRecord(new_state), MetricRecord(_weighted(self.train_log.accepted))
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        for reply in replies:
+            site = self._site_of(reply)
+            if reply.has_error():
+                self.eval_log.reject(site, f"site reported an error: {reply.error.reason}")
+                continue
+            metrics = reply.content.metric_records.get(P.METRICS_RECORD)
+            if metrics is None:
+                self.eval_log.reject(site, "evaluate reply lacks metrics")
+                continue
+            self.eval_log.accepted[site] = {
+                k: float(v) for k, v in metrics.items() if isinstance(v, int | float)
+            }
+        if not self.eval_log.accepted:
+            return None
+        return MetricRecord(_weighted(self.eval_log.accepted))
+
+    def summary(self) -> None:
+        logger.info(
+            "fedlora strategy: rule=%s, server-lr=%s, privacy=%s, encoding=%s",
+            self.cfg.aggregation.rule,
+            self.cfg.aggregation.server_lr,
+            self.cfg.privacy.mode,
+            self.cfg.privacy.encoding,
+        )
+
+
+def _weighted(per_site: dict[str, dict[str, float]]) -> dict[str, MetricValue]:
+    """Example-weighted means of the sites' loss/accuracy metrics (token-weighted for eval)."""
+    out: dict[str, MetricValue] = {}
+    for key in (P.METRIC_TRAIN_LOSS, P.METRIC_EVAL_LOSS, P.METRIC_EVAL_ACCURACY):
+        weight_key = P.METRIC_EVAL_TOKENS if key == P.METRIC_EVAL_LOSS else P.METRIC_EXAMPLES
+        pairs = [(m[key], m.get(weight_key, 0.0)) for m in per_site.values() if key in m]
+        total = sum(w for _, w in pairs)
+        if pairs and total > 0 and all(math.isfinite(v) for v, _ in pairs):
+            out[key] = sum(v * w for v, w in pairs) / total
+    return out
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """Node ids once ``count`` sites are connected; a clear error instead of a silent hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedloraError(
+                f"only {len(nodes)} of federation.sites = {count} sites connected "
+                f"within {timeout:.0f} s"
+            )
+        time.sleep(1.0)

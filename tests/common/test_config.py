@@ -1,0 +1,124 @@
+"""Config parsing: every bad input is one ConfigError that names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import RunConfig, load_config, parse_override, site_plan
+from common.errors import ConfigError
+
+MINIMAL = """
+[model]
+name = "tiny-llama"
+[data]
+path = "data.jsonl"
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    path = tmp_path / "run.toml"
+    path.write_text(MINIMAL)
+    return path
+
+
+def test_minimal_config_gets_defaults_and_resolves_paths(config_file: Path) -> None:
+    cfg = load_config(config_file)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.path == config_file.parent / "data.jsonl"
+    assert cfg.modules["shared"].rank == 8
+    assert cfg.privacy.mode == "none"
+
+
+def test_examples_parse(examples_dir: Path) -> None:
+    for name in ("tiny.toml", "demo.toml", "banking77.toml"):
+        cfg = load_config(examples_dir / name)
+        assert cfg.federation.sites >= 3, name
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("[train]\nlocal-stpes = 3\n", "train.local-stpes"),
+        ("[modules.shared]\nrank = 0\n", "modules.shared.rank"),
+        ("[modules.shared]\nrank = -4\n", "modules.shared.rank"),
+        ("[train]\nlr = 0\n", "train.lr"),
+        ("[federation]\nsites = 0\n", "federation.sites"),
+        ("[model]\ntask = 'translation'\n", "model.task"),
+        ("[data]\npartition = 'by-column'\n", "data"),
+        ("[federation]\nsites = 2\nmin-sites = 3\n", "federation"),
+        ("[privacy]\nmode = 'telepathy'\n", "privacy.mode"),
+        ("[modules.other]\nrank = 4\n", "modules"),
+        ("[nonsense]\nx = 1\n", "nonsense"),
+    ],
+)
+def test_bad_values_name_the_key(config_file: Path, extra: str, key: str) -> None:
+    text = MINIMAL.replace("[model]", "[model]", 1)
+    # Merge the extra section into the file (TOML forbids repeating a table).
+    merged = _merge(text, extra)
+    config_file.write_text(merged)
+    with pytest.raises(ConfigError) as err:
+        load_config(config_file)
+    assert key in str(err.value)
+    assert str(config_file) in str(err.value)
+
+
+def _merge(base: str, extra: str) -> str:
+    header = extra.splitlines()[0]
+    if header in base:
+        return base.replace(header, extra.rstrip("\n"), 1)
+    return base + extra
+
+
+def test_missing_data_file_names_key(config_file: Path) -> None:
+    (config_file.parent / "data.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"data\.path: file not found"):
+        load_config(config_file)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[model\nname=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_overrides_are_typed(config_file: Path) -> None:
+    cfg = load_config(
+        config_file,
+        [
+            "federation.sites=10",
+            "train.lr=1e-4",
+            "modules.shared.targets=['q_proj']",
+            "data.partition=iid",
+        ],
+    )
+    assert cfg.federation.sites == 10
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.modules["shared"].targets == ["q_proj"]
+    assert cfg.data.partition == "iid"
+
+
+def test_override_errors(config_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        parse_override("federation.sites")
+    with pytest.raises(ConfigError, match="must name a section"):
+        parse_override("sites=3")
+    with pytest.raises(ConfigError, match=r"federation\.sites"):
+        load_config(config_file, ["federation.sites=many"])
+
+
+def test_site_plan_roundtrips_as_json(config_file: Path) -> None:
+    cfg = load_config(config_file, ["train.local-steps=7"])
+    plan = site_plan(cfg)
+    again = type(plan).model_validate_json(plan.model_dump_json(by_alias=True))
+    assert again == plan
+    assert again.train.local_steps == 7

@@ -1,0 +1,191 @@
+"""End to end through real Flower: examples/tiny.toml in the simulation runtime (Ray), with
+every message between coordinator and sites captured for inspection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
+
+from client.app import make_client_app
+from common import protocol as P
+from common.adapters import AdapterState, aggregate_fedavg, apply_delta
+from common.config import RunConfig, load_config
+from common.encoding import decode_delta
+from common.models import fingerprint, load_base
+from server.federation import prepare, run_federation
+from server.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+CANARY = "CANARY-7f3a9c-do-not-leak"
+
+
+@dataclass
+class RecordingGrid:
+    """A Grid proxy that keeps every instruction and reply that crosses it."""
+
+    inner: Grid
+    sent: list[Message] = field(default_factory=list)
+    received: list[Message] = field(default_factory=list)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        messages = list(messages)
+        self.sent.extend(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        self.received.extend(replies)
+        return replies
+
+
+def payload_bytes(message: Message) -> bytes:
+    """Every byte of a message's content: array data, config values, metric values."""
+    if not message.has_content():
+        return (message.error.reason or "").encode()
+    parts: list[bytes] = []
+    for record in message.content.array_records.values():
+        parts.extend(array.data for array in record.values())
+    for record in message.content.config_records.values():
+        for key, value in record.items():
+            parts.append(key.encode())
+            parts.append(value if isinstance(value, bytes) else str(value).encode())
+    for record in message.content.metric_records.values():
+        parts.append(repr(dict(record)).encode())
+    return b"".join(parts)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from flwr.simulation import run_simulation
+
+    from fedlora.simulate import backend_config
+
+    work = tmp_path_factory.mktemp("tiny")
+    data = work / "dolly-tiny.jsonl"
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copy(repo / "examples" / "data" / "dolly-tiny.jsonl", data)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0]["response"] = f"{rows[0]['response']} {CANARY}"
+    rows[0]["instruction"] = f"{CANARY} {rows[0]['instruction']}"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(repo / "examples" / "tiny.toml", [f"data.path='{data}'"])
+    out = work / "out"
+    coord = prepare(cfg, out)
+    grid_box: dict[str, RecordingGrid] = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        grid_box["grid"] = RecordingGrid(grid)
+        run_federation(grid_box["grid"], coord)  # type: ignore[arg-type]
+
+    run_simulation(
+        app, make_client_app(cfg), cfg.federation.sites, backend_config=backend_config(cfg)
+    )
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"cfg": cfg, "out": out, "grid": grid_box["grid"], "metrics": metrics, "coord": coord}
+
+
+def test_every_round_recorded_and_published(run: dict[str, Any]) -> None:
+    cfg: RunConfig = run["cfg"]
+    metrics = run["metrics"]
+    assert [m["round"] for m in metrics] == list(range(cfg.federation.rounds + 1))
+    assert all(m["rejected"] == [] for m in metrics)
+    assert all(len(m["cohort"]) == 3 for m in metrics[1:])
+    registry = Registry(run["out"] / "registry")
+    assert [v.version for v in registry.versions("shared")] == list(
+        range(cfg.federation.rounds + 1)
+    )
+    summary = json.loads((run["out"] / "summary.json").read_text())
+    assert summary["final_version"] == cfg.federation.rounds
+
+
+def test_training_loss_falls(run: dict[str, Any]) -> None:
+    metrics = run["metrics"]
+    assert metrics[-1]["train_loss"] < metrics[1]["train_loss"]
+    assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]
+
+
+def test_bytes_are_counted(run: dict[str, Any]) -> None:
+    grid: RecordingGrid = run["grid"]
+    up = sum(
+        len(m.content.config_records[P.UPDATE_RECORD][P.KEY_DELTA])  # type: ignore[arg-type]
+        for m in grid.received
+        if m.has_content() and P.KEY_DELTA in m.content.config_records.get(P.UPDATE_RECORD, {})
+    )
+    assert up == sum(m["bytes_up"] for m in run["metrics"]) > 0
+
+
+def test_delta_not_state_travels_and_aggregate_is_fedavg(run: dict[str, Any]) -> None:
+    grid: RecordingGrid = run["grid"]
+    registry = Registry(run["out"] / "registry")
+    global_v0 = registry.load("shared", 0)
+    round1 = [
+        m
+        for m in grid.received
+        if m.has_content()
+        and P.UPDATE_RECORD in m.content.config_records
+        and m.content.config_records[P.UPDATE_RECORD].get(P.KEY_ROUND) == 1
+        and P.KEY_DELTA in m.content.config_records[P.UPDATE_RECORD]
+    ]
+    assert len(round1) == 3
+    deltas: list[AdapterState] = []
+    weights: list[float] = []
+    for reply in round1:
+        payload = reply.content.config_records[P.UPDATE_RECORD][P.KEY_DELTA]
+        assert isinstance(payload, bytes)
+        delta = decode_delta(payload, 1 << 30)
+        assert set(delta) == set(global_v0)
+        for key, value in delta.items():
+            if "lora_A" in key:  # A starts random: a full state would be as large as A itself
+                assert value.norm() < 0.5 * global_v0[key].norm(), key
+        deltas.append(delta)
+        weights.append(float(reply.content.metric_records[P.METRICS_RECORD][P.METRIC_EXAMPLES]))
+    expected = apply_delta(global_v0, aggregate_fedavg(deltas, weights))
+    actual = registry.load("shared", 1)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_canary_never_travels(run: dict[str, Any]) -> None:
+    grid: RecordingGrid = run["grid"]
+    assert grid.sent and grid.received
+    for message in [*grid.sent, *grid.received]:
+        assert CANARY.encode() not in payload_bytes(message)
+
+
+def test_registry_loads_in_peft_with_identical_logits(run: dict[str, Any]) -> None:
+    cfg: RunConfig = run["cfg"]
+    out: Path = run["out"]
+    last = Registry(out / "registry").latest("shared")
+    assert last is not None
+    assert last.manifest["base_fingerprint"] == run["coord"].host.base.fingerprint
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    # fedlora's own model with the version's weights
+    coord = run["coord"]
+    from client.train import load_adapter_state
+
+    load_adapter_state(coord.host.model, Registry(out / "registry").load("shared", last.version))
+    ours = coord.host.model(input_ids=ids).logits
+    # a fresh base + stock peft loading of the registry folder
+    base = load_base(cfg.model).model
+    theirs = PeftModel.from_pretrained(base, str(last.path)).eval()(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # and the adapter changes the output (it is not a no-op)
+    assert not torch.equal(ours, load_base(cfg.model).model(input_ids=ids).logits)
+
+
+def test_base_fingerprint_unchanged_by_training(run: dict[str, Any]) -> None:
+    coord = run["coord"]
+    assert fingerprint(coord.host.model, coord.host.base.tokenizer) == coord.host.base.fingerprint
