@@ -25,6 +25,7 @@ from common import protocol as P
 from common.adapters import AdapterState, AggregationError, num_parameters, state_num_bytes
 from common.atomic import append_jsonl, write_json_atomic
 from common.config import RunConfig, config_to_dict, site_plan
+from common.models import peak_memory_bytes
 from common.progress import print_message, print_rule, print_table
 from server.registry import Registry
 from server.strategy import FedLoraStrategy, StageLog, wait_for_nodes
@@ -171,7 +172,9 @@ def run_federation(grid: Grid, coord: Coordinator) -> dict[str, Any]:
         f"base {cfg.model.name} fingerprint {coord.host.base.fingerprint[:16]}…, "
         f"adapter {num_parameters(state):,} params, {state_num_bytes(state):,} bytes fp32"
     )
+    t0 = time.perf_counter()
     eval_log, server_metrics = _evaluate_round(coord, strategy, grid, 0, arrays)
+    server_metrics["seconds"] = time.perf_counter() - t0
     history = [_report(_record(coord, 0, version, StageLog(), eval_log, server_metrics))]
     for server_round in range(1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
@@ -229,6 +232,7 @@ def _fmt(value: float | None) -> str:
 
 def _summary(coord: Coordinator, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     first, last = history[0], history[-1]
+    frozen = [p for p in coord.host.model.parameters() if not p.requires_grad]
     return {
         "run_id": coord.run_id,
         "rounds": len(history) - 1,
@@ -241,6 +245,11 @@ def _summary(coord: Coordinator, history: list[dict[str, Any]], seconds: float) 
         "final_eval_loss": last["eval_loss"],
         "initial_eval_accuracy": first["eval_accuracy"],
         "final_eval_accuracy": last["eval_accuracy"],
+        "base_parameters": sum(p.numel() for p in frozen),
+        "base_bytes": sum(p.numel() * p.element_size() for p in frozen),
+        "adapter_parameters": num_parameters(coord.registry.load("shared", last["version"])),
+        "coordinator_peak_memory_bytes": peak_memory_bytes(coord.host.base.placement.device),
+        "peak_site_memory_bytes": max((h["peak_memory_bytes"] or 0) for h in history),
         "bytes_up_total": sum(h["bytes_up"] for h in history),
         "bytes_down_total": sum(h["bytes_down"] for h in history),
         "rejected_total": sum(len(h["rejected"]) for h in history),

@@ -155,6 +155,12 @@ class FedLoraStrategy(Strategy):
         payload = update.get(P.KEY_DELTA)
         if not isinstance(payload, bytes):
             raise UpdateRejected("delta payload is missing or not bytes")
+        bound = self.cfg.privacy.max_payload_bytes
+        if len(payload) > bound:
+            raise UpdateRejected(
+                f"delta payload of {len(payload):,} bytes exceeds privacy.max-payload-bytes "
+                f"= {bound:,}"
+            )
         shapes = {k: tuple(v.shape) for k, v in self._global.items()}
         delta = decode_delta(payload, self.cfg.privacy.max_payload_bytes, expected=shapes)
         check_delta(delta, self._global)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
@@ -22,6 +23,7 @@ from common.adapters import AdapterState, aggregate_fedavg, apply_delta
 from common.config import RunConfig, load_config
 from common.encoding import decode_delta
 from common.models import fingerprint, load_base
+from server.app import make_server_app
 from server.federation import prepare, run_federation
 from server.registry import Registry
 
@@ -189,3 +191,36 @@ def test_registry_loads_in_peft_with_identical_logits(run: dict[str, Any]) -> No
 def test_base_fingerprint_unchanged_by_training(run: dict[str, Any]) -> None:
     coord = run["coord"]
     assert fingerprint(coord.host.model, coord.host.base.tokenizer) == coord.host.base.fingerprint
+
+
+def test_site_with_foreign_base_refuses_and_round_goes_on(tmp_path: Path) -> None:
+    """Site 2 runs a different base (another seed); it refuses, the others aggregate."""
+    from flwr.simulation import run_simulation
+
+    from fedlora.simulate import backend_config
+
+    repo = Path(__file__).resolve().parent.parent
+    overrides = ["federation.rounds=1", "federation.min-sites=2"]
+    cfg = load_config(repo / "examples" / "tiny.toml", overrides)
+    foreign = load_config(repo / "examples" / "tiny.toml", [*overrides, "model.seed=1"])
+    honest, impostor = make_client_app(cfg), make_client_app(foreign)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = int(context.node_config["partition-id"])
+        return (impostor if site == 2 else honest)(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        site = int(context.node_config["partition-id"])
+        return (impostor if site == 2 else honest)(msg, context)
+
+    coord = prepare(cfg, tmp_path)
+    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[1]["cohort"] == ["site-0", "site-1"]
+    reasons = [r["reason"] for r in metrics[1]["rejected"]]
+    assert any("fingerprint mismatch at site-2" in r for r in reasons), reasons
+    assert any(coord.host.base.fingerprint in r for r in reasons), reasons
+    assert Registry(tmp_path / "registry").latest("shared").version == 1  # type: ignore[union-attr]

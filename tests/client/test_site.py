@@ -1,0 +1,94 @@
+"""A site's round, in process (no Flower): delta semantics, determinism, base integrity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.data import load_dataset, site_data
+from client.site import AdapterHost, SiteRuntime
+from client.train import adapter_state
+from common.adapters import apply_delta
+from common.config import RunConfig, load_config, site_plan
+from common.errors import FingerprintMismatch
+from common.models import fingerprint
+
+
+@pytest.fixture
+def cfg(examples_dir: Path) -> RunConfig:
+    return load_config(examples_dir / "tiny.toml")
+
+
+def _runtime(cfg: RunConfig, site: int = 0) -> SiteRuntime:
+    dataset = load_dataset(cfg.data)
+    host = AdapterHost(cfg.model, cfg.modules["shared"], None)
+    data = site_data(dataset, site, cfg.federation.sites, cfg.data)
+    return SiteRuntime(host, data, dataset.kind, f"site-{site}", site)
+
+
+def test_delta_is_trained_minus_received_and_base_is_untouched(cfg: RunConfig) -> None:
+    site = _runtime(cfg)
+    received = adapter_state(site.host.model)
+    before = site.fingerprint
+    update = site.train(received, site_plan(cfg), server_round=1)
+    trained = adapter_state(site.host.model)
+    for key, value in apply_delta(received, update.delta).items():
+        torch.testing.assert_close(value, trained[key])
+    assert any(float(d.abs().max()) > 0 for d in update.delta.values())
+    assert update.examples == len(site.data.train)
+    assert update.result.steps == cfg.train.local_steps
+    assert fingerprint(site.host.model, site.host.base.tokenizer) == before
+
+
+def test_training_is_deterministic_for_a_seed(cfg: RunConfig) -> None:
+    site = _runtime(cfg)
+    received = adapter_state(site.host.model)
+    plan = site_plan(cfg)
+    first = site.train(received, plan, server_round=1).delta
+    second = site.train(received, plan, server_round=1).delta
+    other_round = site.train(received, plan, server_round=2).delta
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert any(not torch.equal(first[k], other_round[k]) for k in first)
+
+
+def test_evaluate_gives_finite_loss(cfg: RunConfig) -> None:
+    site = _runtime(cfg)
+    result = site.evaluate(adapter_state(site.host.model), site_plan(cfg))
+    assert result.examples == len(site.data.heldout) > 0
+    assert 0 < result.loss < 20 and result.tokens > 0
+    assert result.accuracy is None
+
+
+def test_foreign_base_is_refused_with_both_fingerprints(cfg: RunConfig) -> None:
+    site = _runtime(cfg)
+    with pytest.raises(FingerprintMismatch) as err:
+        site.check_fingerprint("ab" * 32)
+    assert "ab" * 32 in str(err.value) and site.fingerprint in str(err.value)
+
+
+def test_classification_site_reports_accuracy(examples_dir: Path) -> None:
+    cfg = load_config(
+        examples_dir / "banking77.toml",
+        [
+            "model.name=tiny-llama",
+            "modules.shared.targets=['q_proj','v_proj']",
+            "federation.sites=3",
+            "train.local-steps=2",
+            "train.batch-size=8",
+            "data.max-eval-examples=16",
+        ],
+    )
+    dataset = load_dataset(cfg.data)
+    assert dataset.label_names is not None and len(dataset.label_names) == 77
+    host = AdapterHost(cfg.model, cfg.modules["shared"], len(dataset.label_names))
+    site = SiteRuntime(host, site_data(dataset, 1, 3, cfg.data), dataset.kind, "site-1", 1)
+    received = adapter_state(host.model)
+    assert any("score" in k for k in received), "the new classification head must be trained"
+    update = site.train(received, site_plan(cfg), server_round=1)
+    assert set(update.delta) == set(received)
+    result = site.evaluate(received, site_plan(cfg))
+    assert result.accuracy is not None and 0.0 <= result.accuracy <= 1.0
+    assert result.examples == 16

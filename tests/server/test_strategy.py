@@ -1,0 +1,169 @@
+"""The strategy's reply validation: each bad reply is rejected with a reason, the rest aggregate.
+
+Replies are built as Flower Messages by hand (a unit test of ``aggregate_train``); the real path
+through the simulation runtime is in ``tests/test_simulation.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from common import protocol as P
+from common.adapters import AggregationError
+from common.config import RunConfig, load_config, site_plan
+from common.encoding import encode_delta
+from server.strategy import FedLoraStrategy
+
+FINGERPRINT = "f" * 64
+GLOBAL = {"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.zeros(4, 2)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    """Messages are stamped with the process's run id; a real runtime sets it."""
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def strategy(examples_dir: Path) -> FedLoraStrategy:
+    cfg: RunConfig = load_config(
+        examples_dir / "tiny.toml", ["federation.min-sites=1", "aggregation.max-examples=1000"]
+    )
+    strategy = FedLoraStrategy(cfg, site_plan(cfg), FINGERPRINT, run_id="run")
+    strategy.node_ids = list(range(1, 20))
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
+    return strategy
+
+
+def _delta(value: float) -> dict[str, torch.Tensor]:
+    return {"a.lora_A.weight": torch.full((2, 4), value), "a.lora_B.weight": torch.zeros(4, 2)}
+
+
+def reply(
+    site: str,
+    delta: bytes | dict[str, torch.Tensor] | None = None,
+    /,
+    examples: int = 10,
+    **overrides: object,
+) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    payload = (
+        encode_delta(_delta(1.0) if delta is None else delta)
+        if not isinstance(delta, bytes)
+        else delta
+    )
+    update: dict[str, object] = {
+        P.KEY_SITE: site,
+        P.KEY_FINGERPRINT: FINGERPRINT,
+        P.KEY_ROUND: 1,
+        P.KEY_VERSION: 0,
+        P.KEY_ENCODING: "fp32",
+        P.KEY_DELTA: payload,
+    }
+    update.update(overrides)
+    content = RecordDict(
+        {
+            P.UPDATE_RECORD: ConfigRecord(update),  # type: ignore[arg-type]
+            P.METRICS_RECORD: MetricRecord({P.METRIC_EXAMPLES: examples, P.METRIC_TRAIN_LOSS: 1.0}),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+def test_good_replies_are_weighted_by_examples(strategy: FedLoraStrategy) -> None:
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply("s1", _delta(1.0), examples=10), reply("s2", _delta(4.0), examples=30)]
+    )
+    assert arrays is not None and metrics is not None
+    new = arrays.to_torch_state_dict()
+    torch.testing.assert_close(new["a.lora_A.weight"], torch.full((2, 4), 1.0 + 3.25))
+    assert strategy.train_log.rejected == []
+    assert strategy.train_log.bytes_up > 0
+
+
+def _nan_delta() -> dict[str, torch.Tensor]:
+    delta = _delta(1.0)
+    delta["a.lora_A.weight"][0, 0] = float("nan")
+    return delta
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (lambda: reply("x", **{P.KEY_FINGERPRINT: "0" * 64}), "base fingerprint"),
+        (lambda: reply("x", **{P.KEY_ROUND: 7}), "expected 1 / 0"),
+        (lambda: reply("x", **{P.KEY_VERSION: 3}), "expected 1 / 0"),
+        (lambda: reply("x", examples=10**9), "aggregation.max-examples"),
+        (lambda: reply("x", examples=0), "example count"),
+        (lambda: reply("x", b"garbage that is not safetensors"), "malformed"),
+        (lambda: reply("x", b"\x00" * 3), "delta"),
+        (
+            lambda: reply(
+                "x", {"a.lora_A.weight": torch.ones(3, 4), "a.lora_B.weight": torch.zeros(4, 2)}
+            ),
+            "shape",
+        ),
+        (lambda: reply("x", {"a.lora_A.weight": torch.ones(2, 4)}), "a.lora_B.weight"),
+        (lambda: reply("x", **{P.KEY_DELTA: "not bytes"}), "not bytes"),
+        (lambda: reply("x", b"\x00" * (300 * 1024 * 1024)), "privacy.max-payload-bytes"),
+    ],
+)
+def test_bad_reply_is_rejected_and_round_goes_on(
+    strategy: FedLoraStrategy, bad: object, reason: str
+) -> None:
+    arrays, _ = strategy.aggregate_train(1, [reply("good", _delta(2.0)), bad()])  # type: ignore[operator]
+    assert arrays is not None
+    torch.testing.assert_close(
+        arrays.to_torch_state_dict()["a.lora_A.weight"], torch.full((2, 4), 3.0)
+    )
+    assert len(strategy.train_log.rejected) == 1
+    assert reason in strategy.train_log.rejected[0]["reason"]
+    assert list(strategy.train_log.accepted) == ["good"]
+
+
+def test_nan_delta_is_rejected(strategy: FedLoraStrategy) -> None:
+    payload = encode_delta(_delta(1.0))
+    # Write a NaN into the first float of the payload's data section after encoding.
+    header = int.from_bytes(payload[:8], "little")
+    start = 8 + header
+    tampered = payload[:start] + b"\x00\x00\xc0\x7f" + payload[start + 4 :]
+    strategy.aggregate_train(1, [reply("good"), reply("x", tampered)])
+    assert "non-finite" in strategy.train_log.rejected[0]["reason"].lower() or "nan" in (
+        strategy.train_log.rejected[0]["reason"].lower()
+    )
+
+
+def test_error_reply_and_duplicate_site_are_rejected(strategy: FedLoraStrategy) -> None:
+    instruction = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    error = Message(Error(code=1001, reason="fingerprint mismatch at site-9"), reply_to=instruction)
+    strategy.aggregate_train(1, [reply("s1"), reply("s1", _delta(9.0)), error])
+    reasons = [r["reason"] for r in strategy.train_log.rejected]
+    assert any("same site" in r for r in reasons)
+    assert any("fingerprint mismatch at site-9" in r for r in reasons)
+    assert list(strategy.train_log.accepted) == ["s1"]
+
+
+def test_too_few_valid_replies_is_an_aggregation_error(examples_dir: Path) -> None:
+    cfg = load_config(examples_dir / "tiny.toml")  # min-sites defaults to all 3 sites
+    strategy = FedLoraStrategy(cfg, site_plan(cfg), FINGERPRINT, run_id="run")
+    strategy.node_ids = [1, 2, 3]
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
+    with pytest.raises(AggregationError, match="min-sites"):
+        strategy.aggregate_train(1, [reply("s1"), reply("s2", **{P.KEY_ROUND: 5})])
