@@ -15,6 +15,8 @@ from pathlib import Path
 
 from common.errors import FedloraError
 from common.progress import console
+from fedlora.keys_cli import add_keys_parser, run_keys
+from fedlora.registry_cli import add_registry_parser, run_registry
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
@@ -55,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config key, e.g. --set federation.sites=10 (repeatable)",
     )
+    sim.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last completed round (same config and --set)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -74,15 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     fp.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     fp.add_argument("--num-labels", type=int, default=None, help="classification head size")
     fp.add_argument("--seed", type=int, default=0, help="seed of a newly initialised head")
+    add_keys_parser(sub)
+    add_registry_parser(sub)
     return parser
 
 
-def _simulate(config: Path, out: Path, overrides: list[str]) -> int:
+def _simulate(config: Path, out: Path, overrides: list[str], resume: bool = False) -> int:
     from common.config import load_config
     from fedlora.simulate import simulate
 
     cfg = load_config(config, overrides)
-    summary = simulate(cfg, out)
+    summary = simulate(cfg, out, resume=resume)
     console.print(
         f"[green]done[/]: {summary['rounds']} rounds, eval loss "
         f"{summary['initial_eval_loss']:.4f} → {summary['final_eval_loss']:.4f}; "
@@ -117,11 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         if args.command == "simulate":
-            return _simulate(args.config, args.out, args.overrides)
+            return _simulate(args.config, args.out, args.overrides, args.resume)
         if args.command == "demo":
             return _simulate(DEMO_CONFIG, args.out, args.overrides)
         if args.command == "fingerprint":
             return _fingerprint(args.model, args.task, args.num_labels, args.seed)
+        if args.command == "keys":
+            return run_keys(args)
+        if args.command == "registry":
+            return run_registry(args)
     except FedloraError as exc:
         console.print(f"[red]error[/]: {exc}", soft_wrap=True)
         return 2

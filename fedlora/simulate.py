@@ -19,6 +19,7 @@ from common.config import RunConfig
 from common.progress import print_message
 from server.app import make_server_app
 from server.federation import prepare
+from server.rundir import RunDirLock, check_start
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Prepare the coordinator, run all rounds in simulation, return ``summary.json``."""
+def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Prepare the coordinator, run (or resume) all rounds, return ``summary.json``."""
     prepare_environment(out_dir)
     from flwr.simulation import run_simulation  # after the environment is set
 
@@ -65,13 +66,15 @@ def simulate(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         f"[bold]fedlora simulate[/]: {cfg.federation.sites} sites, "
         f"{cfg.federation.rounds} rounds, model {cfg.model.name}, output {out_dir}"
     )
-    coord = prepare(cfg, out_dir)
-    run_simulation(
-        server_app=make_server_app(coord),
-        client_app=make_client_app(cfg),
-        num_supernodes=cfg.federation.sites,
-        backend_config=backend_config(cfg),
-    )
+    check_start(out_dir, resume)
+    with RunDirLock(out_dir):
+        coord = prepare(cfg, out_dir)
+        run_simulation(
+            server_app=make_server_app(coord, resume=resume),
+            client_app=make_client_app(cfg),
+            num_supernodes=cfg.federation.sites,
+            backend_config=backend_config(cfg),
+        )
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log")

@@ -8,12 +8,12 @@ from flwr.serverapp import Grid, ServerApp
 from server.federation import Coordinator, run_federation
 
 
-def make_server_app(coord: Coordinator) -> ServerApp:
+def make_server_app(coord: Coordinator, resume: bool = False) -> ServerApp:
     """A ServerApp for a prepared coordinator (base model loaded, data checked)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, coord)
+        run_federation(grid, coord, resume=resume)
 
     return app

@@ -7,7 +7,6 @@ later round can be compared with the untouched base.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,11 +22,33 @@ from client.tokens import encode_examples, eval_batches
 from client.train import adapter_state, evaluate, load_adapter_state
 from common import protocol as P
 from common.adapters import AdapterState, AggregationError, num_parameters, state_num_bytes
-from common.atomic import append_jsonl, write_json_atomic
+from common.atomic import write_json_atomic
 from common.config import RunConfig, config_to_dict, site_plan
 from common.models import peak_memory_bytes
-from common.progress import print_message, print_rule, print_table
-from server.registry import Registry
+from common.progress import print_message, print_rule
+from server.audit import (
+    AUDIT_FILE,
+    EVENT_REPLY_ACCEPTED,
+    EVENT_REPLY_REJECTED,
+    EVENT_ROUND_COMPLETED,
+    EVENT_ROUND_STARTED,
+    EVENT_RUN_RESUMED,
+    EVENT_RUN_STARTED,
+    EVENT_SITE_SEEN,
+    EVENT_VERSION_PUBLISHED,
+    AuditLog,
+    clip_text,
+    read_entries,
+)
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    config_digest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from server.metrics import read_metrics, record_round, report_round, run_summary, truncate_metrics
+from server.registry import ADAPTER_FILE, Registry, RegistryVersion
 from server.strategy import FedLoraStrategy, StageLog, wait_for_nodes
 
 logger = logging.getLogger(__name__)
@@ -44,6 +65,8 @@ class Coordinator:
     eval_set: Dataset | None
     registry: Registry
     run_id: str
+    config_digest: str
+    audit: AuditLog
 
 
 def prepare(cfg: RunConfig, out_dir: Path) -> Coordinator:
@@ -56,10 +79,27 @@ def prepare(cfg: RunConfig, out_dir: Path) -> Coordinator:
     labels = dataset.label_names
     host = AdapterHost(cfg.model, cfg.modules["shared"], len(labels) if labels else None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "config.json", config_to_dict(cfg))
+    write_json_atomic(out_dir / "config.json", config_to_dict(cfg))  # the latest start's
+    config_json = config_to_dict(cfg)
     return Coordinator(
-        cfg, out_dir, host, dataset, eval_set, Registry(out_dir / "registry"), uuid.uuid4().hex
+        cfg=cfg,
+        out_dir=out_dir,
+        host=host,
+        dataset=dataset,
+        eval_set=eval_set,
+        registry=Registry(out_dir / "registry"),
+        run_id=uuid.uuid4().hex,
+        config_digest=config_digest(config_json),
+        audit=_open_audit(out_dir),
     )
+
+
+def _open_audit(out_dir: Path) -> AuditLog:
+    audit = AuditLog(out_dir / AUDIT_FILE)
+    if audit.torn:  # only a crash mid-append tears the last line; keep it aside, go on
+        moved = audit.repair()
+        logger.warning("audit log had a torn last line (crash); moved it to %s", moved)
+    return audit
 
 
 def _global_eval(coord: Coordinator, state: AdapterState) -> dict[str, float]:
@@ -80,7 +120,11 @@ def _global_eval(coord: Coordinator, state: AdapterState) -> dict[str, float]:
 
 
 def _publish(
-    coord: Coordinator, state: AdapterState, server_round: int, cohort: list[str], examples: int
+    coord: Coordinator,
+    state: AdapterState,
+    server_round: int,
+    cohort: list[str],
+    examples: int,
 ) -> int:
     version = coord.registry.publish(
         "shared",
@@ -101,48 +145,14 @@ def _publish(
             "examples": examples,
         },
     )
+    coord.audit.append(
+        EVENT_VERSION_PUBLISHED,
+        module="shared",
+        version=version.version,
+        round=server_round,
+        sha256=version.manifest["sha256"][ADAPTER_FILE],
+    )
     return version.version
-
-
-def _record(
-    coord: Coordinator,
-    server_round: int,
-    version: int,
-    train: StageLog,
-    evaluation: StageLog,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    def weighted(log: StageLog, key: str, weight: str) -> float | None:
-        pairs = [(m[key], m.get(weight, 0.0)) for m in log.accepted.values() if key in m]
-        total = sum(w for _, w in pairs)
-        return sum(v * w for v, w in pairs) / total if total > 0 else None
-
-    eval_loss = weighted(evaluation, P.METRIC_EVAL_LOSS, P.METRIC_EVAL_TOKENS)
-    # Per site, per stage: {"site-0": {"train": {...}, "evaluate": {...}}}
-    sites: dict[str, dict[str, dict[str, float]]] = {}
-    for stage, log in (("train", train), ("evaluate", evaluation)):
-        for site, metrics in sorted(log.accepted.items()):
-            sites.setdefault(site, {})[stage] = {k.replace("-", "_"): v for k, v in metrics.items()}
-    peaks = [m.get(P.METRIC_PEAK_MEMORY, 0.0) for m in train.accepted.values()]
-    line = {
-        "round": server_round,
-        "version": version,
-        "train_loss": weighted(train, P.METRIC_TRAIN_LOSS, P.METRIC_EXAMPLES),
-        "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None,
-        "eval_accuracy": weighted(evaluation, P.METRIC_EVAL_ACCURACY, P.METRIC_EXAMPLES),
-        "bytes_up": train.bytes_up,
-        "bytes_down": train.bytes_down + evaluation.bytes_down,
-        "seconds_train": train.seconds,
-        "seconds_eval": evaluation.seconds,
-        "peak_memory_bytes": int(max(peaks)) if peaks else None,
-        "cohort": sorted(train.accepted),
-        "rejected": train.rejected + evaluation.rejected,
-        "sites": sites,
-        **extra,
-    }
-    append_jsonl(coord.out_dir / "metrics.jsonl", line)
-    return line
 
 
 def _evaluate_round(
@@ -159,25 +169,163 @@ def _evaluate_round(
     return strategy.eval_log, server_metrics
 
 
-def run_federation(grid: Grid, coord: Coordinator) -> dict[str, Any]:
-    """Run every round of ``coord.cfg``; return the run summary (also written to disk)."""
+def _audit_stage(audit: AuditLog, server_round: int, stage: str, log: StageLog) -> None:
+    for site, metrics in sorted(log.accepted.items()):
+        examples = int(metrics.get(P.METRIC_EXAMPLES, 0))
+        audit.append(
+            EVENT_REPLY_ACCEPTED,
+            round=server_round,
+            stage=stage,
+            site=clip_text(site),
+            examples=examples,
+        )
+    for rejected in log.rejected:
+        audit.append(
+            EVENT_REPLY_REJECTED,
+            round=server_round,
+            stage=stage,
+            site=clip_text(rejected["site"]),
+            reason=clip_text(rejected["reason"]),
+        )
+
+
+def _evaluate_and_record(
+    coord: Coordinator,
+    strategy: FedLoraStrategy,
+    grid: Grid,
+    server_round: int,
+    arrays: ArrayRecord,
+    train_log: StageLog,
+    started: float,
+) -> None:
+    eval_log, server_metrics = _evaluate_round(coord, strategy, grid, server_round, arrays)
+    _audit_stage(coord.audit, server_round, "evaluate", eval_log)
+    server_metrics["seconds"] = time.perf_counter() - started
+    line = record_round(
+        coord.out_dir, server_round, strategy.version, train_log, eval_log, server_metrics
+    )
+    report_round(line)
+    coord.audit.append(EVENT_ROUND_COMPLETED, round=server_round, version=strategy.version)
+
+
+def _checkpoint_and_publish(
+    coord: Coordinator, strategy: FedLoraStrategy, server_round: int, arrays: ArrayRecord
+) -> None:
+    """Checkpoint first, then publish: a crash in between is finished on resume."""
+    log = strategy.train_log
+    cohort = sorted(log.accepted)
+    examples = int(sum(m.get(P.METRIC_EXAMPLES, 0) for m in log.accepted.values()))
+    state = arrays.to_torch_state_dict()
+    version = 0 if server_round == 0 else strategy.version + 1
+    save_checkpoint(
+        coord.out_dir,
+        Checkpoint(
+            round=server_round,
+            run_id=coord.run_id,
+            config_digest=coord.config_digest,
+            versions={"shared": version},
+            global_state={"shared": state},
+            extra={"lineage": {"cohort": cohort, "examples": examples}},
+        ),
+    )
+    strategy.version = _publish(coord, state, server_round, cohort, examples)
+
+
+def _start_fresh(
+    coord: Coordinator, strategy: FedLoraStrategy, grid: Grid
+) -> tuple[int, ArrayRecord]:
+    arrays = ArrayRecord(adapter_state(coord.host.model))
+    started = time.perf_counter()
+    _checkpoint_and_publish(coord, strategy, 0, arrays)
+    _evaluate_and_record(coord, strategy, grid, 0, arrays, StageLog(), started)
+    return 1, arrays
+
+
+def _resume(
+    coord: Coordinator, strategy: FedLoraStrategy, grid: Grid, ckpt: Checkpoint
+) -> tuple[int, ArrayRecord]:
+    """Continue after the checkpointed round; finish what a crash interrupted."""
+    if ckpt.config_digest != coord.config_digest:
+        raise CheckpointError(
+            f"{coord.out_dir}: the checkpoint was made with a different configuration; "
+            "resume with the same config (and --set values) or start a new run"
+        )
+    coord.run_id = strategy.run_id = ckpt.run_id
+    coord.audit.append(EVENT_RUN_RESUMED, run_id=ckpt.run_id, after_round=ckpt.round)
+    arrays = ArrayRecord(ckpt.global_state["shared"])
+    version = ckpt.versions["shared"]
+    latest = coord.registry.latest("shared")
+    if latest is None or latest.version < version:  # crashed between checkpoint and publish
+        lineage = ckpt.extra["lineage"]
+        cohort, examples = list(lineage["cohort"]), int(lineage["examples"])
+        _publish(coord, ckpt.global_state["shared"], ckpt.round, cohort, examples)
+    elif latest.version > version:
+        raise CheckpointError(
+            f"registry holds v{latest.version:04d} but the checkpoint only v{version:04d}"
+        )
+    else:
+        _audit_recovered_publish(coord, latest)
+    strategy.version = version
+    history = truncate_metrics(coord.out_dir, ckpt.round)
+    print_message(f"resuming run {coord.run_id[:8]} after round {ckpt.round} (v{version:04d})")
+    if not history or history[-1]["round"] < ckpt.round:  # its evaluation was interrupted
+        _evaluate_and_record(
+            coord, strategy, grid, ckpt.round, arrays, StageLog(), time.perf_counter()
+        )
+    return ckpt.round + 1, arrays
+
+
+def _audit_recovered_publish(coord: Coordinator, latest: RegistryVersion) -> None:
+    """A crash between publishing a version and logging it leaves it unlogged: log it now."""
+    logged = {
+        (e.get("module"), e.get("version"))
+        for e in read_entries(coord.audit.path)
+        if e.get("event") == EVENT_VERSION_PUBLISHED
+    }
+    if ("shared", latest.version) not in logged:
+        coord.audit.append(
+            EVENT_VERSION_PUBLISHED,
+            module="shared",
+            version=latest.version,
+            round=latest.manifest["round"],
+            sha256=latest.manifest["sha256"][ADAPTER_FILE],
+            recovered=True,
+        )
+
+
+def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) every round of ``coord.cfg``; return the summary (also on disk)."""
     cfg, started = coord.cfg, time.perf_counter()
     strategy = FedLoraStrategy(cfg, site_plan(cfg), coord.host.base.fingerprint, coord.run_id)
     strategy.node_ids = wait_for_nodes(grid, cfg.federation.sites, cfg.federation.round_timeout)
+    for node in strategy.node_ids:
+        coord.audit.append(EVENT_SITE_SEEN, node_id=int(node))
     state = adapter_state(coord.host.model)
-    version = _publish(coord, state, 0, [], 0)
-    arrays = ArrayRecord(state)
     print_rule(f"fedlora run {coord.run_id[:8]}: {cfg.federation.sites} sites")
     print_message(
         f"base {cfg.model.name} fingerprint {coord.host.base.fingerprint[:16]}…, "
         f"adapter {num_parameters(state):,} params, {state_num_bytes(state):,} bytes fp32"
     )
-    t0 = time.perf_counter()
-    eval_log, server_metrics = _evaluate_round(coord, strategy, grid, 0, arrays)
-    server_metrics["seconds"] = time.perf_counter() - t0
-    history = [_report(_record(coord, 0, version, StageLog(), eval_log, server_metrics))]
-    for server_round in range(1, cfg.federation.rounds + 1):
+    ckpt = load_checkpoint(coord.out_dir) if resume else None
+    if ckpt is None:
+        coord.audit.append(
+            EVENT_RUN_STARTED,
+            run_id=coord.run_id,
+            base_model=cfg.model.name,
+            base_fingerprint=coord.host.base.fingerprint,
+            rule=cfg.aggregation.rule,
+            privacy=cfg.privacy.mode,
+            sites=cfg.federation.sites,
+            rounds=cfg.federation.rounds,
+        )
+        first_round, arrays = _start_fresh(coord, strategy, grid)
+    else:
+        first_round, arrays = _resume(coord, strategy, grid, ckpt)
+    for server_round in range(first_round, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
+        coord.audit.append(
+            EVENT_ROUND_STARTED, round=server_round, cohort_size=len(strategy.node_ids)
+        )
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
             timeout=cfg.federation.round_timeout,
@@ -186,72 +334,28 @@ def run_federation(grid: Grid, coord: Coordinator) -> dict[str, Any]:
         strategy.train_log.seconds = time.perf_counter() - t0
         if new_arrays is None:
             raise AggregationError(f"round {server_round}: nothing to aggregate")
-        arrays, train_log = new_arrays, strategy.train_log
-        cohort = sorted(train_log.accepted)
-        examples = int(sum(m.get(P.METRIC_EXAMPLES, 0) for m in train_log.accepted.values()))
-        version = _publish(coord, arrays.to_torch_state_dict(), server_round, cohort, examples)
-        strategy.version = version
-        eval_log, server_metrics = _evaluate_round(coord, strategy, grid, server_round, arrays)
-        server_metrics["seconds"] = time.perf_counter() - t0
-        history.append(
-            _report(_record(coord, server_round, version, train_log, eval_log, server_metrics))
-        )
-    summary = _summary(coord, history, time.perf_counter() - started)
+        arrays = new_arrays
+        _audit_stage(coord.audit, server_round, "train", strategy.train_log)
+        _checkpoint_and_publish(coord, strategy, server_round, arrays)
+        _evaluate_and_record(coord, strategy, grid, server_round, arrays, strategy.train_log, t0)
+    summary = run_summary(read_metrics(coord.out_dir), _facts(coord, time.perf_counter() - started))
     write_json_atomic(coord.out_dir / "summary.json", summary)
     return summary
 
 
-def _report(line: dict[str, Any]) -> dict[str, Any]:
-    rows = []
-    for site, stages in line["sites"].items():
-        train, evaluation = stages.get("train", {}), stages.get("evaluate", {})
-        rows.append(
-            [
-                site,
-                train.get("train_loss"),
-                evaluation.get("eval_loss"),
-                evaluation.get("eval_accuracy"),
-                train.get("num_examples"),
-                train.get("seconds"),
-            ]
-        )
-    print_table(
-        f"round {line['round']} → v{line['version']:04d}: train loss {_fmt(line['train_loss'])}, "
-        f"eval loss {_fmt(line['eval_loss'])}, ppl {_fmt(line['eval_perplexity'])}, "
-        f"up {line['bytes_up']:,} B, down {line['bytes_down']:,} B, "
-        f"rejected {len(line['rejected'])}",
-        ["site", "train loss", "eval loss", "eval acc", "train examples", "train s"],
-        rows,
-    )
-    return line
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _summary(coord: Coordinator, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    first, last = history[0], history[-1]
+def _facts(coord: Coordinator, seconds: float) -> dict[str, Any]:
     frozen = [p for p in coord.host.model.parameters() if not p.requires_grad]
+    latest = coord.registry.latest("shared")
+    assert latest is not None  # published before any round ran
     return {
         "run_id": coord.run_id,
-        "rounds": len(history) - 1,
         "sites": coord.cfg.federation.sites,
         "base_model": coord.cfg.model.name,
         "base_fingerprint": coord.host.base.fingerprint,
-        "final_version": last["version"],
-        "adapter_dir": str(coord.registry.module_dir("shared") / f"v{last['version']:04d}"),
-        "initial_eval_loss": first["eval_loss"],
-        "final_eval_loss": last["eval_loss"],
-        "initial_eval_accuracy": first["eval_accuracy"],
-        "final_eval_accuracy": last["eval_accuracy"],
+        "adapter_dir": str(latest.path),
         "base_parameters": sum(p.numel() for p in frozen),
         "base_bytes": sum(p.numel() * p.element_size() for p in frozen),
-        "adapter_parameters": num_parameters(coord.registry.load("shared", last["version"])),
+        "adapter_parameters": num_parameters(coord.registry.load("shared", latest.version)),
         "coordinator_peak_memory_bytes": peak_memory_bytes(coord.host.base.placement.device),
-        "peak_site_memory_bytes": max((h["peak_memory_bytes"] or 0) for h in history),
-        "bytes_up_total": sum(h["bytes_up"] for h in history),
-        "bytes_down_total": sum(h["bytes_down"] for h in history),
-        "rejected_total": sum(len(h["rejected"]) for h in history),
         "seconds": seconds,
     }

@@ -189,6 +189,9 @@ class FedLoraStrategy(Strategy):
                 f"round {server_round}: {len(accepted)} valid replies, federation.min-sites "
                 f"needs {needed}; rejected: {self.train_log.rejected}"
             )
+        # Replies arrive in any order; summing in site order makes the result reproducible
+        # bit for bit (floating-point addition is not associative).
+        accepted.sort(key=lambda a: a.site)
         delta = aggregate_fedavg([a.delta for a in accepted], [a.examples for a in accepted])
         new_state = apply_delta(self._global, delta, self.cfg.aggregation.server_lr)
         return ArrayRecord(new_state), MetricRecord(_weighted(self.train_log.accepted))

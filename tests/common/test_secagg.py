@@ -1,0 +1,498 @@
+"""The secure-aggregation protocol run in-process: sums, dropouts, forgeries, refusals, bounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.errors import ConfigError
+from common.fixedpoint import Levels, quantize
+from common.secagg import (
+    CIPHERTEXT_BYTES,
+    SecAggError,
+    SecAggParams,
+    UnmaskReply,
+    UnmaskRequest,
+    combine_secret,
+    max_abs_error_per_coordinate,
+    max_abs_weight_error,
+    neighbours,
+    pair_mask_key,
+    params_for,
+    peer_graph,
+    prg,
+    share_key,
+    split_secret,
+)
+from common.secagg_client import SecAggSite
+from common.secagg_server import SecAggResult, SecAggServer
+
+CONTEXT = b"fedlora/1|run-test|round-1|module-default|version-0"
+NORM_BOUND = 1.0  # L2 bound C, so coordinates are clipped to [-1, 1]
+MAX_WEIGHT = 1000.0  # W, examples
+LENGTH = 3000  # coordinates per delta in the fast tests
+
+
+@dataclass
+class Round:
+    """N simulated sites and one coordinator, with each site's plain input kept for checks."""
+
+    params: SecAggParams
+    sites: dict[int, SecAggSite]
+    server: SecAggServer
+    deltas: dict[int, np.ndarray]
+    weights: dict[int, float]
+    identity: dict[int, Ed25519PrivateKey]
+    masked: dict[int, Levels] = field(default_factory=dict)
+
+    def expected(self, survivors: Collection[int]) -> tuple[np.ndarray, float]:
+        """float64 sum of w_i * clip(x_i) and of w_i over ``survivors``."""
+        c = self.params.clip_range
+        total = sum(
+            self.weights[i] * np.clip(self.deltas[i].astype(np.float64), -c, c) for i in survivors
+        )
+        return np.asarray(total), sum(self.weights[i] for i in survivors)
+
+
+def make_round(
+    params: SecAggParams, length: int = LENGTH, seed: int = 0, peer_check: bool = False
+) -> Round:
+    rng = np.random.default_rng(seed)
+    ids = range(1, params.num_sites + 1)
+    identity = {i: Ed25519PrivateKey.generate() for i in ids}
+    public = {i: key.public_key() for i, key in identity.items()}
+    peer_keys = public if peer_check else None
+    sites = {i: SecAggSite(params, i, CONTEXT, identity[i], peer_keys) for i in ids}
+    return Round(
+        params=params,
+        sites=sites,
+        server=SecAggServer(params, CONTEXT, public, length),
+        deltas={i: (rng.standard_normal(length) * 0.05).astype(np.float32) for i in ids},
+        weights={i: float(rng.integers(1, int(params.max_weight) + 1)) for i in ids},
+        identity=identity,
+    )
+
+
+def run(
+    rnd: Round,
+    skip_share: Collection[int] = (),
+    drop_after_share: Collection[int] = (),
+    silent_unmask: Collection[int] = (),
+) -> SecAggResult:
+    """All four stages; sites in each collection stop answering at that stage."""
+    adverts = rnd.server.collect_adverts({i: s.advertise() for i, s in rnd.sites.items()})
+    packets = {i: rnd.sites[i].share_keys(adverts) for i in adverts if i not in skip_share}
+    routed = rnd.server.route_shares(packets)
+    for i, ciphertexts in routed.items():
+        if i not in drop_after_share:
+            rnd.masked[i] = rnd.sites[i].masked_input(ciphertexts, rnd.deltas[i], rnd.weights[i])
+    requests = rnd.server.collect_masked(rnd.masked)
+    replies = {i: rnd.sites[i].unmask(r) for i, r in requests.items() if i not in silent_unmask}
+    return rnd.server.unmask(replies)
+
+
+def assert_close(rnd: Round, result: SecAggResult, survivors: Collection[int]) -> None:
+    weighted, weight = rnd.expected(survivors)
+    assert set(result.survivors) == set(survivors)
+    bound = max_abs_error_per_coordinate(rnd.params, len(survivors))
+    assert np.abs(result.weighted_sum - weighted).max() <= bound
+    assert abs(result.total_weight - weight) <= max_abs_weight_error(rnd.params, len(survivors))
+
+
+@pytest.mark.parametrize("num_sites", [3, 5, 10])
+def test_sum_equals_weighted_sum_within_bound(num_sites: int) -> None:
+    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT))
+    result = run(rnd)
+    assert_close(rnd, result, rnd.sites)
+    assert result.dropped == () and result.rejected == {}
+
+
+def test_stochastic_rounding_within_bound() -> None:
+    rnd = make_round(params_for(5, NORM_BOUND, MAX_WEIGHT, rounding="stochastic"))
+    assert_close(rnd, run(rnd), rnd.sites)
+
+
+@pytest.mark.parametrize(
+    ("num_sites", "dropped"),
+    [(5, {2}), (10, {7}), (10, {1, 4, 6, 9})],  # 4 of 10 leaves exactly t = 5 holders
+    ids=["5-drop-1", "10-drop-1", "10-drop-4-at-threshold"],
+)
+def test_dropouts_after_sharing_are_recovered(num_sites: int, dropped: set[int]) -> None:
+    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT))
+    result = run(rnd, drop_after_share=dropped)
+    assert set(result.dropped) == dropped
+    assert_close(rnd, result, set(rnd.sites) - dropped)
+
+
+def test_silent_site_at_unmask_stays_in_the_sum() -> None:
+    rnd = make_round(params_for(10, NORM_BOUND, MAX_WEIGHT))
+    result = run(rnd, drop_after_share={2}, silent_unmask={5})
+    assert_close(rnd, result, set(rnd.sites) - {2})
+
+
+def test_site_that_never_shares_is_left_out() -> None:
+    rnd = make_round(params_for(5, NORM_BOUND, MAX_WEIGHT))
+    result = run(rnd, skip_share={3})
+    assert result.dropped == ()
+    assert_close(rnd, result, {1, 2, 4, 5})
+
+
+@pytest.mark.parametrize(
+    ("num_sites", "dropped"), [(5, {1, 2}), (10, {1, 2, 3, 4, 5})], ids=["5-drop-2", "10-drop-5"]
+)
+def test_too_many_dropouts_fail_below_threshold(num_sites: int, dropped: set[int]) -> None:
+    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT))
+    with pytest.raises(SecAggError, match="threshold"):
+        run(rnd, drop_after_share=dropped)
+
+
+def test_fewer_survivors_than_minimum_fail() -> None:
+    rnd = make_round(params_for(5, NORM_BOUND, MAX_WEIGHT, min_survivors=5))
+    with pytest.raises(SecAggError, match="min_survivors"):
+        run(rnd, drop_after_share={4})
+
+
+def test_k_regular_graph_matches_full_graph() -> None:
+    full = make_round(params_for(10, NORM_BOUND, MAX_WEIGHT), seed=3)
+    sparse = make_round(params_for(10, NORM_BOUND, MAX_WEIGHT, degree=4, threshold=3), seed=3)
+    assert sparse.params.scale == full.params.scale
+    # Nearest rounding is deterministic and masks cancel exactly: identical sums.
+    np.testing.assert_array_equal(run(sparse).weighted_sum, run(full).weighted_sum)
+
+
+def test_k_regular_graph_recovers_dropout() -> None:
+    rnd = make_round(params_for(10, NORM_BOUND, MAX_WEIGHT, degree=4, threshold=3))
+    assert_close(rnd, run(rnd, drop_after_share={6}), set(rnd.sites) - {6})
+
+
+@pytest.mark.parametrize(("num_sites", "degree"), [(10, 4), (10, 3), (10, 9), (7, 6), (7, 2)])
+def test_peer_graph_is_k_regular_and_symmetric(num_sites: int, degree: int) -> None:
+    params = params_for(num_sites, NORM_BOUND, MAX_WEIGHT, degree=degree)
+    graph = peer_graph(params, CONTEXT)
+    assert sorted(graph) == list(range(1, num_sites + 1))
+    for site, peers in graph.items():
+        assert len(set(peers)) == degree and site not in peers
+        assert all(site in graph[peer] for peer in peers)
+    assert neighbours(params, 1, CONTEXT) == graph[1]
+    assert peer_graph(params, b"another round") != graph or degree == num_sites - 1
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["plus-c", "minus-c"])
+def test_extreme_inputs_do_not_wrap(sign: float) -> None:
+    params = params_for(10, NORM_BOUND, MAX_WEIGHT)
+    rnd = make_round(params, length=64)
+    for i in rnd.sites:
+        rnd.deltas[i] = np.full(64, sign * 5.0, dtype=np.float32)  # clipped to ±c
+        rnd.weights[i] = MAX_WEIGHT
+    result = run(rnd)
+    assert_close(rnd, result, rnd.sites)
+    assert np.all(np.sign(result.weighted_sum) == sign)
+    assert result.total_weight == 10 * MAX_WEIGHT
+
+
+def test_masked_input_looks_uniform() -> None:
+    params = params_for(5, NORM_BOUND, MAX_WEIGHT)
+    rnd = make_round(params, length=20_000)
+    run(rnd)
+    c = params.clip_range
+    for i, masked in rnd.masked.items():
+        weighted = np.clip(rnd.deltas[i].astype(np.float64), -c, c) * rnd.weights[i]
+        plain = quantize(weighted, params.scale, params.level_bound)
+        unit = masked.astype(np.float64) / 2**32
+        # Uniform on [0, 1): mean 1/2 (sd 0.002 here), variance 1/12.
+        assert abs(unit.mean() - 0.5) < 0.01
+        assert abs(unit.var() - 1 / 12) < 0.005
+        assert np.mean(masked[:-1] != plain) > 0.99
+
+
+def test_forged_advert_signature_is_rejected() -> None:
+    rnd = make_round(params_for(5, NORM_BOUND, MAX_WEIGHT))
+    adverts = {i: s.advertise() for i, s in rnd.sites.items()}
+    forged = Ed25519PrivateKey.generate().sign(b"anything")
+    adverts[2] = dataclasses.replace(adverts[2], signature=forged)
+    accepted = rnd.server.collect_adverts(adverts)
+    assert 2 not in accepted
+    assert "signature does not verify" in rnd.server.state.rejected[2]
+
+
+@pytest.mark.parametrize("field_name", ["encryption_key", "mask_key", "seed_commitment"])
+def test_advert_with_swapped_key_is_rejected(field_name: str) -> None:
+    rnd = make_round(params_for(5, NORM_BOUND, MAX_WEIGHT))
+    adverts = {i: s.advertise() for i, s in rnd.sites.items()}
+    adverts[1] = dataclasses.replace(adverts[1], **{field_name: getattr(adverts[3], field_name)})
+    assert 1 not in rnd.server.collect_adverts(adverts)
+
+
+def test_advert_claiming_another_site_or_unenrolled_is_rejected() -> None:
+    params = params_for(10, NORM_BOUND, MAX_WEIGHT)
+    rnd = make_round(params)
+    public = {i: k.public_key() for i, k in rnd.identity.items() if i != 10}
+    server = SecAggServer(params, CONTEXT, public, LENGTH)
+    adverts = {i: s.advertise() for i, s in rnd.sites.items()}
+    adverts[4] = adverts[3]
+    accepted = server.collect_adverts(adverts)
+    assert set(accepted) == set(range(1, 10)) - {4}
+    assert "claims site 3" in server.state.rejected[4]
+    assert "not enrolled" in server.state.rejected[10]
+
+
+def test_too_many_forged_adverts_fail_the_round() -> None:
+    rnd = make_round(params_for(3, NORM_BOUND, MAX_WEIGHT))
+    adverts = {i: s.advertise() for i, s in rnd.sites.items()}
+    adverts[1] = dataclasses.replace(adverts[1], signature=bytes(64))
+    with pytest.raises(SecAggError, match="advertised keys"):
+        rnd.server.collect_adverts(adverts)
+
+
+def test_site_checks_neighbour_signatures_itself() -> None:
+    rnd = make_round(params_for(3, NORM_BOUND, MAX_WEIGHT), peer_check=True)
+    adverts = {i: s.advertise() for i, s in rnd.sites.items()}
+    adverts[2] = dataclasses.replace(adverts[2], signature=bytes(64))
+    with pytest.raises(SecAggError, match="signature"):
+        rnd.sites[1].share_keys(adverts)  # a dishonest coordinator forwarded a forgery
+
+
+def _routed(num_sites: int = 5) -> tuple[Round, dict[int, dict[int, bytes]]]:
+    """A round after stage 1: every site holds its routed ciphertexts."""
+    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT))
+    adverts = rnd.server.collect_adverts({i: s.advertise() for i, s in rnd.sites.items()})
+    return rnd, rnd.server.route_shares({i: s.share_keys(adverts) for i, s in rnd.sites.items()})
+
+
+def _site_after_masking(num_sites: int = 5) -> tuple[Round, dict[int, UnmaskRequest]]:
+    """A round after stage 2: the coordinator's unmask requests."""
+    rnd, routed = _routed(num_sites)
+    masked = {
+        i: rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i]) for i in routed
+    }
+    return rnd, rnd.server.collect_masked(masked)
+
+
+def test_site_refuses_seed_and_key_shares_of_the_same_peer() -> None:
+    rnd, requests = _site_after_masking()
+    peers = requests[1].survivors
+    greedy = UnmaskRequest(survivors=peers, dropped=peers[:1])
+    with pytest.raises(SecAggError, match="both survivor and dropped"):
+        rnd.sites[1].unmask(greedy)
+
+
+def test_site_answers_only_one_unmask_request() -> None:
+    rnd, requests = _site_after_masking()
+    rnd.sites[1].unmask(requests[1])
+    flipped = UnmaskRequest(survivors=(), dropped=requests[1].survivors)
+    with pytest.raises(SecAggError, match="expected done"):
+        rnd.sites[1].unmask(flipped)
+
+
+def test_site_refuses_request_that_does_not_split_its_peers() -> None:
+    rnd, requests = _site_after_masking()
+    partial = UnmaskRequest(survivors=requests[1].survivors[1:], dropped=())
+    with pytest.raises(SecAggError, match="split its peers"):
+        rnd.sites[1].unmask(partial)
+
+
+def test_stages_run_in_order_only() -> None:
+    rnd = make_round(params_for(3, NORM_BOUND, MAX_WEIGHT))
+    with pytest.raises(SecAggError, match="expected advertise"):
+        rnd.sites[1].share_keys({})
+    with pytest.raises(SecAggError, match="expected collect_adverts"):
+        rnd.server.unmask({})
+
+
+def test_tampered_or_misrouted_shares_fail_to_decrypt() -> None:
+    rnd, routed = _routed(3)
+    flipped = bytearray(routed[1][2])
+    flipped[-1] ^= 1
+    with pytest.raises(SecAggError, match="from site 2 fail to decrypt"):
+        rnd.sites[1].masked_input({2: bytes(flipped), 3: routed[1][3]}, rnd.deltas[1], 1.0)
+    # Shares 3 -> 2 presented to site 2 as coming from 3 -> 2 is fine; as 1 -> 2 it is not.
+    with pytest.raises(SecAggError, match="from site 1 fail to decrypt"):
+        rnd.sites[2].masked_input({1: routed[2][3], 3: routed[2][3]}, rnd.deltas[2], 1.0)
+
+
+def test_malformed_share_packet_leaves_the_site_out() -> None:
+    rnd = make_round(params_for(5, NORM_BOUND, MAX_WEIGHT))
+    adverts = rnd.server.collect_adverts({i: s.advertise() for i, s in rnd.sites.items()})
+    packets = {i: s.share_keys(adverts) for i, s in rnd.sites.items()}
+    packets[4] = {peer: ct[:-1] for peer, ct in packets[4].items()}
+    routed = rnd.server.route_shares(packets)
+    assert 4 not in routed and all(4 not in cts for cts in routed.values())
+    assert f"{CIPHERTEXT_BYTES} bytes" in rnd.server.state.rejected[4]
+
+
+def test_messages_from_sites_out_of_the_round_are_rejected() -> None:
+    rnd = make_round(params_for(10, NORM_BOUND, MAX_WEIGHT))
+    adverts = {i: s.advertise() for i, s in rnd.sites.items() if i != 8}
+    accepted = rnd.server.collect_adverts(adverts)
+    packets = {i: rnd.sites[i].share_keys(accepted) for i in accepted}
+    packets[8] = {}
+    routed = rnd.server.route_shares(packets)
+    masked = {
+        i: rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i]) for i in routed
+    }
+    masked[8] = masked[1]
+    requests = rnd.server.collect_masked(masked)
+    assert "without an accepted advert" in rnd.server.state.rejected[8]
+    result = rnd.server.unmask({i: rnd.sites[i].unmask(r) for i, r in requests.items()})
+    assert_close(rnd, result, set(range(1, 11)) - {8})
+
+
+def test_malformed_masked_input_counts_as_dropped() -> None:
+    rnd, routed = _routed()
+    masked = {
+        i: rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i]) for i in routed
+    }
+    masked[5] = masked[5][:-1]
+    requests = rnd.server.collect_masked(masked)
+    result = rnd.server.unmask({i: rnd.sites[i].unmask(r) for i, r in requests.items()})
+    assert result.dropped == (5,) and "shape" in result.rejected[5]
+    assert_close(rnd, result, {1, 2, 3, 4})
+
+
+def test_corrupted_share_is_detected_by_the_signed_commitment() -> None:
+    rnd, requests = _site_after_masking()
+    replies = {i: rnd.sites[i].unmask(r) for i, r in requests.items()}
+    holder = min(neighbours(rnd.params, 3, CONTEXT))  # among the first t holders used
+    shares = dict(replies[holder].seed_shares)
+    shares[3] = bytes(32)
+    replies[holder] = UnmaskReply(seed_shares=shares, key_shares=replies[holder].key_shares)
+    with pytest.raises(SecAggError, match="contradicts its signed advert"):
+        rnd.server.unmask(replies)
+
+
+def test_reply_with_unrequested_shares_is_ignored() -> None:
+    rnd, requests = _site_after_masking(10)
+    replies = {i: rnd.sites[i].unmask(r) for i, r in requests.items()}
+    replies[2] = UnmaskReply(seed_shares={}, key_shares={7: bytes(32)})
+    result = rnd.server.unmask(replies)
+    assert "seed shares" in result.rejected[2]
+    assert_close(rnd, result, rnd.sites)
+
+
+@pytest.mark.parametrize("weight", [-1.0, MAX_WEIGHT + 1, float("nan"), True])
+def test_site_rejects_weight_out_of_range(weight: float) -> None:
+    rnd, routed = _routed()
+    with pytest.raises(SecAggError, match="weight"):
+        rnd.sites[1].masked_input(routed[1], rnd.deltas[1], weight)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_site_rejects_non_finite_delta(bad: float) -> None:
+    rnd, routed = _routed()
+    delta = rnd.deltas[1].copy()
+    delta[7] = bad
+    with pytest.raises(SecAggError, match="NaN/Inf"):
+        rnd.sites[1].masked_input(routed[1], delta, 1.0)
+
+
+def test_site_rejects_integer_delta() -> None:
+    rnd, routed = _routed()
+    with pytest.raises(SecAggError, match="floating point"):
+        rnd.sites[1].masked_input(routed[1], np.zeros(LENGTH, dtype=np.int32), 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"degree": 3},  # odd degree with odd N: no 3-regular graph on 5 vertices
+        {"threshold": 2},  # not above degree / 2
+        {"threshold": 5},  # above degree
+        {"min_survivors": 1},
+        {"degree": 5},
+        {"threshold": 3.0},
+    ],
+)
+def test_impossible_parameters_are_config_errors(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="secure aggregation parameter"):
+        params_for(5, NORM_BOUND, MAX_WEIGHT, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("norm_bound", "max_weight"),
+    [(0.0, 1.0), (1.0, -1.0), (float("inf"), 1.0), (1.0, float("nan"))],
+)
+def test_params_for_refuses_bad_bounds(norm_bound: float, max_weight: float) -> None:
+    with pytest.raises(ConfigError, match="expected a finite number > 0"):
+        params_for(5, norm_bound, max_weight)
+
+
+def test_hand_made_scale_that_could_wrap_is_refused() -> None:
+    params = params_for(10, NORM_BOUND, MAX_WEIGHT)
+    with pytest.raises(ConfigError, match="2\\*\\*31"):
+        dataclasses.replace(params, scale=params.scale * 1.01)
+
+
+def test_params_for_scale_uses_the_whole_int32_range() -> None:
+    params = params_for(10, NORM_BOUND, MAX_WEIGHT)
+    assert 10 * params.level_bound <= 2**31 - 1 < 10 * (params.level_bound + 2)
+    assert params.weight_scale == 2**17  # largest power of two with 10 * 1000 * 2**k < 2**31
+
+
+def test_params_for_refuses_error_above_target() -> None:
+    with pytest.raises(ConfigError, match="max_error"):
+        params_for(10, NORM_BOUND, 1e6, max_error=1e-6)
+
+
+def test_prg_is_the_chacha20_keystream() -> None:
+    # RFC 8439 appendix A.1, test vector 1: zero key, zero nonce, block counter 0.
+    expected = bytes.fromhex("76b8e0ada0f13d90405d6ae55386bd28")
+    assert prg(bytes(32), 4).tobytes() == expected
+    assert prg(b"\x01" * 32, 4).tobytes() != expected
+
+
+def test_prg_rejects_short_key() -> None:
+    with pytest.raises(SecAggError, match="PRG key must be 32 bytes"):
+        prg(bytes(16), 4)
+
+
+def test_key_derivation_binds_direction_and_pair() -> None:
+    secret = bytes(range(32))
+    assert pair_mask_key(secret, CONTEXT, 2, 5) == pair_mask_key(secret, CONTEXT, 5, 2)
+    assert pair_mask_key(secret, CONTEXT, 2, 5) != pair_mask_key(secret, b"other", 2, 5)
+    assert share_key(secret, CONTEXT, 2, 5) != share_key(secret, CONTEXT, 5, 2)
+
+
+def test_shamir_any_t_shares_reconstruct_fewer_do_not() -> None:
+    secret = bytes(range(32))
+    shares = split_secret(secret, 3, 5)
+    assert all(len(share) == 32 for share in shares)
+    for subset in ((1, 2, 3), (2, 4, 5), (5, 3, 1)):
+        assert combine_secret({i: shares[i - 1] for i in subset}) == secret
+    assert combine_secret({1: shares[0], 2: shares[1]}) != secret
+
+
+def test_full_adapter_size_timing(capsys: pytest.CaptureFixture[str]) -> None:
+    """N = 10, L = 460 800 (SmolLM2-135M r=8 on q and v): correctness plus timings."""
+    length = 460_800
+    rnd = make_round(params_for(10, NORM_BOUND, MAX_WEIGHT), length=length)
+    clock = time.perf_counter
+    start = clock()
+    adverts = rnd.server.collect_adverts({i: s.advertise() for i, s in rnd.sites.items()})
+    packets = {i: rnd.sites[i].share_keys(adverts) for i in adverts}
+    t_share = clock()
+    routed = rnd.server.route_shares(packets)
+    masked = {
+        i: rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i])
+        for i in routed
+        if i != 10
+    }
+    t_mask = clock()
+    requests = rnd.server.collect_masked(masked)
+    replies = {i: rnd.sites[i].unmask(r) for i, r in requests.items()}
+    t_collect = clock()
+    result = rnd.server.unmask(replies)
+    t_end = clock()
+    assert_close(rnd, result, set(range(1, 10)))
+    with capsys.disabled():
+        print(
+            f"\nsecagg N=10 L={length} 1 dropout: setup+share {t_share - start:.3f} s (all sites),"
+            f" masked_input {(t_mask - t_share) / 9:.3f} s/site,"
+            f" collect {t_collect - t_mask:.3f} s, unmask {t_end - t_collect:.3f} s (server)"
+        )

@@ -1,0 +1,110 @@
+"""Crash and resume: SIGKILL the whole simulation mid-run, resume, and compare bit for bit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from server.registry import ADAPTER_FILE, Registry
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+ROUNDS = 4
+ARGS = ["examples/tiny.toml", "--set", f"federation.rounds={ROUNDS}"]
+
+
+def _env(ray_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_TMPDIR"] = str(ray_dir)
+    env["FLWR_HOME"] = str(ray_dir / "flwr")
+    return env
+
+
+def _start(out: Path, ray_dir: Path, resume: bool = False) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *ARGS, "--out", str(out)]
+    return subprocess.Popen(
+        [*cmd, "--resume"] if resume else cmd,
+        cwd=REPO,
+        env=_env(ray_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: SIGKILL reaches Ray's workers too
+    )
+
+
+def _kill_everything(proc: subprocess.Popen[bytes], ray_dir: Path) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Ray daemons may have left the group; they carry the session folder on their command line.
+    subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)
+
+
+def _rounds_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return -1
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+    return max((line["round"] for line in lines), default=-1)
+
+
+def _versions(out: Path) -> list[int]:
+    return [v.version for v in Registry(out / "registry").versions("shared")]
+
+
+def _digests(out: Path) -> list[str]:
+    return [
+        hashlib.sha256((v.path / ADAPTER_FILE).read_bytes()).hexdigest()
+        for v in Registry(out / "registry").versions("shared")
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    with tempfile.TemporaryDirectory(prefix="ray-") as ray:
+        assert _start(out, Path(ray)).wait(timeout=600) == 0
+    return out
+
+
+KILL_POINTS: dict[str, Callable[[Path], bool]] = {
+    # Round 1 is recorded: round 2 is training at the sites.
+    "during-round-2-training": lambda out: _rounds_done(out) >= 1,
+    # Round 2's version is published: its evaluation (or round 3's start) is in flight.
+    "after-publishing-v0002": lambda out: 2 in _versions(out),
+}
+
+
+@pytest.mark.parametrize("kill_point", sorted(KILL_POINTS))
+def test_sigkill_then_resume_is_bit_identical(
+    tmp_path: Path, reference: Path, kill_point: str
+) -> None:
+    out = tmp_path / "run"
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray-"))
+    proc = _start(out, ray_dir)
+    deadline = time.monotonic() + 300
+    while not KILL_POINTS[kill_point](out):
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.05)
+    _kill_everything(proc, ray_dir)
+    assert _rounds_done(out) < ROUNDS
+
+    resumed = _start(out, ray_dir, resume=True)
+    assert resumed.wait(timeout=600) == 0
+
+    assert _versions(out) == list(range(ROUNDS + 1))  # none lost, none duplicated
+    assert _digests(out) == _digests(reference)  # every version bit-identical
+    rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(ROUNDS + 1))
+    assert not [p for p in (out / "registry" / "shared").iterdir() if p.name.startswith(".")]
