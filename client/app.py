@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
+    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -21,15 +25,28 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.data import Dataset, load_dataset, site_data
-from client.site import AdapterHost, SiteRuntime
+from client.site import AdapterHost, SiteRuntime, SiteUpdate
 from common import protocol as P
 from common.adapters import AdapterState
 from common.config import RunConfig, SitePlan
 from common.encoding import encode_delta
+from common.envelope import EnvelopeContext, seal_delta
 from common.errors import FedloraError
+from common.keys import (
+    COORDINATOR_KEY_NAME,
+    PRIVATE_SUFFIX,
+    CoordinatorPublicKey,
+    KeyMaterialError,
+    load_coordinator_public,
+    load_site_private,
+    public_path_for,
+)
 from common.progress import print_step
 
 logger = logging.getLogger(__name__)
+
+# Node-state record holding the tensors a rule keeps at the site (fedsa: B).
+PRIVATE_RECORD = "fedlora-private"
 
 # Error codes of refusal replies (Flower reserves small codes for its own errors).
 ERROR_REFUSED = 1001
@@ -77,7 +94,48 @@ def _refuse(msg: Message, exc: Exception) -> Message:
     return Message(Error(code=ERROR_REFUSED, reason=str(exc)), reply_to=msg)
 
 
-def make_client_app(cfg: RunConfig) -> ClientApp:
+@dataclass(frozen=True)
+class SiteKeys:
+    """A site's sealing keys: ``<folder>/coordinator.pub`` and ``<folder>/<site-id>.key``."""
+
+    folder: Path
+
+    def load(self, site_id: str) -> tuple[CoordinatorPublicKey, Ed25519PrivateKey]:
+        public = load_coordinator_public(public_path_for(self.folder / COORDINATOR_KEY_NAME))
+        return public, load_site_private(self.folder / f"{site_id}{PRIVATE_SUFFIX}")
+
+
+def _private_state(context: Context) -> AdapterState:
+    record = context.state.array_records.get(PRIVATE_RECORD)
+    return {} if record is None else record.to_torch_state_dict()
+
+
+def _wire_payload(
+    update: SiteUpdate,
+    plan: SitePlan,
+    header: ConfigRecord,
+    site: SiteRuntime,
+    keys: SiteKeys | None,
+) -> bytes:
+    """Encode the delta and, in sealed mode, seal it to the coordinator and sign it."""
+    payload = encode_delta(update.delta, plan.encoding)
+    if plan.privacy_mode != "sealed":
+        return payload
+    if keys is None:
+        raise KeyMaterialError("privacy.mode = 'sealed' but this site has no keys configured")
+    coordinator, signing = keys.load(site.site_id)
+    context = EnvelopeContext(
+        run_id=str(header[P.KEY_RUN_ID]),
+        round=int(str(header[P.KEY_ROUND])),
+        site_id=site.site_id,
+        module=str(header[P.KEY_MODULE]),
+        version=int(str(header[P.KEY_VERSION])),
+        base_fingerprint=site.fingerprint,
+    )
+    return seal_delta(payload, coordinator, signing, context)
+
+
+def make_client_app(cfg: RunConfig, keys: SiteKeys | None = None) -> ClientApp:
     """A ClientApp whose virtual sites read their partition of ``cfg.data``."""
     app = ClientApp()
 
@@ -88,10 +146,18 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
             site = _runtime(cfg, plan, context)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             server_round = int(str(header[P.KEY_ROUND]))
-            update = site.train(received, plan, server_round, _progress(site.site_id, server_round))
+            update = site.train(
+                received,
+                plan,
+                server_round,
+                _progress(site.site_id, server_round),
+                private=_private_state(context),
+            )
+            payload = _wire_payload(update, plan, header, site, keys)
         except FedloraError as exc:
             return _refuse(msg, exc)
-        payload = encode_delta(update.delta, plan.encoding)
+        if update.private:  # fedsa's B: stays in this site's node state, never sent
+            context.state.array_records[PRIVATE_RECORD] = ArrayRecord(update.private)
         reply = RecordDict(
             {
                 P.UPDATE_RECORD: ConfigRecord(
@@ -111,6 +177,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
                         P.METRIC_SECONDS: update.result.seconds,
                         P.METRIC_PEAK_MEMORY: update.result.peak_memory_bytes,
                         P.METRIC_STEPS: update.result.steps,
+                        P.METRIC_CLIP_SCALE: update.clip_scale,
                     }
                 ),
             }
@@ -123,7 +190,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
             header, plan, received = _received(msg)
             site = _runtime(cfg, plan, context)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
-            result = site.evaluate(received, plan)
+            result = site.evaluate(received, plan, private=_private_state(context))
         except FedloraError as exc:
             return _refuse(msg, exc)
         metrics: dict[str, MetricRecordValues] = {

@@ -22,14 +22,17 @@ from client.train import (
     adapter_state,
     attach_adapter,
     evaluate,
+    freeze_lora_a,
     load_adapter_state,
     lora_config,
     train_local,
 )
 from common.adapters import AdapterState, compute_delta
 from common.config import ModelConfig, ModuleConfig, SitePlan
+from common.dp import clip_delta
 from common.errors import FingerprintMismatch
 from common.models import LoadedBase, load_base
+from common.rules import get_rule
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +42,11 @@ EVAL_BATCH_SIZE = 16
 
 @dataclass(frozen=True)
 class SiteUpdate:
-    delta: AdapterState
+    delta: AdapterState  # only the keys the rule sends (clipped when the plan says so)
+    private: AdapterState  # the keys the rule keeps at the site (fedsa: B), never sent
     examples: int  # training examples at this site (the aggregation weight it claims)
     result: TrainResult
+    clip_scale: float = 1.0  # factor the DP clipping applied (1.0 = within the bound)
 
 
 class AdapterHost:
@@ -104,19 +109,36 @@ class SiteRuntime:
         plan: SitePlan,
         server_round: int,
         on_step: StepCallback | None = None,
+        private: AdapterState | None = None,
     ) -> SiteUpdate:
-        """Load ``received``, train locally, and return the delta and what it cost."""
-        load_adapter_state(self.host.model, received)
+        """Train from ``received`` (+ this site's ``private`` tensors) and return the delta.
+
+        The rule decides what trains and what leaves: ``ffa`` freezes A (identical at every
+        site) and sends B; ``fedsa`` sends A and keeps B here; the others send everything.
+        """
+        start = {**received, **(private or {})}
+        load_adapter_state(self.host.model, start)
+        rule = get_rule(plan.rule)
+        freeze_lora_a(self.host.model, frozen=plan.rule == "ffa")
         seed = round_seed(plan.train.seed, server_round, self.site_index)
         items = self._items("train", plan.train.max_length)
         batches = iterate_batches(items, plan.train.batch_size, seed, self.host.pad_token_id)
         result = train_local(self.host.model, batches, plan.train, seed, on_step)
-        delta = compute_delta(adapter_state(self.host.model), received)
-        return SiteUpdate(delta=delta, examples=len(self.data.train), result=result)
+        trained = adapter_state(self.host.model)
+        delta = compute_delta(trained, start)
+        sent_keys = set(rule.sent_keys(delta))
+        sent = {k: v for k, v in delta.items() if k in sent_keys}
+        scale = 1.0
+        if plan.clip is not None:
+            sent, scale = clip_delta(sent, plan.clip)
+        kept = {k: v for k, v in trained.items() if k not in sent_keys and plan.rule == "fedsa"}
+        return SiteUpdate(sent, kept, len(self.data.train), result, scale)
 
-    def evaluate(self, received: AdapterState, plan: SitePlan) -> EvalResult:
-        """Evaluate ``received`` on this site's held-out split."""
-        load_adapter_state(self.host.model, received)
+    def evaluate(
+        self, received: AdapterState, plan: SitePlan, private: AdapterState | None = None
+    ) -> EvalResult:
+        """Evaluate ``received`` (+ this site's ``private`` tensors) on the held-out split."""
+        load_adapter_state(self.host.model, {**received, **(private or {})})
         items = self._items("heldout", plan.train.max_length)
         batches = eval_batches(items, EVAL_BATCH_SIZE, self.host.pad_token_id)
         return evaluate(self.host.model, batches, self.host.task)

@@ -56,6 +56,13 @@ def attach_adapter(model: PreTrainedModel, config: LoraConfig, seed: int) -> Pef
     return peft_model
 
 
+def freeze_lora_a(model: PeftModel, frozen: bool) -> None:
+    """Freeze (FFA-LoRA) or unfreeze the A factors; B and saved modules stay trainable."""
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(not frozen)
+
+
 def _has_module(model: torch.nn.Module, suffix: str) -> bool:
     return any(name.split(".")[-1] == suffix for name, _ in model.named_modules())
 

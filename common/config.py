@@ -116,20 +116,70 @@ class ModuleConfig(Section):
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
 
 
+Rule = Literal["fedavg", "ffa", "fedsa", "exact"]
+
+
 class AggregationConfig(Section):
-    rule: Literal["fedavg"] = "fedavg"
-    # Server learning rate applied to the aggregated delta (1.0 = FedAvg).
+    # fedavg: factors averaged separately; ffa: A frozen, only B sent (exact, half the bytes);
+    # fedsa: A aggregated, B private per site; exact: mean of B·A re-factored (sealed mode).
+    rule: Rule = "fedavg"
+    server_optimizer: Literal["sgd", "fedavgm", "fedadam"] = "sgd"
+    # Server learning rate applied to the aggregated delta (sgd with 1.0 = FedAvg; FedAdam
+    # moves each coordinate by about lr per round, so it wants ~1e-2).
     server_lr: Annotated[float, Field(gt=0)] = 1.0
+    server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    server_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    server_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    server_tau: Annotated[float, Field(gt=0)] = 1e-3
     # Upper bound on the example count a site may claim as its aggregation weight.
     max_examples: PositiveInt = 1_000_000
 
+    @model_validator(mode="after")
+    def _check(self) -> AggregationConfig:
+        if self.rule == "exact" and (self.server_optimizer != "sgd" or self.server_lr != 1.0):
+            raise ValueError(
+                "aggregation.rule = 'exact' re-factors the adapter every round, so a momentum "
+                "or adaptive server optimizer has no consistent basis to act on; use "
+                "server-optimizer = 'sgd' with server-lr = 1.0"
+            )
+        return self
+
+
+class DpConfig(Section):
+    """Site-level differential privacy: clip every site's delta, add Gaussian noise."""
+
+    enabled: bool = False
+    clip: Annotated[float, Field(gt=0)] = 1.0  # C: L2 bound on one site's delta per round
+    noise_multiplier: Annotated[float, Field(gt=0)] = 1.0  # sigma: noise std on the sum = sigma*C
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    epsilon_budget: Annotated[float, Field(gt=0)] | None = None  # stop before exceeding it
+    placement: Literal["central", "distributed"] = "central"
+    # Tests only: a fixed seed for the coordinator's noise (default: from the OS's CSPRNG).
+    seed: int | None = None
+
 
 class PrivacyConfig(Section):
-    # "none" = plain deltas, for debugging and benchmarks; the encrypted modes come next.
-    mode: Literal["none"] = "none"
+    # sealed: HPKE envelopes signed by each site (default); secure-sum: masked sums only;
+    # none: plain deltas, for debugging and benchmarks (marked as such in every manifest).
+    mode: Literal["sealed", "secure-sum", "none"] = "sealed"
+    kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
     encoding: Literal["fp32", "fp16", "int8"] = "fp32"
     # Largest delta payload (bytes) the coordinator accepts from one site.
     max_payload_bytes: PositiveInt = 256 * 1024 * 1024
+    # Key files; in simulation, missing ones are created under <out>/keys.
+    coordinator_key: Path | None = None
+    allow_list: Path | None = None
+    dp: DpConfig = DpConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if self.dp.enabled and self.dp.placement == "distributed" and self.mode != "secure-sum":
+            raise ValueError(
+                "privacy.dp.placement = 'distributed' needs privacy.mode = 'secure-sum' "
+                "(in sealed mode the coordinator would see each delta with a fraction of the "
+                "noise); use placement = 'central'"
+            )
+        return self
 
 
 class SimulationConfig(Section):
@@ -151,6 +201,21 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.privacy.mode == "secure-sum" and self.aggregation.rule == "exact":
+            raise ValueError(
+                "aggregation.rule = 'exact' needs each site's delta, which secure-sum hides by "
+                "design; use privacy.mode = 'sealed' or a sum-only rule (fedavg, ffa, fedsa)"
+            )
+        if self.privacy.dp.enabled and self.aggregation.rule == "exact":
+            raise ValueError(
+                "privacy.dp with aggregation.rule = 'exact' is not supported: DP clips and "
+                "noises deltas, exact re-factors full adapters; use fedavg, ffa or fedsa"
+            )
+        if self.privacy.mode == "secure-sum":
+            raise ValueError(
+                "privacy.mode = 'secure-sum' is not wired into the federation yet; "
+                "use 'sealed' (the default)"
+            )
         if set(self.modules) != {"shared"}:
             raise ValueError(
                 f"modules: only [modules.shared] is supported so far, got {sorted(self.modules)}"
@@ -196,23 +261,33 @@ def _apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+_PATH_KEYS = {"data": ("path", "eval-path"), "privacy": ("coordinator-key", "allow-list")}
+
+
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    """Make relative data paths relative to the config file's folder, as a user expects."""
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return
-    for key in ("path", "eval-path"):
-        value = data.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            # Relative to the config file's folder; else (e.g. a --set path) to the cwd.
-            candidate = base_dir / value
-            use_cwd = not candidate.exists() and Path(value).exists()
-            data[key] = str(Path(value) if use_cwd else candidate)
+    """Make relative file paths relative to the config file's folder, as a user expects."""
+    for section, keys in _PATH_KEYS.items():
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                # Relative to the config file's folder; else (e.g. a --set path) to the cwd.
+                candidate = base_dir / value
+                use_cwd = not candidate.exists() and Path(value).exists()
+                table[key] = str(Path(value) if use_cwd else candidate)
 
 
 def _check_files(cfg: RunConfig) -> None:
-    for key, path in (("data.path", cfg.data.path), ("data.eval-path", cfg.data.eval_path)):
-        if path is not None and not path.is_file():
+    files = (
+        ("data.path", cfg.data.path),
+        ("data.eval-path", cfg.data.eval_path),
+        ("privacy.coordinator-key", cfg.privacy.coordinator_key),
+        ("privacy.allow-list", cfg.privacy.allow_list),
+    )
+    for key, path in files:
+        if path is not None and not path.exists():
             raise ConfigError(f"{key}: file not found: {path}")
 
 
@@ -256,7 +331,11 @@ class SitePlan(Section):
     task: Task
     train: TrainConfig
     modules: dict[str, ModuleConfig]
+    rule: Rule
     encoding: Literal["fp32", "fp16", "int8"]
+    privacy_mode: Literal["sealed", "secure-sum", "none"]
+    # Sites clip their delta to this L2 norm before sending (DP); None = no clipping.
+    clip: float | None = None
     max_eval_examples: PositiveInt
 
 
@@ -266,6 +345,9 @@ def site_plan(cfg: RunConfig) -> SitePlan:
         task=cfg.model.task,
         train=cfg.train,
         modules=cfg.modules,
+        rule=cfg.aggregation.rule,
         encoding=cfg.privacy.encoding,
+        privacy_mode=cfg.privacy.mode,
+        clip=cfg.privacy.dp.clip if cfg.privacy.dp.enabled else None,
         max_eval_examples=cfg.data.max_eval_examples,
     )

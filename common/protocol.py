@@ -47,5 +47,6 @@ METRIC_EVAL_TOKENS = "eval-tokens"
 METRIC_SECONDS = "seconds"
 METRIC_PEAK_MEMORY = "peak-memory-bytes"
 METRIC_STEPS = "steps"
+METRIC_CLIP_SCALE = "clip-scale"
 
 # Flower requires the key "num-examples" for its weighted averages; we reuse the same name.

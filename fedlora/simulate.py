@@ -14,12 +14,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from client.app import make_client_app
+from client.app import SiteKeys, make_client_app
 from common.config import RunConfig
+from common.keys import (
+    COORDINATOR_KEY_NAME,
+    PRIVATE_SUFFIX,
+    add_site,
+    export_public,
+    generate_coordinator_key,
+    generate_site_key,
+    load_allow_list,
+    load_coordinator_private,
+    public_path_for,
+)
 from common.progress import print_message
 from server.app import make_server_app
 from server.federation import prepare
 from server.rundir import RunDirLock, check_start
+from server.strategy import Sealing
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +69,32 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def provision_keys(cfg: RunConfig, out_dir: Path) -> tuple[Sealing | None, SiteKeys | None]:
+    """Sealed mode in simulation: the coordinator key and one signing key per virtual site.
+
+    Missing keys are created under ``<out>/keys`` (private halves 0600) and every site is
+    enrolled in the allow-list; existing ones (a resumed run, or ``privacy.coordinator-key``
+    and ``privacy.allow-list`` from the config) are used as they are.
+    """
+    if cfg.privacy.mode != "sealed":
+        return None, None
+    folder = out_dir / "keys"
+    coordinator_key = cfg.privacy.coordinator_key or folder / COORDINATOR_KEY_NAME
+    if not coordinator_key.exists():
+        generate_coordinator_key(folder, kem=cfg.privacy.kem)
+    if not public_path_for(folder / COORDINATOR_KEY_NAME).exists():
+        export_public(coordinator_key, public_path_for(folder / COORDINATOR_KEY_NAME))
+    allow_list = cfg.privacy.allow_list or folder / "allow-list.json"
+    for index in range(cfg.federation.sites):
+        site = f"site-{index}"
+        if not (folder / f"{site}{PRIVATE_SUFFIX}").exists():
+            key = generate_site_key(folder, site)
+            if cfg.privacy.allow_list is None:
+                add_site(allow_list, site, public_path_for(key))
+    sealing = Sealing(load_coordinator_private(coordinator_key), load_allow_list(allow_list))
+    return sealing, SiteKeys(folder)
+
+
 def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Prepare the coordinator, run (or resume) all rounds, return ``summary.json``."""
     prepare_environment(out_dir)
@@ -68,10 +106,11 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, A
     )
     check_start(out_dir, resume)
     with RunDirLock(out_dir):
-        coord = prepare(cfg, out_dir)
+        sealing, site_keys = provision_keys(cfg, out_dir)
+        coord = prepare(cfg, out_dir, sealing)
         run_simulation(
             server_app=make_server_app(coord, resume=resume),
-            client_app=make_client_app(cfg),
+            client_app=make_client_app(cfg, site_keys),
             num_supernodes=cfg.federation.sites,
             backend_config=backend_config(cfg),
         )

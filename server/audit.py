@@ -63,6 +63,7 @@ EVENT_REPLY_ACCEPTED = "reply-accepted"
 EVENT_REPLY_REJECTED = "reply-rejected"
 EVENT_VERSION_PUBLISHED = "version-published"
 EVENT_ROUND_COMPLETED = "round-completed"
+EVENT_RUN_STOPPED = "run-stopped"
 
 
 class AuditError(FedloraError):

@@ -24,6 +24,7 @@ from common import protocol as P
 from common.adapters import AdapterState, AggregationError, num_parameters, state_num_bytes
 from common.atomic import write_json_atomic
 from common.config import RunConfig, config_to_dict, site_plan
+from common.dp import PrivacyBudgetExceeded
 from common.models import peak_memory_bytes
 from common.progress import print_message, print_rule
 from server.audit import (
@@ -34,6 +35,7 @@ from server.audit import (
     EVENT_ROUND_STARTED,
     EVENT_RUN_RESUMED,
     EVENT_RUN_STARTED,
+    EVENT_RUN_STOPPED,
     EVENT_SITE_SEEN,
     EVENT_VERSION_PUBLISHED,
     AuditLog,
@@ -49,7 +51,7 @@ from server.checkpoint import (
 )
 from server.metrics import read_metrics, record_round, report_round, run_summary, truncate_metrics
 from server.registry import ADAPTER_FILE, Registry, RegistryVersion
-from server.strategy import FedLoraStrategy, StageLog, wait_for_nodes
+from server.strategy import FedLoraStrategy, Sealing, StageLog, wait_for_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +69,10 @@ class Coordinator:
     run_id: str
     config_digest: str
     audit: AuditLog
+    sealing: Sealing | None = None
 
 
-def prepare(cfg: RunConfig, out_dir: Path) -> Coordinator:
+def prepare(cfg: RunConfig, out_dir: Path, sealing: Sealing | None = None) -> Coordinator:
     """Check the data split before any model loads, then load the base and the adapter."""
     dataset = load_dataset(cfg.data)
     partition(dataset, cfg.federation.sites, cfg.data)  # ConfigError now, not in round 1
@@ -91,6 +94,7 @@ def prepare(cfg: RunConfig, out_dir: Path) -> Coordinator:
         run_id=uuid.uuid4().hex,
         config_digest=config_digest(config_json),
         audit=_open_audit(out_dir),
+        sealing=sealing,
     )
 
 
@@ -125,7 +129,9 @@ def _publish(
     server_round: int,
     cohort: list[str],
     examples: int,
+    epsilon: float | None,
 ) -> int:
+    dp = coord.cfg.privacy.dp
     version = coord.registry.publish(
         "shared",
         state,
@@ -140,7 +146,10 @@ def _publish(
             "privacy_note": "plain deltas: debugging and benchmarks only"
             if coord.cfg.privacy.mode == "none"
             else "",
-            "epsilon": None,
+            "epsilon": epsilon,
+            "dp": {"clip": dp.clip, "noise_multiplier": dp.noise_multiplier, "delta": dp.delta}
+            if dp.enabled
+            else None,
             "cohort": cohort,
             "examples": examples,
         },
@@ -200,6 +209,9 @@ def _evaluate_and_record(
 ) -> None:
     eval_log, server_metrics = _evaluate_round(coord, strategy, grid, server_round, arrays)
     _audit_stage(coord.audit, server_round, "evaluate", eval_log)
+    if strategy.aggregator.accountant is not None:
+        server_metrics["epsilon"] = strategy.aggregator.accountant.epsilon()
+        server_metrics["dp_delta"] = coord.cfg.privacy.dp.delta
     server_metrics["seconds"] = time.perf_counter() - started
     line = record_round(
         coord.out_dir, server_round, strategy.version, train_log, eval_log, server_metrics
@@ -225,10 +237,15 @@ def _checkpoint_and_publish(
             config_digest=coord.config_digest,
             versions={"shared": version},
             global_state={"shared": state},
-            extra={"lineage": {"cohort": cohort, "examples": examples}},
+            optimizer_tensors=strategy.aggregator.state_tensors(),
+            extra={
+                "lineage": {"cohort": cohort, "examples": examples},
+                "aggregator": strategy.aggregator.state_meta(),
+            },
         ),
     )
-    strategy.version = _publish(coord, state, server_round, cohort, examples)
+    epsilon = strategy.aggregator.epsilon
+    strategy.version = _publish(coord, state, server_round, cohort, examples, epsilon)
 
 
 def _start_fresh(
@@ -252,13 +269,15 @@ def _resume(
         )
     coord.run_id = strategy.run_id = ckpt.run_id
     coord.audit.append(EVENT_RUN_RESUMED, run_id=ckpt.run_id, after_round=ckpt.round)
+    strategy.aggregator.load_state(ckpt.optimizer_tensors, ckpt.extra["aggregator"])
     arrays = ArrayRecord(ckpt.global_state["shared"])
     version = ckpt.versions["shared"]
     latest = coord.registry.latest("shared")
     if latest is None or latest.version < version:  # crashed between checkpoint and publish
         lineage = ckpt.extra["lineage"]
         cohort, examples = list(lineage["cohort"]), int(lineage["examples"])
-        _publish(coord, ckpt.global_state["shared"], ckpt.round, cohort, examples)
+        epsilon = strategy.aggregator.epsilon
+        _publish(coord, ckpt.global_state["shared"], ckpt.round, cohort, examples, epsilon)
     elif latest.version > version:
         raise CheckpointError(
             f"registry holds v{latest.version:04d} but the checkpoint only v{version:04d}"
@@ -296,7 +315,9 @@ def _audit_recovered_publish(coord: Coordinator, latest: RegistryVersion) -> Non
 def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) every round of ``coord.cfg``; return the summary (also on disk)."""
     cfg, started = coord.cfg, time.perf_counter()
-    strategy = FedLoraStrategy(cfg, site_plan(cfg), coord.host.base.fingerprint, coord.run_id)
+    strategy = FedLoraStrategy(
+        cfg, site_plan(cfg), coord.host.base.fingerprint, coord.run_id, coord.sealing
+    )
     strategy.node_ids = wait_for_nodes(grid, cfg.federation.sites, cfg.federation.round_timeout)
     for node in strategy.node_ids:
         coord.audit.append(EVENT_SITE_SEEN, node_id=int(node))
@@ -321,7 +342,17 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
         first_round, arrays = _start_fresh(coord, strategy, grid)
     else:
         first_round, arrays = _resume(coord, strategy, grid, ckpt)
+    stopped: str | None = None
     for server_round in range(first_round, cfg.federation.rounds + 1):
+        try:
+            strategy.aggregator.check_budget()
+        except PrivacyBudgetExceeded as exc:
+            stopped = str(exc)
+            print_message(f"[yellow]stopping before round {server_round}[/]: {exc}")
+            coord.audit.append(
+                EVENT_RUN_STOPPED, before_round=server_round, reason=clip_text(stopped)
+            )
+            break
         t0 = time.perf_counter()
         coord.audit.append(
             EVENT_ROUND_STARTED, round=server_round, cohort_size=len(strategy.node_ids)
@@ -338,7 +369,10 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
         _audit_stage(coord.audit, server_round, "train", strategy.train_log)
         _checkpoint_and_publish(coord, strategy, server_round, arrays)
         _evaluate_and_record(coord, strategy, grid, server_round, arrays, strategy.train_log, t0)
-    summary = run_summary(read_metrics(coord.out_dir), _facts(coord, time.perf_counter() - started))
+    facts = _facts(coord, time.perf_counter() - started)
+    facts["stopped"] = stopped
+    facts["epsilon"] = strategy.aggregator.epsilon
+    summary = run_summary(read_metrics(coord.out_dir), facts)
     write_json_atomic(coord.out_dir / "summary.json", summary)
     return summary
 

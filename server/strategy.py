@@ -27,20 +27,25 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import protocol as P
-from common.adapters import (
-    AdapterState,
-    AggregationError,
-    aggregate_fedavg,
-    apply_delta,
-    check_delta,
-)
+from common.adapters import AdapterState, AggregationError, check_delta
 from common.config import RunConfig, SitePlan
 from common.encoding import decode_delta
+from common.envelope import EnvelopeContext, max_envelope_bytes, open_delta
 from common.errors import FedloraError, UpdateRejected
+from common.keys import AllowList, CoordinatorPrivateKey, KeyMaterialError
+from server.aggregate import Aggregator, SiteDelta
 
 logger = logging.getLogger(__name__)
 
 MetricValue = MetricRecordValues
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """What the coordinator needs to open sealed envelopes."""
+
+    coordinator: CoordinatorPrivateKey
+    allow_list: AllowList
 
 
 @dataclass(frozen=True)
@@ -75,11 +80,22 @@ def array_record_bytes(record: ArrayRecord) -> int:
 class FedLoraStrategy(Strategy):
     """Weighted FedAvg of adapter deltas, with per-reply validation."""
 
-    def __init__(self, cfg: RunConfig, plan: SitePlan, fingerprint: str, run_id: str) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        plan: SitePlan,
+        fingerprint: str,
+        run_id: str,
+        sealing: Sealing | None = None,
+    ) -> None:
+        if cfg.privacy.mode == "sealed" and sealing is None:
+            raise KeyMaterialError("privacy.mode = 'sealed' needs the coordinator's key")
         self.cfg = cfg
         self.plan = plan
         self.fingerprint = fingerprint
         self.run_id = run_id
+        self.sealing = sealing
+        self.aggregator = Aggregator(cfg)
         self.version = 0  # the global version the current instructions carry
         self.node_ids: list[int] = []
         self.train_log = StageLog()
@@ -156,16 +172,44 @@ class FedLoraStrategy(Strategy):
         if not isinstance(payload, bytes):
             raise UpdateRejected("delta payload is missing or not bytes")
         bound = self.cfg.privacy.max_payload_bytes
+        if self.sealing is not None:
+            bound = max_envelope_bytes(bound)
         if len(payload) > bound:
             raise UpdateRejected(
                 f"delta payload of {len(payload):,} bytes exceeds privacy.max-payload-bytes "
                 f"= {bound:,}"
             )
-        shapes = {k: tuple(v.shape) for k, v in self._global.items()}
+        site = self._site_of(reply)
+        wire_bytes = len(payload)
+        if self.sealing is not None:
+            payload = self._open(payload, site, server_round)
+        sent = set(self.aggregator.sent_keys(self._global))
+        reference = {k: v for k, v in self._global.items() if k in sent}
+        shapes = {k: tuple(v.shape) for k, v in reference.items()}
         delta = decode_delta(payload, self.cfg.privacy.max_payload_bytes, expected=shapes)
-        check_delta(delta, self._global)
+        check_delta(delta, reference)
+        self.aggregator.rule.check_payload(delta)
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        return AcceptedUpdate(self._site_of(reply), examples, delta, values, len(payload))
+        return AcceptedUpdate(site, examples, delta, values, wire_bytes)
+
+    def _open(self, envelope: bytes, site: str, server_round: int) -> bytes:
+        """Verify the site's signature and decrypt, in memory only, for this exact context."""
+        assert self.sealing is not None
+        try:
+            expected = EnvelopeContext(
+                run_id=self.run_id,
+                round=server_round,
+                site_id=site,
+                module="shared",
+                version=self.version,
+                base_fingerprint=self.fingerprint,
+            )
+        except ValueError as exc:
+            raise UpdateRejected(f"reply names an invalid site id: {exc}") from None
+        bound = max_envelope_bytes(self.cfg.privacy.max_payload_bytes)
+        return open_delta(
+            envelope, self.sealing.coordinator, self.sealing.allow_list, expected, bound
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -192,8 +236,8 @@ class FedLoraStrategy(Strategy):
         # Replies arrive in any order; summing in site order makes the result reproducible
         # bit for bit (floating-point addition is not associative).
         accepted.sort(key=lambda a: a.site)
-        delta = aggregate_fedavg([a.delta for a in accepted], [a.examples for a in accepted])
-        new_state = apply_delta(self._global, delta, self.cfg.aggregation.server_lr)
+        updates = [SiteDelta(a.site, a.examples, a.delta) for a in accepted]
+        new_state = self.aggregator.aggregate(self._global, updates, server_round)
         return ArrayRecord(new_state), MetricRecord(_weighted(self.train_log.accepted))
 
     def aggregate_evaluate(

@@ -17,11 +17,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
-from client.app import make_client_app
+from client.app import SiteKeys, make_client_app
 from common import protocol as P
 from common.adapters import AdapterState, aggregate_fedavg, apply_delta
 from common.config import RunConfig, load_config
 from common.encoding import decode_delta
+from common.envelope import EnvelopeContext, open_delta
+from common.errors import UpdateRejected
 from common.models import fingerprint, load_base
 from server.app import make_server_app
 from server.federation import prepare, run_federation
@@ -71,7 +73,7 @@ def payload_bytes(message: Message) -> bytes:
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
-    from fedlora.simulate import backend_config
+    from fedlora.simulate import backend_config, provision_keys
 
     work = tmp_path_factory.mktemp("tiny")
     data = work / "dolly-tiny.jsonl"
@@ -82,8 +84,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     rows[0]["instruction"] = f"{CANARY} {rows[0]['instruction']}"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(repo / "examples" / "tiny.toml", [f"data.path='{data}'"])
+    assert cfg.privacy.mode == "sealed"  # the default and the example's setting
     out = work / "out"
-    coord = prepare(cfg, out)
+    sealing, site_keys = provision_keys(cfg, out)
+    coord = prepare(cfg, out, sealing)
     grid_box: dict[str, RecordingGrid] = {}
     app = ServerApp()
 
@@ -93,7 +97,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         run_federation(grid_box["grid"], coord)  # type: ignore[arg-type]
 
     run_simulation(
-        app, make_client_app(cfg), cfg.federation.sites, backend_config=backend_config(cfg)
+        app,
+        make_client_app(cfg, site_keys),
+        cfg.federation.sites,
+        backend_config=backend_config(cfg),
     )
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"cfg": cfg, "out": out, "grid": grid_box["grid"], "metrics": metrics, "coord": coord}
@@ -129,6 +136,46 @@ def test_bytes_are_counted(run: dict[str, Any]) -> None:
     assert up == sum(m["bytes_up"] for m in run["metrics"]) > 0
 
 
+def _open(run: dict[str, Any], reply: Message) -> bytes:
+    """Open a captured envelope as the coordinator does (the test holds its key)."""
+    coord = run["coord"]
+    update = reply.content.config_records[P.UPDATE_RECORD]
+    envelope = update[P.KEY_DELTA]
+    assert isinstance(envelope, bytes)
+    context = EnvelopeContext(
+        run_id=coord.run_id,
+        round=int(update[P.KEY_ROUND]),  # type: ignore[arg-type]
+        site_id=str(update[P.KEY_SITE]),
+        module="shared",
+        version=int(update[P.KEY_VERSION]),  # type: ignore[arg-type]
+        base_fingerprint=coord.host.base.fingerprint,
+    )
+    return open_delta(
+        envelope, coord.sealing.coordinator, coord.sealing.allow_list, context, 1 << 30
+    )
+
+
+def test_no_plaintext_delta_on_the_wire(run: dict[str, Any]) -> None:
+    grid: RecordingGrid = run["grid"]
+    replies = [
+        m
+        for m in grid.received
+        if m.has_content() and P.KEY_DELTA in m.content.config_records.get(P.UPDATE_RECORD, {})
+    ]
+    assert len(replies) == 3 * run["cfg"].federation.rounds
+    for reply in replies:
+        envelope = reply.content.config_records[P.UPDATE_RECORD][P.KEY_DELTA]
+        assert isinstance(envelope, bytes)
+        with pytest.raises(UpdateRejected):
+            decode_delta(envelope, 1 << 30)  # not a readable delta without the key
+        plaintext = _open(run, reply)
+        # No 16-byte window of the plaintext's tensor data appears in the envelope.
+        header = int.from_bytes(plaintext[:8], "little")
+        data = plaintext[8 + header :]
+        for start in range(0, len(data) - 16, 997):
+            assert data[start : start + 16] not in envelope
+
+
 def test_delta_not_state_travels_and_aggregate_is_fedavg(run: dict[str, Any]) -> None:
     grid: RecordingGrid = run["grid"]
     registry = Registry(run["out"] / "registry")
@@ -145,9 +192,7 @@ def test_delta_not_state_travels_and_aggregate_is_fedavg(run: dict[str, Any]) ->
     deltas: list[AdapterState] = []
     weights: list[float] = []
     for reply in round1:
-        payload = reply.content.config_records[P.UPDATE_RECORD][P.KEY_DELTA]
-        assert isinstance(payload, bytes)
-        delta = decode_delta(payload, 1 << 30)
+        delta = decode_delta(_open(run, reply), 1 << 30)
         assert set(delta) == set(global_v0)
         for key, value in delta.items():
             if "lora_A" in key:  # A starts random: a full state would be as large as A itself
@@ -197,13 +242,15 @@ def test_site_with_foreign_base_refuses_and_round_goes_on(tmp_path: Path) -> Non
     """Site 2 runs a different base (another seed); it refuses, the others aggregate."""
     from flwr.simulation import run_simulation
 
-    from fedlora.simulate import backend_config
+    from fedlora.simulate import backend_config, provision_keys
 
     repo = Path(__file__).resolve().parent.parent
     overrides = ["federation.rounds=1", "federation.min-sites=2"]
     cfg = load_config(repo / "examples" / "tiny.toml", overrides)
     foreign = load_config(repo / "examples" / "tiny.toml", [*overrides, "model.seed=1"])
-    honest, impostor = make_client_app(cfg), make_client_app(foreign)
+    sealing, _ = provision_keys(cfg, tmp_path)
+    keys = SiteKeys(tmp_path / "keys")
+    honest, impostor = make_client_app(cfg, keys), make_client_app(foreign, keys)
     app = ClientApp()
 
     @app.train()
@@ -216,7 +263,7 @@ def test_site_with_foreign_base_refuses_and_round_goes_on(tmp_path: Path) -> Non
         site = int(context.node_config["partition-id"])
         return (impostor if site == 2 else honest)(msg, context)
 
-    coord = prepare(cfg, tmp_path)
+    coord = prepare(cfg, tmp_path, sealing)
     run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["cohort"] == ["site-0", "site-1"]

@@ -30,7 +30,7 @@ def test_minimal_config_gets_defaults_and_resolves_paths(config_file: Path) -> N
     assert isinstance(cfg, RunConfig)
     assert cfg.data.path == config_file.parent / "data.jsonl"
     assert cfg.modules["shared"].rank == 8
-    assert cfg.privacy.mode == "none"
+    assert cfg.privacy.mode == "sealed"  # the default: only sealed deltas leave a site
 
 
 def test_examples_parse(examples_dir: Path) -> None:
@@ -53,6 +53,11 @@ def test_examples_parse(examples_dir: Path) -> None:
         ("[privacy]\nmode = 'telepathy'\n", "privacy.mode"),
         ("[modules.other]\nrank = 4\n", "modules"),
         ("[nonsense]\nx = 1\n", "nonsense"),
+        ("[aggregation]\nrule = 'exact'\nserver-optimizer = 'fedadam'\n", "server-optimizer"),
+        ("[aggregation]\nrule = 'median'\n", "aggregation.rule"),
+        ("[privacy]\nmode = 'secure-sum'\n", "secure-sum"),
+        ("[privacy.dp]\nenabled = true\nplacement = 'distributed'\n", "placement"),
+        ("[privacy.dp]\nenabled = true\nclip = 0\n", "privacy.dp.clip"),
     ],
 )
 def test_bad_values_name_the_key(config_file: Path, extra: str, key: str) -> None:
@@ -122,3 +127,17 @@ def test_site_plan_roundtrips_as_json(config_file: Path) -> None:
     again = type(plan).model_validate_json(plan.model_dump_json(by_alias=True))
     assert again == plan
     assert again.train.local_steps == 7
+
+
+def test_dp_with_exact_rule_is_refused(config_file: Path) -> None:
+    config_file.write_text(
+        MINIMAL + "[aggregation]\nrule = 'exact'\n[privacy.dp]\nenabled = true\n"
+    )
+    with pytest.raises(ConfigError, match="exact"):
+        load_config(config_file)
+
+
+def test_missing_key_file_names_key(config_file: Path) -> None:
+    config_file.write_text(MINIMAL + "[privacy]\ncoordinator-key = 'nope.key'\n")
+    with pytest.raises(ConfigError, match=r"privacy\.coordinator-key: file not found"):
+        load_config(config_file)

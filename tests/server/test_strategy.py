@@ -44,7 +44,8 @@ def task_identity() -> Iterator[None]:
 @pytest.fixture
 def strategy(examples_dir: Path) -> FedLoraStrategy:
     cfg: RunConfig = load_config(
-        examples_dir / "tiny.toml", ["federation.min-sites=1", "aggregation.max-examples=1000"]
+        examples_dir / "tiny.toml",
+        ["federation.min-sites=1", "aggregation.max-examples=1000", "privacy.mode=none"],
     )
     strategy = FedLoraStrategy(cfg, site_plan(cfg), FINGERPRINT, run_id="run")
     strategy.node_ids = list(range(1, 20))
@@ -161,7 +162,7 @@ def test_error_reply_and_duplicate_site_are_rejected(strategy: FedLoraStrategy) 
 
 
 def test_too_few_valid_replies_is_an_aggregation_error(examples_dir: Path) -> None:
-    cfg = load_config(examples_dir / "tiny.toml")  # min-sites defaults to all 3 sites
+    cfg = load_config(examples_dir / "tiny.toml", ["privacy.mode=none"])  # min-sites: all 3
     strategy = FedLoraStrategy(cfg, site_plan(cfg), FINGERPRINT, run_id="run")
     strategy.node_ids = [1, 2, 3]
     list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]

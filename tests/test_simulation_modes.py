@@ -1,0 +1,106 @@
+"""Aggregation rules, server optimizers, DP and enrollment through the real simulation path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from common.config import load_config
+from common.dp import PrivacyAccountant
+from common.keys import add_site, generate_site_key, public_path_for
+from fedlora.simulate import simulate
+from server.checkpoint import load_checkpoint
+from server.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
+
+
+def run_tiny(out: Path, *overrides: str) -> dict[str, Any]:
+    cfg = load_config(TINY, ["federation.rounds=2", *overrides])
+    summary = simulate(cfg, out)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"summary": summary, "metrics": metrics, "registry": Registry(out / "registry")}
+
+
+@pytest.fixture(scope="module")
+def fedavg(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_tiny(tmp_path_factory.mktemp("fedavg") / "run")
+
+
+def _factors(state: dict[str, torch.Tensor], which: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if f"lora_{which}" in k}
+
+
+def test_ffa_keeps_a_fixed_and_sends_half(tmp_path: Path, fedavg: dict[str, Any]) -> None:
+    run = run_tiny(tmp_path / "run", "aggregation.rule='ffa'")
+    v0, v2 = run["registry"].load("shared", 0), run["registry"].load("shared", 2)
+    assert all(torch.equal(v0[k], v2[k]) for k in _factors(v0, "A"))
+    assert any(not torch.equal(v0[k], v2[k]) for k in _factors(v0, "B"))
+    ffa_up = run["metrics"][1]["bytes_up"]
+    assert ffa_up < 0.6 * fedavg["metrics"][1]["bytes_up"]
+    assert run["metrics"][-1]["eval_loss"] < run["metrics"][0]["eval_loss"]
+
+
+def test_fedsa_keeps_b_at_the_sites(tmp_path: Path) -> None:
+    run = run_tiny(tmp_path / "run", "aggregation.rule='fedsa'")
+    v0, v2 = run["registry"].load("shared", 0), run["registry"].load("shared", 2)
+    assert all(torch.equal(v2[k], torch.zeros_like(v2[k])) for k in _factors(v2, "B"))
+    assert any(not torch.equal(v0[k], v2[k]) for k in _factors(v0, "A"))
+    # Sites evaluate with their private B: their held-out loss improves.
+    assert run["metrics"][-1]["eval_loss"] < run["metrics"][0]["eval_loss"]
+
+
+def test_exact_rule_runs_in_sealed_mode(tmp_path: Path) -> None:
+    run = run_tiny(tmp_path / "run", "aggregation.rule='exact'")
+    assert run["registry"].get("shared").manifest["rule"] == "exact"
+    assert run["metrics"][-1]["eval_loss"] < run["metrics"][0]["eval_loss"]
+
+
+def test_fedadam_state_is_checkpointed(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_tiny(out, "aggregation.server-optimizer='fedadam'", "aggregation.server-lr=0.01")
+    ckpt = load_checkpoint(out)
+    assert ckpt is not None
+    assert any(k.startswith("optimizer/m/") for k in ckpt.optimizer_tensors)
+    assert ckpt.extra["aggregator"]["optimizer"]["steps"] == 2
+
+
+def test_dp_records_epsilon_and_stops_at_the_budget(tmp_path: Path) -> None:
+    sigma, delta = 1.0, 1e-5
+    budget = PrivacyAccountant(sigma, 1.0, delta).epsilon_after(2) * 1.001
+    run = run_tiny(
+        tmp_path / "run",
+        "federation.rounds=4",
+        "privacy.dp.enabled=true",
+        "privacy.dp.clip=0.5",
+        f"privacy.dp.noise-multiplier={sigma}",
+        f"privacy.dp.epsilon-budget={budget}",
+        "privacy.dp.seed=7",
+    )
+    assert run["summary"]["stopped"] and "budget" in run["summary"]["stopped"]
+    assert [m["round"] for m in run["metrics"]] == [0, 1, 2]
+    eps = [m["epsilon"] for m in run["metrics"][1:]]
+    assert eps[0] < eps[1] <= budget
+    manifest = run["registry"].get("shared").manifest
+    assert manifest["epsilon"] == pytest.approx(eps[1])
+    assert manifest["dp"]["clip"] == 0.5
+
+
+def test_unenrolled_site_is_rejected(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    keys = out / "keys"
+    allow = tmp_path / "allow-list.json"
+    for site in ("site-0", "site-1", "site-2"):
+        generate_site_key(keys, site)
+    for site in ("site-0", "site-1"):  # site-2 has a key but was never enrolled
+        add_site(allow, site, public_path_for(keys / f"{site}.key"))
+    run = run_tiny(out, f"privacy.allow-list='{allow}'", "federation.min-sites=2")
+    rejected = run["metrics"][1]["rejected"]
+    assert [r["site"] for r in rejected] == ["site-2"]
+    assert run["metrics"][1]["cohort"] == ["site-0", "site-1"]
