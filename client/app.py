@@ -135,15 +135,34 @@ def _wire_payload(
     return seal_delta(payload, coordinator, signing, context)
 
 
+# How the app finds the site a message is for: simulation partitions one data set, a deployed
+# site daemon loads its own data and model (``SiteRuntime`` either way).
+SiteProvider = Callable[[SitePlan, Context], SiteRuntime]
+
+
+def simulation_sites(cfg: RunConfig) -> SiteProvider:
+    """Virtual sites: node ``partition-id`` i gets partition i of ``cfg.data``."""
+
+    def provide(plan: SitePlan, context: Context) -> SiteRuntime:
+        return _runtime(cfg, plan, context)
+
+    return provide
+
+
 def make_client_app(cfg: RunConfig, keys: SiteKeys | None = None) -> ClientApp:
     """A ClientApp whose virtual sites read their partition of ``cfg.data``."""
+    return client_app(simulation_sites(cfg), keys)
+
+
+def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
+    """The fedlora ClientApp: train and evaluate instructions for the sites ``sites`` gives."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         try:
             header, plan, received = _received(msg)
-            site = _runtime(cfg, plan, context)
+            site = sites(plan, context)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             server_round = int(str(header[P.KEY_ROUND]))
             update = site.train(
@@ -188,7 +207,7 @@ def make_client_app(cfg: RunConfig, keys: SiteKeys | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         try:
             header, plan, received = _received(msg)
-            site = _runtime(cfg, plan, context)
+            site = sites(plan, context)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             result = site.evaluate(received, plan, private=_private_state(context))
         except FedloraError as exc:
