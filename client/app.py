@@ -25,6 +25,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.data import Dataset, load_dataset, site_data
+from client.secure_sum import continue_round, start_round
 from client.site import AdapterHost, SiteRuntime, SiteUpdate
 from common import protocol as P
 from common.adapters import AdapterState
@@ -82,11 +83,41 @@ def _runtime(cfg: RunConfig, plan: SitePlan, context: Context) -> SiteRuntime:
     return SiteRuntime(host, data, dataset.kind, site_id=f"site-{index}", site_index=index)
 
 
-def _received(msg: Message) -> tuple[ConfigRecord, SitePlan, AdapterState]:
+def _header(msg: Message) -> tuple[ConfigRecord, SitePlan]:
     header = msg.content.config_records[P.HEADER_RECORD]
-    plan = SitePlan.model_validate_json(str(header[P.KEY_PLAN]))
-    state = msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict()
-    return header, plan, state
+    return header, SitePlan.model_validate_json(str(header[P.KEY_PLAN]))
+
+
+def _global(msg: Message) -> AdapterState:
+    return msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict()
+
+
+def _signing_key(keys: SiteKeys | None, site: SiteRuntime) -> Ed25519PrivateKey:
+    if keys is None:
+        raise KeyMaterialError("this privacy mode needs the site's signing key; none configured")
+    return keys.load(site.site_id)[1]
+
+
+def _describe(
+    content: RecordDict, site: SiteRuntime, header: ConfigRecord, plan: SitePlan, update: SiteUpdate
+) -> None:
+    """Add who sent a train reply, for which round/version, and what training cost."""
+    record = content.config_records.setdefault(P.UPDATE_RECORD, ConfigRecord())
+    record[P.KEY_SITE] = site.site_id
+    record[P.KEY_FINGERPRINT] = site.fingerprint
+    record[P.KEY_ROUND] = int(str(header[P.KEY_ROUND]))
+    record[P.KEY_VERSION] = int(str(header[P.KEY_VERSION]))
+    record[P.KEY_ENCODING] = plan.encoding
+    content.metric_records[P.METRICS_RECORD] = MetricRecord(
+        {
+            P.METRIC_EXAMPLES: update.examples,
+            P.METRIC_TRAIN_LOSS: update.result.loss,
+            P.METRIC_SECONDS: update.result.seconds,
+            P.METRIC_PEAK_MEMORY: update.result.peak_memory_bytes,
+            P.METRIC_STEPS: update.result.steps,
+            P.METRIC_CLIP_SCALE: update.clip_scale,
+        }
+    )
 
 
 def _refuse(msg: Message, exc: Exception) -> Message:
@@ -161,55 +192,45 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         try:
-            header, plan, received = _received(msg)
+            header, plan = _header(msg)
             site = sites(plan, context)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
+            stage = str(header.get(P.KEY_STAGE, P.STAGE_TRAIN))
+            if stage != P.STAGE_TRAIN:  # secure-sum stages 2-4: no training, no adapter
+                payload = msg.content.config_records[P.SECAGG_RECORD]
+                content = continue_round(context, stage, payload, _signing_key(keys, site))
+                content.config_records[P.UPDATE_RECORD] = ConfigRecord({P.KEY_SITE: site.site_id})
+                return Message(content, reply_to=msg)
             server_round = int(str(header[P.KEY_ROUND]))
             update = site.train(
-                received,
+                _global(msg),
                 plan,
                 server_round,
                 _progress(site.site_id, server_round),
                 private=_private_state(context),
             )
-            payload = _wire_payload(update, plan, header, site, keys)
-        except FedloraError as exc:
+            if plan.privacy_mode == "secure-sum":
+                signing = _signing_key(keys, site)
+                content = start_round(
+                    context, header, site.site_id, signing, update, plan.site_noise_std
+                )
+            else:
+                delta = _wire_payload(update, plan, header, site, keys)
+                content = RecordDict({P.UPDATE_RECORD: ConfigRecord({P.KEY_DELTA: delta})})
+        except (FedloraError, KeyError) as exc:
             return _refuse(msg, exc)
         if update.private:  # fedsa's B: stays in this site's node state, never sent
             context.state.array_records[PRIVATE_RECORD] = ArrayRecord(update.private)
-        reply = RecordDict(
-            {
-                P.UPDATE_RECORD: ConfigRecord(
-                    {
-                        P.KEY_SITE: site.site_id,
-                        P.KEY_FINGERPRINT: site.fingerprint,
-                        P.KEY_ROUND: server_round,
-                        P.KEY_VERSION: int(str(header[P.KEY_VERSION])),
-                        P.KEY_ENCODING: plan.encoding,
-                        P.KEY_DELTA: payload,
-                    }
-                ),
-                P.METRICS_RECORD: MetricRecord(
-                    {
-                        P.METRIC_EXAMPLES: update.examples,
-                        P.METRIC_TRAIN_LOSS: update.result.loss,
-                        P.METRIC_SECONDS: update.result.seconds,
-                        P.METRIC_PEAK_MEMORY: update.result.peak_memory_bytes,
-                        P.METRIC_STEPS: update.result.steps,
-                        P.METRIC_CLIP_SCALE: update.clip_scale,
-                    }
-                ),
-            }
-        )
-        return Message(reply, reply_to=msg)
+        _describe(content, site, header, plan, update)
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         try:
-            header, plan, received = _received(msg)
+            header, plan = _header(msg)
             site = sites(plan, context)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
-            result = site.evaluate(received, plan, private=_private_state(context))
+            result = site.evaluate(_global(msg), plan, private=_private_state(context))
         except FedloraError as exc:
             return _refuse(msg, exc)
         metrics: dict[str, MetricRecordValues] = {

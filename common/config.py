@@ -158,6 +158,17 @@ class DpConfig(Section):
     seed: int | None = None
 
 
+class SecureSumConfig(Section):
+    """Fixed-point range of secure-sum mode; the error bound follows from these."""
+
+    # Every coordinate of a delta is clipped to [-clip-range, clip-range] before masking.
+    clip_range: Annotated[float, Field(gt=0)] = 1.0
+    # Largest example weight a site folds into its masked input (larger counts are capped).
+    max_weight: PositiveInt = 10_000
+    degree: PositiveInt | None = None  # neighbours per site (SecAgg+); None = all other sites
+    threshold: PositiveInt | None = None  # Shamir threshold; None = degree // 2 + 1
+
+
 class PrivacyConfig(Section):
     # sealed: HPKE envelopes signed by each site (default); secure-sum: masked sums only;
     # none: plain deltas, for debugging and benchmarks (marked as such in every manifest).
@@ -170,6 +181,7 @@ class PrivacyConfig(Section):
     coordinator_key: Path | None = None
     allow_list: Path | None = None
     dp: DpConfig = DpConfig()
+    secure_sum: SecureSumConfig = SecureSumConfig()
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:
@@ -211,10 +223,10 @@ class RunConfig(Section):
                 "privacy.dp with aggregation.rule = 'exact' is not supported: DP clips and "
                 "noises deltas, exact re-factors full adapters; use fedavg, ffa or fedsa"
             )
-        if self.privacy.mode == "secure-sum":
+        if self.privacy.mode == "secure-sum" and self.federation.sites < 3:
             raise ValueError(
-                "privacy.mode = 'secure-sum' is not wired into the federation yet; "
-                "use 'sealed' (the default)"
+                "privacy.mode = 'secure-sum' needs federation.sites >= 3 (a sum of two inputs "
+                "reveals each to the other site)"
             )
         if set(self.modules) != {"shared"}:
             raise ValueError(
@@ -336,7 +348,18 @@ class SitePlan(Section):
     privacy_mode: Literal["sealed", "secure-sum", "none"]
     # Sites clip their delta to this L2 norm before sending (DP); None = no clipping.
     clip: float | None = None
+    # Distributed DP (secure-sum): std of the Gaussian noise each site adds to its delta.
+    site_noise_std: float = 0.0
     max_eval_examples: PositiveInt
+
+
+def _site_noise_std(cfg: RunConfig) -> float:
+    dp = cfg.privacy.dp
+    if not dp.enabled or dp.placement != "distributed":
+        return 0.0
+    # Sized for the fewest survivors a round accepts, so their sum carries the full noise.
+    survivors = cfg.federation.min_sites or cfg.federation.sites
+    return float(dp.noise_multiplier * dp.clip / survivors**0.5)
 
 
 def site_plan(cfg: RunConfig) -> SitePlan:
@@ -349,5 +372,6 @@ def site_plan(cfg: RunConfig) -> SitePlan:
         encoding=cfg.privacy.encoding,
         privacy_mode=cfg.privacy.mode,
         clip=cfg.privacy.dp.clip if cfg.privacy.dp.enabled else None,
+        site_noise_std=_site_noise_std(cfg),
         max_eval_examples=cfg.data.max_eval_examples,
     )

@@ -16,6 +16,9 @@ An evaluate instruction carries ``global`` + ``fedlora``; its reply carries ``me
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 PROTOCOL_VERSION = "fedlora/1"
 
 # Record names inside a Flower RecordDict.
@@ -32,6 +35,17 @@ KEY_MODULE = "module"
 KEY_VERSION = "version"
 KEY_FINGERPRINT = "base-fingerprint"
 KEY_PLAN = "plan"
+
+# Secure-sum stages: the stage name, public parameters and site numbering travel in the header;
+# stage payloads (adverts, sealed shares, masked input, unmask requests/replies) in SECAGG_RECORD.
+KEY_STAGE = "stage"
+KEY_SECAGG_PARAMS = "secagg-params"
+KEY_SITE_NUMBERS = "site-numbers"
+SECAGG_RECORD = "secagg"
+STAGE_TRAIN = "train"
+STAGE_SHARE = "secagg-share"
+STAGE_MASK = "secagg-mask"
+STAGE_UNMASK = "secagg-unmask"
 
 # Keys of the update ConfigRecord (site -> coordinator).
 KEY_SITE = "site"
@@ -50,3 +64,9 @@ METRIC_STEPS = "steps"
 METRIC_CLIP_SCALE = "clip-scale"
 
 # Flower requires the key "num-examples" for its weighted averages; we reuse the same name.
+
+
+def secure_sum_context(header: Mapping[str, Any]) -> bytes:
+    """The public bytes that bind every signature, key and mask of one secure-sum round."""
+    fields = (KEY_RUN_ID, KEY_ROUND, KEY_MODULE, KEY_VERSION, KEY_FINGERPRINT)
+    return "|".join([PROTOCOL_VERSION, *(str(header[key]) for key in fields)]).encode()

@@ -5,6 +5,11 @@ only and for one round only: a site that restarts mid-round simply counts as dro
 coordinator recovers its masks from the shares (see ``common.secagg``). Each stage runs at most
 once and only in order; a stage that raises ends the site's part in the round (nothing is ever
 revealed twice, in particular never both shares of one peer).
+
+Where the stages of a round run in different processes (Flower's Message API keeps only the
+node's ``context.state`` between messages), ``SecAggSite.to_state`` packs the site into a flat
+``ConfigRecord``-compatible dict and ``SecAggSite.from_state`` rebuilds it; that state holds
+the site's secrets and stays in the node (see ``to_state``).
 """
 
 from __future__ import annotations
@@ -24,21 +29,32 @@ from common.fixedpoint import FixedPointError, Levels, quantize
 from common.secagg import (
     CIPHERTEXT_BYTES,
     KEY_BYTES,
+    MAX_CONTEXT_BYTES,
     NONCE_BYTES,
     SHARE_BYTES,
     KeyAdvert,
+    Record,
     SecAggError,
     SecAggParams,
     UnmaskReply,
     UnmaskRequest,
     advert_message,
+    adverts_from_record,
+    adverts_to_record,
     agree,
     check_bytes,
     check_context,
     check_site_id,
     neighbours,
     pair_mask_key,
+    params_from_record,
+    params_to_record,
     prg,
+    record_bytes,
+    record_bytes_list,
+    record_ids,
+    record_int,
+    record_value,
     seed_commitment,
     self_mask_key,
     share_aad,
@@ -50,6 +66,36 @@ from common.secagg import (
 # Stages in order; ``_stage`` holds the next one allowed.
 _ADVERTISE, _SHARE, _MASK, _UNMASK, _DONE = range(5)
 _STAGE_NAMES = ("advertise", "share_keys", "masked_input", "unmask", "done")
+# Layout version of ``SecAggSite.to_state``.
+STATE_VERSION = 1
+_STATE_KEYS = frozenset(
+    {
+        "state-version",
+        "num-sites",
+        "threshold",
+        "degree",
+        "min-survivors",
+        "clip-range",
+        "max-weight",
+        "scale",
+        "weight-scale",
+        "rounding",
+        "site-id",
+        "context",
+        "stage",
+        "encryption-private-key",
+        "mask-private-key",
+        "seed",
+        "advert-ids",
+        "advert-encryption-keys",
+        "advert-mask-keys",
+        "advert-seed-commitments",
+        "advert-signatures",
+        "held-ids",
+        "held-seed-shares",
+        "held-key-shares",
+    }
+)
 
 
 class SecAggSite:
@@ -277,3 +323,122 @@ class SecAggSite:
             seed_shares={peer: self._held[peer][0] for peer in sorted(survivors)},
             key_shares={peer: self._held[peer][1] for peer in sorted(dropped)},
         )
+
+    def to_state(self) -> Record:
+        """Everything this site knows about the round, as a flat Flower-``ConfigRecord`` dict.
+
+        For a site whose stages run in different processes: store the result in the node's
+        own ``context.state`` after each stage and rebuild the site with ``from_state`` before
+        the next. Keys (all kebab-case):
+
+        - ``state-version`` (int, STATE_VERSION), ``stage`` (int, the next stage allowed:
+          0 advertise, 1 share_keys, 2 masked_input, 3 unmask, 4 done);
+        - the parameters: ``num-sites``, ``threshold``, ``degree``, ``min-survivors`` (int),
+          ``clip-range``, ``max-weight``, ``scale``, ``weight-scale`` (float), ``rounding``
+          (str) (``common.secagg.params_to_record``);
+        - ``site-id`` (int), ``context`` (bytes);
+        - ``encryption-private-key`` (c_sk) and ``mask-private-key`` (s_sk): raw 32-byte
+          X25519 private keys; ``seed``: the 32-byte self-mask seed b;
+        - the accepted neighbour adverts as ``advert-ids``, ``advert-encryption-keys``,
+          ``advert-mask-keys``, ``advert-seed-commitments``, ``advert-signatures``
+          (``common.secagg.adverts_to_record``);
+        - the shares held for neighbours as ``held-ids`` (list[int]), ``held-seed-shares``
+          and ``held-key-shares`` (list[bytes], 32 bytes each, same order).
+
+        The Ed25519 signing key, ``peer_keys`` and ``rng`` are not included: pass them to
+        ``from_state``.
+
+        Security
+        --------
+        The state holds the site's secrets (both X25519 private keys, the self-mask seed and
+        its neighbours' shares): anyone holding it can unmask this site's input. Keep it in
+        the site's own process or node state (Flower ``context.state``); never put it in a
+        message, a log or a metric. Never rebuild a site from an older state than the latest
+        one: each stage must run once, and a rolled-back site could answer two different
+        unmask requests and reveal both shares of one peer. Store the new state (with its
+        advanced ``stage``) no later than the stage's reply leaves, and drop it when the
+        round ends.
+        """
+        return {
+            "state-version": STATE_VERSION,
+            **params_to_record(self.params),
+            "site-id": self.site_id,
+            "context": self.context,
+            "stage": self._stage,
+            "encryption-private-key": self._c_sk.private_bytes_raw(),
+            "mask-private-key": self._s_sk.private_bytes_raw(),
+            "seed": self._seed,
+            **adverts_to_record(self._adverts),
+            "held-ids": sorted(self._held),
+            "held-seed-shares": [self._held[peer][0] for peer in sorted(self._held)],
+            "held-key-shares": [self._held[peer][1] for peer in sorted(self._held)],
+        }
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, object],
+        signing_key: Ed25519PrivateKey,
+        peer_keys: Mapping[int, Ed25519PublicKey] | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> SecAggSite:
+        """Rebuild a site from ``to_state``'s mapping (e.g. a Flower ``ConfigRecord``).
+
+        Parameters
+        ----------
+        state
+            Exactly the keys ``to_state`` writes (see there; it holds secrets).
+        signing_key, peer_keys, rng
+            As for the constructor; the signing key is reloaded from the site's key file.
+
+        Raises
+        ------
+        SecAggError
+            If any field is missing, unknown, of the wrong type or size, out of range, or
+            inconsistent with the others (ids outside the site's neighbours, shares held for
+            a site without an advert, adverts or shares present before their stage).
+        """
+        what = "secure aggregation site state"
+        if not isinstance(state, Mapping):
+            raise SecAggError(f"{what} must be a mapping, got {type(state).__name__}")
+        if len(state) != len(_STATE_KEYS) or set(state) != _STATE_KEYS:
+            missing = sorted(k for k in _STATE_KEYS if k not in state)
+            extra = len([k for k in state if k not in _STATE_KEYS])
+            raise SecAggError(f"{what}: missing fields {missing}, {extra} unknown fields")
+        record_int(state, "state-version", what, STATE_VERSION, STATE_VERSION)
+        params = params_from_record(state)
+        site_id = record_int(state, "site-id", what, 1, params.num_sites)
+        context = record_value(state, "context", what)
+        if not isinstance(context, bytes) or not 1 <= len(context) <= MAX_CONTEXT_BYTES:
+            raise SecAggError(f"{what}: context must be 1..{MAX_CONTEXT_BYTES} bytes")
+        stage = record_int(state, "stage", what, _ADVERTISE, _DONE)
+        c_sk = record_bytes(state, "encryption-private-key", what, KEY_BYTES)
+        s_sk = record_bytes(state, "mask-private-key", what, KEY_BYTES)
+        seed = record_bytes(state, "seed", what, KEY_BYTES)
+        adverts = adverts_from_record(state)
+        held_ids = record_ids(state, "held-ids", what, params.num_sites)
+        seed_shares = record_bytes_list(state, "held-seed-shares", what, len(held_ids), SHARE_BYTES)
+        key_shares = record_bytes_list(state, "held-key-shares", what, len(held_ids), SHARE_BYTES)
+
+        site = cls.__new__(cls)
+        site.params = params
+        site.site_id = site_id
+        site.context = context
+        site.neighbours = neighbours(params, site_id, context)
+        if not set(adverts) <= set(site.neighbours):
+            raise SecAggError(f"{what}: adverts of sites that are not neighbours of {site_id}")
+        if not set(held_ids) <= set(adverts):
+            raise SecAggError(f"{what}: shares held for sites without an accepted advert")
+        # Adverts are kept in share_keys (stage becomes 2), shares in masked_input (3).
+        if (adverts and stage < _MASK) or (held_ids and stage < _UNMASK):
+            raise SecAggError(f"{what}: adverts or shares present before their stage")
+        site._signing_key = signing_key
+        site._peer_keys = peer_keys
+        site._rng = rng
+        site._c_sk = X25519PrivateKey.from_private_bytes(c_sk)
+        site._s_sk = X25519PrivateKey.from_private_bytes(s_sk)
+        site._seed = seed
+        site._stage = stage
+        site._adverts = adverts
+        site._held = {peer: (seed_shares[m], key_shares[m]) for m, peer in enumerate(held_ids)}
+        return site

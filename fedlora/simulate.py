@@ -76,7 +76,7 @@ def provision_keys(cfg: RunConfig, out_dir: Path) -> tuple[Sealing | None, SiteK
     enrolled in the allow-list; existing ones (a resumed run, or ``privacy.coordinator-key``
     and ``privacy.allow-list`` from the config) are used as they are.
     """
-    if cfg.privacy.mode != "sealed":
+    if cfg.privacy.mode == "none":
         return None, None
     folder = out_dir / "keys"
     coordinator_key = cfg.privacy.coordinator_key or folder / COORDINATOR_KEY_NAME

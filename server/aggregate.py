@@ -25,7 +25,7 @@ from common.dp import (
     dp_aggregate_mean,
     secure_generator,
 )
-from common.rules import aggregate_exact, get_rule
+from common.rules import aggregate_exact, get_rule, sum_only_aggregate
 from common.server_opt import make_server_optimizer
 
 OPTIMIZER_PREFIX = "optimizer/"
@@ -86,13 +86,25 @@ class Aggregator:
             raise AggregationError("no accepted updates to aggregate")
         if self.rule.name == "exact":
             return self._aggregate_exact(global_state, updates, server_round)
-        keys = self.sent_keys(global_state)
-        mean = self._mean_delta(updates)
-        subset = {k: global_state[k] for k in keys}
+        return self.apply_mean(global_state, self._mean_delta(updates))
+
+    def apply_mean(self, global_state: AdapterState, mean: AdapterState) -> AdapterState:
+        """The server optimizer's step on the rule's keys; the other keys stay as they are."""
+        subset = {k: global_state[k] for k in self.sent_keys(global_state)}
         stepped = self.optimizer.step(subset, mean)
         if self.accountant is not None:
             self.accountant.step()
         return {**global_state, **stepped}
+
+    def mean_from_sum(self, weighted_sum: AdapterState, total_weight: float) -> AdapterState:
+        """Secure-sum: the mean delta from the unmasked ``sum w_i x_i`` and ``sum w_i``."""
+        dp = self.cfg.privacy.dp
+        if not dp.enabled:
+            return sum_only_aggregate(self.rule, weighted_sum, total_weight)
+        # Weights are 1 under DP; the denominator is the fixed expected cohort. Distributed
+        # placement: the sites' noise is already in the sum; central: the coordinator adds it.
+        std = coordinator_noise_std(dp.noise_multiplier, dp.clip, dp.placement)
+        return dp_aggregate_mean(weighted_sum, std, self.cfg.federation.sites, self.noise)
 
     def _mean_delta(self, updates: Sequence[SiteDelta]) -> AdapterState:
         dp = self.cfg.privacy.dp

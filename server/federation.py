@@ -51,6 +51,7 @@ from server.checkpoint import (
 )
 from server.metrics import read_metrics, record_round, report_round, run_summary, truncate_metrics
 from server.registry import ADAPTER_FILE, Registry, RegistryVersion
+from server.secure_sum import SecureSumRound
 from server.strategy import FedLoraStrategy, Sealing, StageLog, wait_for_nodes
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ def _evaluate_and_record(
 ) -> None:
     eval_log, server_metrics = _evaluate_round(coord, strategy, grid, server_round, arrays)
     _audit_stage(coord.audit, server_round, "evaluate", eval_log)
+    server_metrics.update(train_log.extra)
     if strategy.aggregator.accountant is not None:
         server_metrics["epsilon"] = strategy.aggregator.accountant.epsilon()
         server_metrics["dp_delta"] = coord.cfg.privacy.dp.delta
@@ -357,11 +359,16 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
         coord.audit.append(
             EVENT_ROUND_STARTED, round=server_round, cohort_size=len(strategy.node_ids)
         )
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-            timeout=cfg.federation.round_timeout,
-        )
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if cfg.privacy.mode == "secure-sum":
+            secure = SecureSumRound(strategy, grid, server_round)
+            new_arrays: ArrayRecord | None = secure.run(arrays)
+            strategy.train_log = secure.log
+        else:
+            replies = grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                timeout=cfg.federation.round_timeout,
+            )
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
         strategy.train_log.seconds = time.perf_counter() - t0
         if new_arrays is None:
             raise AggregationError(f"round {server_round}: nothing to aggregate")

@@ -66,6 +66,7 @@ class StageLog:
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)  # mode-specific figures
 
     def reject(self, site: str, reason: str) -> None:
         logger.warning("rejected reply from %s: %s", site, reason)
@@ -88,8 +89,10 @@ class FedLoraStrategy(Strategy):
         run_id: str,
         sealing: Sealing | None = None,
     ) -> None:
-        if cfg.privacy.mode == "sealed" and sealing is None:
-            raise KeyMaterialError("privacy.mode = 'sealed' needs the coordinator's key")
+        if cfg.privacy.mode != "none" and sealing is None:
+            raise KeyMaterialError(
+                f"privacy.mode = {cfg.privacy.mode!r} needs the coordinator's key and allow-list"
+            )
         self.cfg = cfg
         self.plan = plan
         self.fingerprint = fingerprint
@@ -172,7 +175,8 @@ class FedLoraStrategy(Strategy):
         if not isinstance(payload, bytes):
             raise UpdateRejected("delta payload is missing or not bytes")
         bound = self.cfg.privacy.max_payload_bytes
-        if self.sealing is not None:
+        sealed = self.cfg.privacy.mode == "sealed"
+        if sealed:
             bound = max_envelope_bytes(bound)
         if len(payload) > bound:
             raise UpdateRejected(
@@ -181,7 +185,7 @@ class FedLoraStrategy(Strategy):
             )
         site = self._site_of(reply)
         wire_bytes = len(payload)
-        if self.sealing is not None:
+        if sealed:
             payload = self._open(payload, site, server_round)
         sent = set(self.aggregator.sent_keys(self._global))
         reference = {k: v for k, v in self._global.items() if k in sent}

@@ -104,3 +104,30 @@ def test_unenrolled_site_is_rejected(tmp_path: Path) -> None:
     rejected = run["metrics"][1]["rejected"]
     assert [r["site"] for r in rejected] == ["site-2"]
     assert run["metrics"][1]["cohort"] == ["site-0", "site-1"]
+
+
+def test_secure_sum_matches_sealed_within_its_error_bound(
+    tmp_path: Path, fedavg: dict[str, Any]
+) -> None:
+    run = run_tiny(tmp_path / "run", "privacy.mode='secure-sum'")
+    assert all(m["rejected"] == [] for m in run["metrics"])
+    bound = max(m["secure_sum_max_abs_error"] for m in run["metrics"][1:])
+    assert 0 < bound < 1e-3
+    ours, plain = run["registry"].load("shared", 1), fedavg["registry"].load("shared", 1)
+    for key in plain:
+        # one round of FedAvg: the mean delta differs by at most the documented bound
+        assert float((ours[key] - plain[key]).abs().max()) <= bound * 1.01, key
+    assert run["registry"].get("shared").manifest["privacy"] == "secure-sum"
+
+
+def test_secure_sum_with_distributed_dp(tmp_path: Path) -> None:
+    run = run_tiny(
+        tmp_path / "run",
+        "privacy.mode='secure-sum'",
+        "privacy.dp.enabled=true",
+        "privacy.dp.placement='distributed'",
+        "privacy.dp.clip=0.5",
+        "privacy.dp.noise-multiplier=0.5",
+    )
+    assert [m["round"] for m in run["metrics"]] == [0, 1, 2]
+    assert run["metrics"][2]["epsilon"] > run["metrics"][1]["epsilon"] > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +16,15 @@ from common.errors import ConfigError
 from common.fixedpoint import Levels, quantize
 from common.secagg import (
     CIPHERTEXT_BYTES,
+    MAX_SITES,
     SecAggError,
     SecAggParams,
     UnmaskReply,
     UnmaskRequest,
+    advert_from_record,
+    advert_to_record,
+    adverts_from_record,
+    adverts_to_record,
     combine_secret,
     max_abs_error_per_coordinate,
     max_abs_weight_error,
@@ -29,7 +34,13 @@ from common.secagg import (
     peer_graph,
     prg,
     share_key,
+    shares_from_record,
+    shares_to_record,
     split_secret,
+    unmask_reply_from_record,
+    unmask_reply_to_record,
+    unmask_request_from_record,
+    unmask_request_to_record,
 )
 from common.secagg_client import SecAggSite
 from common.secagg_server import SecAggResult, SecAggServer
@@ -496,3 +507,250 @@ def test_full_adapter_size_timing(capsys: pytest.CaptureFixture[str]) -> None:
             f" masked_input {(t_mask - t_share) / 9:.3f} s/site,"
             f" collect {t_collect - t_mask:.3f} s, unmask {t_end - t_collect:.3f} s (server)"
         )
+
+
+# --- Flat records and site state across processes ----------------------------------------
+
+
+def wire(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record as Flower would carry or persist it: ConfigRecord -> protobuf -> ConfigRecord."""
+    try:
+        from flwr.common import ConfigRecord
+        from flwr.common.serde import config_record_from_proto, config_record_to_proto
+    except ImportError:  # Flower is optional here: fall back to a shallow copy
+        return {key: list(v) if isinstance(v, list) else v for key, v in record.items()}
+    proto = config_record_to_proto(ConfigRecord(dict(record)))
+    return dict(config_record_from_proto(proto))
+
+
+def run_serialized(rnd: Round, drop_after_share: Collection[int] = ()) -> SecAggResult:
+    """All four stages with every site rebuilt from its persisted state before each stage and
+    every message packed into a record and back, as in Flower with one process per stage."""
+    peer_keys = {i: key.public_key() for i, key in rnd.identity.items()}
+    states = {i: wire(site.to_state()) for i, site in rnd.sites.items()}
+
+    def stage(i: int) -> SecAggSite:
+        return SecAggSite.from_state(states[i], rnd.identity[i], peer_keys)
+
+    def save(i: int, site: SecAggSite) -> None:
+        states[i] = wire(site.to_state())
+
+    advert_records = {}
+    for i in states:
+        site = stage(i)
+        advert_records[i] = wire(advert_to_record(site.advertise()))
+        save(i, site)
+    adverts = rnd.server.collect_adverts(
+        {i: advert_from_record(rec) for i, rec in advert_records.items()}
+    )
+    broadcast = wire(adverts_to_record(adverts))
+
+    share_records = {}
+    for i in adverts:
+        site = stage(i)
+        share_records[i] = wire(shares_to_record(site.share_keys(adverts_from_record(broadcast))))
+        save(i, site)
+    routed = rnd.server.route_shares(
+        {i: shares_from_record(rec) for i, rec in share_records.items()}
+    )
+
+    for i, ciphertexts in routed.items():
+        if i in drop_after_share:
+            continue
+        site = stage(i)
+        received = shares_from_record(wire(shares_to_record(ciphertexts)))
+        rnd.masked[i] = site.masked_input(received, rnd.deltas[i], rnd.weights[i])
+        save(i, site)
+    requests = rnd.server.collect_masked(rnd.masked)
+
+    reply_records = {}
+    for i, request in requests.items():
+        site = stage(i)
+        unpacked = unmask_request_from_record(wire(unmask_request_to_record(request)))
+        reply_records[i] = wire(unmask_reply_to_record(site.unmask(unpacked)))
+        save(i, site)
+    return rnd.server.unmask({i: unmask_reply_from_record(r) for i, r in reply_records.items()})
+
+
+def test_round_with_site_state_persisted_between_every_stage() -> None:
+    params = params_for(5, NORM_BOUND, MAX_WEIGHT)
+    serialized, in_memory = make_round(params, seed=7), make_round(params, seed=7)
+    result = run_serialized(serialized, drop_after_share={2})
+    plain = run(in_memory, drop_after_share={2})
+    assert result.dropped == plain.dropped == (2,)
+    assert_close(serialized, result, {1, 3, 4, 5})
+    assert_close(in_memory, plain, {1, 3, 4, 5})
+    # Same inputs, different keys: nearest rounding is deterministic and masks cancel exactly.
+    np.testing.assert_array_equal(result.weighted_sum, plain.weighted_sum)
+    assert result.total_weight == plain.total_weight
+
+
+def _state_after_masking() -> tuple[Round, dict[str, Any]]:
+    """Site 1's state after masked_input: it holds adverts and shares."""
+    rnd, routed = _routed()
+    rnd.sites[1].masked_input(routed[1], rnd.deltas[1], rnd.weights[1])
+    return rnd, rnd.sites[1].to_state()
+
+
+def test_site_state_round_trips_and_keeps_its_stage() -> None:
+    rnd, state = _state_after_masking()
+    restored = SecAggSite.from_state(wire(state), rnd.identity[1])
+    assert restored.to_state() == state
+    assert restored.neighbours == rnd.sites[1].neighbours
+    with pytest.raises(SecAggError, match="expected unmask"):
+        restored.masked_input({}, rnd.deltas[1], 1.0)
+    request = UnmaskRequest(survivors=restored.neighbours, dropped=())
+    assert restored.unmask(request) == rnd.sites[1].unmask(request)
+    done = SecAggSite.from_state(restored.to_state(), rnd.identity[1])
+    with pytest.raises(SecAggError, match="expected done"):
+        done.unmask(request)
+
+
+def test_fresh_site_state_round_trips() -> None:
+    rnd = make_round(params_for(3, NORM_BOUND, MAX_WEIGHT))
+    state = rnd.sites[2].to_state()
+    assert state["stage"] == 0 and state["advert-ids"] == [] and state["held-ids"] == []
+    restored = SecAggSite.from_state(wire(state), rnd.identity[2])
+    assert restored.advertise() == rnd.sites[2].advertise()  # same keys and seed: same advert
+
+
+TOO_MANY = list(range(1, MAX_SITES + 2))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("state-version", 2),
+        ("stage", 5),
+        ("stage", -1),
+        ("stage", True),
+        ("stage", "2"),
+        ("site-id", 0),
+        ("site-id", 6),
+        ("site-id", 1.0),
+        ("context", b""),
+        ("context", "round-1"),
+        ("context", bytes(2000)),
+        ("num-sites", 1),
+        ("num-sites", 2**40),
+        ("threshold", 9),
+        ("clip-range", float("nan")),
+        ("clip-range", True),
+        ("scale", "big"),
+        ("rounding", "up"),
+        ("encryption-private-key", bytes(31)),
+        ("mask-private-key", "key"),
+        ("seed", None),
+        ("advert-ids", "1234"),
+        ("advert-ids", [2, 2, 3, 4]),
+        ("advert-ids", [2, 3, 4, 1]),  # itself: not a neighbour
+        ("advert-ids", [2, 3, 4, True]),
+        ("advert-ids", TOO_MANY),
+        ("advert-signatures", [bytes(64)] * 3),
+        ("advert-mask-keys", [bytes(32)] * 3 + [bytes(33)]),
+        ("held-ids", [2, 3, 4, 9]),
+        ("held-ids", TOO_MANY),
+        ("held-seed-shares", [bytes(32)] * 5),
+        ("held-key-shares", [b"short"] * 4),
+    ],
+)
+def test_malformed_site_state_is_refused(key: str, value: object) -> None:
+    rnd, state = _state_after_masking()
+    assert state["advert-ids"] == [2, 3, 4, 5] and state["held-ids"] == [2, 3, 4, 5]
+    with pytest.raises(SecAggError):
+        SecAggSite.from_state({**state, key: value}, rnd.identity[1])
+
+
+def test_inconsistent_or_incomplete_site_state_is_refused() -> None:
+    rnd, state = _state_after_masking()
+    identity = rnd.identity[1]
+    with pytest.raises(SecAggError, match="before their stage"):
+        SecAggSite.from_state({**state, "stage": 2}, identity)  # shares held before masking
+    adverts = adverts_from_record(state)
+    fewer = adverts_to_record({i: a for i, a in adverts.items() if i != 2})  # holds 2's shares
+    with pytest.raises(SecAggError, match="without an accepted advert"):
+        SecAggSite.from_state({**state, **fewer}, identity)
+    with pytest.raises(SecAggError, match="missing fields \\['seed'\\]"):
+        SecAggSite.from_state({k: v for k, v in state.items() if k != "seed"}, identity)
+    with pytest.raises(SecAggError, match="1 unknown fields"):
+        SecAggSite.from_state({**state, "signing-key": b"x"}, identity)
+    with pytest.raises(SecAggError, match="must be a mapping"):
+        SecAggSite.from_state([("seed", b"")], identity)  # type: ignore[arg-type]
+
+
+def _valid_records() -> dict[str, tuple[Callable[[Any], object], dict[str, Any]]]:
+    rnd, requests = _site_after_masking()
+    reply = rnd.sites[1].unmask(requests[1])
+    advert = rnd.server.state.adverts[1]
+    shares = {2: bytes(CIPHERTEXT_BYTES), 3: bytes(CIPHERTEXT_BYTES)}
+    split = UnmaskRequest(survivors=(2, 3), dropped=(4,))
+    two_way = UnmaskReply(seed_shares=dict(reply.seed_shares), key_shares={4: bytes(32)})
+    return {
+        "advert": (advert_from_record, advert_to_record(advert)),
+        "adverts": (adverts_from_record, adverts_to_record(rnd.server.state.adverts)),
+        "shares": (shares_from_record, shares_to_record(shares)),
+        "request": (unmask_request_from_record, unmask_request_to_record(split)),
+        "reply": (unmask_reply_from_record, unmask_reply_to_record(two_way)),
+    }
+
+
+def test_message_records_round_trip() -> None:
+    for name, (unpack, record) in _valid_records().items():
+        message = unpack(wire(record))
+        repack = {
+            "advert": advert_to_record,
+            "adverts": adverts_to_record,
+            "shares": shares_to_record,
+            "request": unmask_request_to_record,
+            "reply": unmask_reply_to_record,
+        }[name]
+        assert repack(message) == record  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("message", "key", "value"),
+    [
+        ("advert", "site-id", 0),
+        ("advert", "site-id", MAX_SITES + 1),
+        ("advert", "site-id", True),
+        ("advert", "site-id", "1"),
+        ("advert", "encryption-key", bytes(31)),
+        ("advert", "mask-key", "key"),
+        ("advert", "seed-commitment", [bytes(32)]),
+        ("advert", "signature", bytes(63)),
+        ("adverts", "advert-ids", [1, 2, 3, 4]),  # lists of 5
+        ("adverts", "advert-ids", [1, 2, 3, 4, 4]),
+        ("adverts", "advert-ids", [1, 2, 3, 4, 5.0]),
+        ("adverts", "advert-ids", b"\x01\x02\x03\x04\x05"),
+        ("adverts", "advert-ids", TOO_MANY),
+        ("adverts", "advert-signatures", [bytes(64)] * 6),
+        ("adverts", "advert-encryption-keys", [bytes(32)] * 4 + [None]),
+        ("adverts", "advert-seed-commitments", 5),
+        ("shares", "share-ids", [2]),
+        ("shares", "share-ids", [2, -3]),
+        ("shares", "share-ciphertexts", [bytes(CIPHERTEXT_BYTES), bytes(32)]),
+        ("shares", "share-ciphertexts", [bytes(CIPHERTEXT_BYTES)] * MAX_SITES * 2),
+        ("request", "survivors", (2, "3")),
+        ("request", "survivors", [2, 2]),
+        ("request", "dropped", 4),
+        ("request", "dropped", TOO_MANY),
+        ("reply", "seed-shares", [bytes(32)]),
+        ("reply", "key-shares", [bytes(31)]),
+        ("reply", "key-share-ids", [4, 5]),
+        ("reply", "seed-share-ids", None),
+    ],
+)
+def test_malformed_message_records_are_refused(message: str, key: str, value: object) -> None:
+    unpack, record = _valid_records()[message]
+    with pytest.raises(SecAggError):
+        unpack({**record, key: value})
+    with pytest.raises(SecAggError, match="no field"):
+        unpack({k: v for k, v in record.items() if k != key})
+    with pytest.raises(SecAggError, match="must be a mapping"):
+        unpack(list(record.items()))
+
+
+def test_misfiled_advert_cannot_be_packed() -> None:
+    rnd = make_round(params_for(3, NORM_BOUND, MAX_WEIGHT))
+    with pytest.raises(SecAggError, match="claims site 1"):
+        adverts_to_record({2: rnd.sites[1].advertise()})

@@ -1,0 +1,228 @@
+"""Secure-sum mode: one training round as four Message-API stages of pairwise-masked secure
+aggregation (Bonawitz et al. 2017; SecAgg+ peer graph), run by the ServerApp.
+
+    train + advertise -> share keys -> masked input -> unmask
+
+The coordinator learns only ``sum_i w_i * clip(delta_i)`` and ``sum_i w_i`` over the sites
+that uploaded a masked input; sites that drop after sharing keys are recovered from the
+Shamir shares their neighbours hold. Only sum-only rules are allowed (config validation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import protocol as P
+from common.adapters import AdapterState
+from common.config import RunConfig
+from common.fixedpoint import Layout, flatten, unflatten
+from common.secagg import (
+    KeyAdvert,
+    SecAggError,
+    SecAggParams,
+    adverts_from_record,
+    adverts_to_record,
+    max_abs_error_per_coordinate,
+    params_for,
+    shares_from_record,
+    shares_to_record,
+    unmask_reply_from_record,
+    unmask_request_to_record,
+)
+from common.secagg_server import SecAggResult, SecAggServer
+from server.strategy import FedLoraStrategy, StageLog
+
+logger = logging.getLogger(__name__)
+
+
+def _config(values: Mapping[str, Any]) -> ConfigRecord:
+    """A ConfigRecord from one of ``common.secagg``'s flat record dicts."""
+    plain: dict[str, Any] = dict(values)
+    return ConfigRecord(plain)
+
+
+def site_numbers(site_names: Iterable[str]) -> dict[str, int]:
+    """Public integer ids 1..N of the enrolled sites, in name order."""
+    return {name: index + 1 for index, name in enumerate(sorted(site_names))}
+
+
+def secagg_params(cfg: RunConfig, num_sites: int) -> SecAggParams:
+    """Clip range and fixed-point scale from the configured bounds (error known in advance)."""
+    ss, dp = cfg.privacy.secure_sum, cfg.privacy.dp
+    # With DP every site has weight 1 (DP-FedAvg); otherwise its example count, bounded.
+    max_weight = 1.0 if dp.enabled else float(ss.max_weight)
+    clip = dp.clip + 6 * dp.noise_multiplier * dp.clip if dp.enabled else ss.clip_range
+    return params_for(
+        num_sites,
+        clip,
+        max_weight,
+        degree=ss.degree,
+        threshold=ss.threshold,
+        min_survivors=cfg.federation.min_sites,
+    )
+
+
+class SecureSumRound:
+    """Drives the four stages of one round over a Grid and returns the new global state."""
+
+    def __init__(self, strategy: FedLoraStrategy, grid: Grid, server_round: int) -> None:
+        assert strategy.sealing is not None  # the allow-list holds the sites' identity keys
+        self.strategy, self.grid, self.round = strategy, grid, server_round
+        allow = strategy.sealing.allow_list
+        self.numbers = site_numbers(allow)
+        self.params = secagg_params(strategy.cfg, len(self.numbers))
+        self.context = P.secure_sum_context(strategy._header(server_round))
+        self.log = StageLog()
+        self.nodes: dict[int, int] = {}  # secagg id -> Flower node id
+        self.keys = {self.numbers[name]: allow.public_key(name) for name in self.numbers}
+
+    def _header(self, stage: str) -> ConfigRecord:
+        header = self.strategy._header(self.round)
+        header[P.KEY_STAGE] = stage
+        header[P.KEY_SECAGG_PARAMS] = json.dumps(dataclasses.asdict(self.params))
+        header[P.KEY_SITE_NUMBERS] = json.dumps(self.numbers)
+        return header
+
+    def _exchange(
+        self, stage: str, payloads: dict[int, RecordDict], timeout: float
+    ) -> dict[int, Message]:
+        """Send each site its payload; return the good replies by secagg id."""
+        messages = []
+        for number, content in payloads.items():
+            content.config_records[P.HEADER_RECORD] = self._header(stage)
+            messages.append(
+                Message(content, dst_node_id=self.nodes[number], message_type=MessageType.TRAIN)
+            )
+        replies: dict[int, Message] = {}
+        by_node = {node: number for number, node in self.nodes.items()}
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            sender = by_node.get(reply.metadata.src_node_id)
+            if sender is None:
+                continue
+            number = sender
+            if reply.has_error():
+                self.log.reject(f"site #{number}", f"{stage}: {reply.error.reason}")
+                continue
+            replies[number] = reply
+        return replies
+
+    def _train_and_advertise(self, arrays: ArrayRecord) -> dict[int, KeyAdvert]:
+        """Stage 1: every site trains and replies with its signed key advert and metrics."""
+        content = RecordDict(
+            {P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: self._header(P.STAGE_TRAIN)}
+        )
+        messages = [
+            Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+            for node in self.strategy.node_ids
+        ]
+        self.log.bytes_down = sum(len(a.data) for a in arrays.values()) * len(messages)
+        adverts: dict[int, KeyAdvert] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self._timeout):
+            site = self.strategy._site_of(reply)
+            if reply.has_error():
+                self.log.reject(site, f"site reported an error: {reply.error.reason}")
+                continue
+            number = self.numbers.get(site)
+            if number is None or number in self.nodes:
+                self.log.reject(site, "unknown or duplicate site in secure-sum round")
+                continue
+            try:
+                adverts[number] = adverts_from_record(
+                    dict(reply.content.config_records[P.SECAGG_RECORD])
+                )[number]
+            except (SecAggError, KeyError) as exc:
+                self.log.reject(site, f"malformed key advert: {exc}")
+                continue
+            self.nodes[number] = reply.metadata.src_node_id
+            metrics = reply.content.metric_records.get(P.METRICS_RECORD)
+            values = {} if metrics is None else dict(metrics)
+            self.log.accepted[site] = {
+                k: float(v) for k, v in values.items() if isinstance(v, int | float)
+            }
+        return adverts
+
+    @property
+    def _timeout(self) -> float:
+        return self.strategy.cfg.federation.round_timeout
+
+    def _records(self, replies: dict[int, Message]) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        for number, reply in replies.items():
+            record = reply.content.config_records.get(P.SECAGG_RECORD)
+            if record is not None:
+                self.log.bytes_up += sum(
+                    len(v) if isinstance(v, bytes) else 8 for v in record.values()
+                )
+                out[number] = dict(record)
+        return out
+
+    def run(self, arrays: ArrayRecord) -> ArrayRecord:
+        """All four stages; the new global adapter from the unmasked sum."""
+        global_state = arrays.to_torch_state_dict()
+        keys = self.strategy.aggregator.sent_keys(global_state)
+        _, layout = flatten({k: global_state[k] for k in keys})
+        length = sum(int(np.prod(shape)) for _, shape in layout)
+        server = SecAggServer(self.params, self.context, self.keys, length)
+        broadcast = server.collect_adverts(self._train_and_advertise(arrays))
+        advert_record = adverts_to_record(broadcast)
+        shares = self._records(
+            self._exchange(
+                P.STAGE_SHARE,
+                {n: RecordDict({P.SECAGG_RECORD: _config(advert_record)}) for n in broadcast},
+                self._timeout,
+            )
+        )
+        routed = server.route_shares({n: shares_from_record(r) for n, r in shares.items()})
+        masked_replies = self._exchange(
+            P.STAGE_MASK,
+            {
+                n: RecordDict({P.SECAGG_RECORD: _config(shares_to_record(s))})
+                for n, s in routed.items()
+            },
+            self._timeout,
+        )
+        masked: dict[int, npt.NDArray[np.uint32]] = {}
+        for number, reply in masked_replies.items():
+            record = reply.content.array_records.get(P.SECAGG_RECORD)
+            if record is not None:
+                vector = record.to_numpy_ndarrays()[0]
+                self.log.bytes_up += vector.nbytes
+                masked[number] = vector
+        requests = server.collect_masked(masked)
+        unmask = self._records(
+            self._exchange(
+                P.STAGE_UNMASK,
+                {
+                    n: RecordDict({P.SECAGG_RECORD: _config(unmask_request_to_record(r))})
+                    for n, r in requests.items()
+                },
+                self._timeout,
+            )
+        )
+        result = server.unmask({n: unmask_reply_from_record(r) for n, r in unmask.items()})
+        return ArrayRecord(self._apply(global_state, result, layout))
+
+    def _apply(
+        self, global_state: AdapterState, result: SecAggResult, layout: Layout
+    ) -> AdapterState:
+        names = {number: name for name, number in self.numbers.items()}
+        for number, reason in result.rejected.items():
+            self.log.reject(names.get(number, f"#{number}"), f"secure-sum: {reason}")
+        survivors = {names[n] for n in result.survivors}
+        self.log.accepted = {s: m for s, m in self.log.accepted.items() if s in survivors}
+        weighted_sum = unflatten(result.weighted_sum, layout)
+        aggregator = self.strategy.aggregator
+        mean = aggregator.mean_from_sum(weighted_sum, result.total_weight)
+        self.log.extra["secure_sum_max_abs_error"] = max_abs_error_per_coordinate(
+            self.params, len(result.survivors)
+        ) / max(result.total_weight, 1e-12)
+        return aggregator.apply_mean(global_state, mean)
