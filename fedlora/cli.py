@@ -92,9 +92,12 @@ def _simulate(config: Path, out: Path, overrides: list[str], resume: bool = Fals
 
     cfg = load_config(config, overrides)
     summary = simulate(cfg, out, resume=resume)
+    first, last = summary["initial_eval_loss"], summary["final_eval_loss"]
+    losses = f"{first:.4f} → {last:.4f}" if first is not None and last is not None else "n/a"
+    failed = f", failed rounds {summary['failed_rounds']}" if summary["failed_rounds"] else ""
+    stopped = f", stopped: {summary['stopped']}" if summary.get("stopped") else ""
     console.print(
-        f"[green]done[/]: {summary['rounds']} rounds, eval loss "
-        f"{summary['initial_eval_loss']:.4f} → {summary['final_eval_loss']:.4f}; "
+        f"[green]done[/]: {summary['rounds']} rounds{failed}{stopped}, eval loss {losses}; "
         f"adapter {summary['adapter_dir']}; metrics {out / 'metrics.jsonl'}"
     )
     return 0

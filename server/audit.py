@@ -64,6 +64,7 @@ EVENT_REPLY_REJECTED = "reply-rejected"
 EVENT_VERSION_PUBLISHED = "version-published"
 EVENT_ROUND_COMPLETED = "round-completed"
 EVENT_RUN_STOPPED = "run-stopped"
+EVENT_ROUND_FAILED = "round-failed"
 
 
 class AuditError(FedloraError):

@@ -27,11 +27,13 @@ from common.config import RunConfig, config_to_dict, site_plan
 from common.dp import PrivacyBudgetExceeded
 from common.models import peak_memory_bytes
 from common.progress import print_message, print_rule
+from common.secagg import SecAggError
 from server.audit import (
     AUDIT_FILE,
     EVENT_REPLY_ACCEPTED,
     EVENT_REPLY_REJECTED,
     EVENT_ROUND_COMPLETED,
+    EVENT_ROUND_FAILED,
     EVENT_ROUND_STARTED,
     EVENT_RUN_RESUMED,
     EVENT_RUN_STARTED,
@@ -314,6 +316,38 @@ def _audit_recovered_publish(coord: Coordinator, latest: RegistryVersion) -> Non
         )
 
 
+def _train_stage(
+    strategy: FedLoraStrategy, grid: Grid, server_round: int, arrays: ArrayRecord
+) -> ArrayRecord:
+    """Train instructions out, replies validated and aggregated: the new global adapter."""
+    cfg = strategy.cfg
+    if cfg.privacy.mode == "secure-sum":
+        secure = SecureSumRound(strategy, grid, server_round)
+        strategy.train_log = secure.log  # filled as the stages go, also if one fails
+        return secure.run(arrays)
+    replies = grid.send_and_receive(
+        strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+        timeout=cfg.federation.round_timeout,
+    )
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)
+    if new_arrays is None:
+        raise AggregationError(f"round {server_round}: nothing to aggregate")
+    return new_arrays
+
+
+def _record_failed_round(
+    coord: Coordinator, strategy: FedLoraStrategy, server_round: int, reason: str, t0: float
+) -> None:
+    """A round that cannot aggregate publishes nothing; the previous version stays global."""
+    print_message(f"[red]round {server_round} failed[/]: {reason}; v{strategy.version:04d} stays")
+    _audit_stage(coord.audit, server_round, "train", strategy.train_log)
+    coord.audit.append(EVENT_ROUND_FAILED, round=server_round, reason=clip_text(reason))
+    extra: dict[str, float | str] = {"failed": reason, "seconds": time.perf_counter() - t0}
+    record_round(
+        coord.out_dir, server_round, strategy.version, strategy.train_log, StageLog(), extra
+    )
+
+
 def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) every round of ``coord.cfg``; return the summary (also on disk)."""
     cfg, started = coord.cfg, time.perf_counter()
@@ -359,20 +393,12 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
         coord.audit.append(
             EVENT_ROUND_STARTED, round=server_round, cohort_size=len(strategy.node_ids)
         )
-        if cfg.privacy.mode == "secure-sum":
-            secure = SecureSumRound(strategy, grid, server_round)
-            new_arrays: ArrayRecord | None = secure.run(arrays)
-            strategy.train_log = secure.log
-        else:
-            replies = grid.send_and_receive(
-                strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                timeout=cfg.federation.round_timeout,
-            )
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        try:
+            arrays = _train_stage(strategy, grid, server_round, arrays)
+        except (AggregationError, SecAggError) as exc:
+            _record_failed_round(coord, strategy, server_round, str(exc), t0)
+            continue
         strategy.train_log.seconds = time.perf_counter() - t0
-        if new_arrays is None:
-            raise AggregationError(f"round {server_round}: nothing to aggregate")
-        arrays = new_arrays
         _audit_stage(coord.audit, server_round, "train", strategy.train_log)
         _checkpoint_and_publish(coord, strategy, server_round, arrays)
         _evaluate_and_record(coord, strategy, grid, server_round, arrays, strategy.train_log, t0)

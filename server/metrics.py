@@ -104,10 +104,12 @@ def _fmt(value: float | None) -> str:
 
 def run_summary(history: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
     """The run's summary: ``facts`` from the coordinator plus totals over ``history``."""
-    first, last = history[0], history[-1]
+    evaluated = [h for h in history if "failed" not in h]
+    first, last = evaluated[0], evaluated[-1]
     return {
         **facts,
-        "rounds": last["round"],
+        "rounds": history[-1]["round"],
+        "failed_rounds": [h["round"] for h in history if "failed" in h],
         "final_version": last["version"],
         "initial_eval_loss": first["eval_loss"],
         "final_eval_loss": last["eval_loss"],

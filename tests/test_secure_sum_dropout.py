@@ -1,0 +1,91 @@
+"""Secure-sum through real Flower simulation with 5 sites: dropouts after the share stage are
+recovered; below the reconstruction threshold the round fails cleanly."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
+
+from client.app import SiteKeys, make_client_app
+from common import protocol as P
+from common.config import load_config
+from fedlora.simulate import backend_config, provision_keys
+from server.app import make_server_app
+from server.federation import prepare
+from server.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
+ONE_ROUND = ["federation.rounds=1", "data.partition='iid'"]
+
+
+def dropping(inner: ClientApp, sites: Iterable[int], stage: str) -> ClientApp:
+    """A ClientApp whose ``sites`` go silent (error reply) at ``stage``; the rest are honest."""
+    app, silent = ClientApp(), set(sites)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        header = msg.content.config_records[P.HEADER_RECORD]
+        if header.get(P.KEY_STAGE, P.STAGE_TRAIN) == stage and (
+            int(context.node_config["partition-id"]) in silent
+        ):
+            return Message(Error(code=1002, reason="site went offline"), reply_to=msg)
+        return inner(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
+    return app
+
+
+def run(
+    out: Path, sites: int, overrides: list[str], drop: Iterable[int], stage: str
+) -> dict[str, Any]:
+    cfg = load_config(TINY, [*ONE_ROUND, f"federation.sites={sites}", *overrides])
+    sealing, _ = provision_keys(cfg, out)
+    coord = prepare(cfg, out, sealing)
+    app = dropping(make_client_app(cfg, SiteKeys(out / "keys")), drop, stage)
+    run_simulation(make_server_app(coord), app, sites, backend_config=backend_config(cfg))
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"metrics": metrics, "registry": Registry(out / "registry")}
+
+
+# Shares go to a site's k neighbours only (not to itself) and t > k/2: with 5 sites (k=4, t=3)
+# one dropout is recoverable; two need 7 sites (k=6, t=4).
+@pytest.mark.parametrize(("sites", "dropped"), [(5, (3,)), (7, (1, 4))])
+def test_dropouts_after_sharing_are_recovered(
+    tmp_path: Path, sites: int, dropped: tuple[int, ...]
+) -> None:
+    secure = run(tmp_path / "ss", sites, ["privacy.mode='secure-sum'"], dropped, P.STAGE_MASK)
+    # The same survivors, aggregated in the clear (sealed) after the others dropped out.
+    survivors = sites - len(dropped)
+    sealed = run(
+        tmp_path / "sealed", sites, [f"federation.min-sites={survivors}"], dropped, P.STAGE_TRAIN
+    )
+    line = secure["metrics"][1]
+    assert "failed" not in line
+    assert sorted(line["cohort"]) == sorted(sealed["metrics"][1]["cohort"])
+    assert len(line["cohort"]) == survivors
+    bound = line["secure_sum_max_abs_error"]
+    ours, plain = secure["registry"].load("shared", 1), sealed["registry"].load("shared", 1)
+    for key in plain:
+        assert float((ours[key] - plain[key]).abs().max()) <= bound * 1.01, key
+
+
+def test_below_threshold_the_round_fails_and_the_version_stays(tmp_path: Path) -> None:
+    secure = run(tmp_path / "ss", 5, ["privacy.mode='secure-sum'"], (0, 2), P.STAGE_MASK)
+    line = secure["metrics"][1]
+    assert "failed" in line and line["version"] == 0
+    assert [v.version for v in secure["registry"].versions("shared")] == [0]
+    v0 = secure["registry"].load("shared", 0)
+    assert all(torch.isfinite(t).all() for t in v0.values())
