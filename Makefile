@@ -12,13 +12,15 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test lint unit bench clean help
+.PHONY: setup demo test lint unit bench fuzz e2e clean help
 
 help:
 	@echo "make demo   - set up .venv if needed, run the demo federation (SmolLM2, 3 sites)"
 	@echo "make test   - set up .venv if needed, run lint and the whole test suite"
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench  - the quick benchmarks (benchmarks/RESULTS.md)"
+	@echo "make fuzz   - 10,000 mutated envelopes against the coordinator's opening path"
+	@echo "make e2e    - loopback deployment: coordinator + 3 sites with TLS and auth"
 	@echo "make setup  - create .venv: torch==2.13.0 (CPU) first, then fedlora[dev], then models"
 
 setup: $(STAMP)
@@ -49,6 +51,12 @@ test: lint
 
 bench: setup
 	$(BIN)/python benchmarks/bench_round.py
+
+fuzz: setup
+	$(BIN)/python benchmarks/fuzz_envelopes.py --count 10000 --seed 0
+
+e2e: setup
+	bash scripts/e2e-loopback.sh
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

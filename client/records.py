@@ -54,6 +54,8 @@ def json_records(path: Path, text: str) -> list[Record]:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # 4300+ digit integers, deep nesting
+            raise DataError(f"{path}, line 1: unreadable JSON ({type(exc).__name__})") from None
         located = [(f"{path}, record {i}", item) for i, item in enumerate(items, start=1)]
     else:
         # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line breaks.
@@ -66,6 +68,11 @@ def json_records(path: Path, text: str) -> list[Record]:
                 raise DataError(
                     f"{path}, line {number}: invalid JSON ({exc.msg} at column {exc.colno}); "
                     "expected one JSON object per line"
+                ) from None
+            except (ValueError, RecursionError) as exc:  # 4300+ digit integers, deep nesting
+                raise DataError(
+                    f"{path}, line {number}: unreadable JSON ({type(exc).__name__}); "
+                    "expected one flat JSON object per line"
                 ) from None
     for where, item in located:
         if not isinstance(item, dict):

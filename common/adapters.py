@@ -240,7 +240,10 @@ def _fractions(num_deltas: int, weights: Sequence[float]) -> list[float]:
     for index, weight in enumerate(weights):
         if not math.isfinite(weight) or weight < 0:
             raise AggregationError(f"weights[{index}] is {weight}, expected a finite number >= 0")
-    total = math.fsum(weights)
+    try:
+        total = math.fsum(weights)
+    except OverflowError:
+        raise AggregationError("the weights' sum overflows float64") from None
     if total <= 0:
         raise AggregationError(f"total weight is {total}, expected > 0")
     return [float(weight) / total for weight in weights]

@@ -34,7 +34,11 @@ class Section(BaseModel):
     """Base of every config section: kebab-case aliases, unknown keys refused, frozen."""
 
     model_config = ConfigDict(
-        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+        extra="forbid",
+        alias_generator=_kebab,
+        populate_by_name=True,
+        frozen=True,
+        allow_inf_nan=False,  # lr = inf or alpha = nan is never what a user meant
     )
 
 
@@ -287,8 +291,35 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 # Relative to the config file's folder; else (e.g. a --set path) to the cwd.
                 candidate = base_dir / value
-                use_cwd = not candidate.exists() and Path(value).exists()
+                use_cwd = not _exists(candidate, f"{section}.{key}") and _exists(
+                    Path(value), f"{section}.{key}"
+                )
                 table[key] = str(Path(value) if use_cwd else candidate)
+
+
+def _exists(path: Path, key: str) -> bool:
+    try:
+        return path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise ConfigError(f"{key}: unusable path ({exc.strerror})") from None
+
+
+_KEY_MATERIAL = "-----BEGIN"
+
+
+def _refuse_embedded_secrets(raw: Any, where: str = "") -> None:
+    """Key material in a config would end up in logs, manifests and backups: refuse it,
+    without echoing it."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            _refuse_embedded_secrets(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(raw, list):
+        for item in raw:
+            _refuse_embedded_secrets(item, where)
+    elif isinstance(raw, str) and _KEY_MATERIAL in raw:
+        raise ConfigError(
+            f"{where}: looks like key material; keys belong in a file (mode 0600): give its path"
+        )
 
 
 def _check_files(cfg: RunConfig) -> None:
@@ -299,7 +330,7 @@ def _check_files(cfg: RunConfig) -> None:
         ("privacy.allow-list", cfg.privacy.allow_list),
     )
     for key, path in files:
-        if path is not None and not path.exists():
+        if path is not None and not _exists(path, key):
             raise ConfigError(f"{key}: file not found: {path}")
 
 
@@ -321,6 +352,7 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Validate an already-parsed config mapping (kebab-case keys)."""
+    _refuse_embedded_secrets(raw)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:

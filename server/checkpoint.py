@@ -83,10 +83,14 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["meta"])
-    except (SafetensorError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} file")
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a {FORMAT} file")
+        return _from_parts(tensors, meta)
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+
+
+def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
     global_state: dict[str, AdapterState] = {}
     optimizer: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -103,9 +107,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         round=int(meta["round"]),
         run_id=str(meta["run_id"]),
         config_digest=str(meta["config_digest"]),
-        versions={k: int(v) for k, v in meta["versions"].items()},
+        versions={str(k): int(v) for k, v in meta["versions"].items()},
         global_state=global_state,
         optimizer_tensors=optimizer,
-        extra=meta["extra"],
+        extra=dict(meta["extra"]),
         rng_state=rng,
     )
