@@ -19,9 +19,9 @@ from client.site import SiteUpdate
 from common import protocol as P
 from common.dp import add_gaussian_noise, secure_generator
 from common.fixedpoint import flatten
-from common.secagg import (
-    SecAggError,
-    SecAggParams,
+from common.secagg import SecAggError, SecAggParams
+from common.secagg_client import SecAggSite
+from common.secagg_records import (
     adverts_from_record,
     adverts_to_record,
     shares_from_record,
@@ -29,7 +29,6 @@ from common.secagg import (
     unmask_reply_to_record,
     unmask_request_from_record,
 )
-from common.secagg_client import SecAggSite
 
 STATE_RECORD = "fedlora-secagg"  # the site's protocol state (secrets: stays in the node)
 DELTA_RECORD = "fedlora-secagg-delta"  # the flattened delta between stages 1 and 3

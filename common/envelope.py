@@ -39,10 +39,10 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
+from common.allow_list import AllowList
 from common.errors import UpdateRejected
 from common.keys import (
     SITE_ID_PATTERN,
-    AllowList,
     CoordinatorPrivateKey,
     CoordinatorPublicKey,
     Kem,

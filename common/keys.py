@@ -1,4 +1,4 @@
-"""Key material on disk: the coordinator's HPKE key pair, site identity keys, the allow-list.
+"""Key material on disk: the coordinator's HPKE key pair and the sites' identity keys.
 
 Every key file is PEM (standard PKCS#8 / SubjectPublicKeyInfo blocks, readable by any tool that
 knows the algorithm).
@@ -13,9 +13,7 @@ knows the algorithm).
 ``<site>.key`` (0600) / ``<site>.pub`` (0644)
     A site's Ed25519 identity key (PKCS#8) and its public half (SubjectPublicKeyInfo).
 Allow-list (enrollment)
-    Either a JSON file ``{"format": "fedlora-allow-list/1", "sites": {site: key}}`` where a
-    key is 64 hex characters (raw Ed25519 public key) or a PEM block, or a folder of
-    ``<site>.pub`` files.
+    A JSON file or a folder of ``<site>.pub`` files: see ``common.allow_list``.
 
 Private keys are written atomically with mode 0600 and never overwritten; a private key file
 readable by group or others is refused. Nothing here logs or prints key bytes: the key
@@ -25,15 +23,13 @@ classes' ``repr`` shows the KEM and a SHA-256 fingerprint of the public half onl
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -42,8 +38,17 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.hpke import MLKEM768X25519PrivateKey, MLKEM768X25519PublicKey
 
-from common.atomic import fsync_dir, write_json_atomic
+from common.atomic import fsync_dir
 from common.errors import FedloraError
+
+if TYPE_CHECKING:
+    # Re-exports: these moved to common.allow_list (which imports this module, so at run time
+    # ``__getattr__`` below imports them on first use); importers here keep working.
+    from common.allow_list import ALLOW_LIST_FORMAT as ALLOW_LIST_FORMAT
+    from common.allow_list import MAX_ALLOW_LIST_BYTES as MAX_ALLOW_LIST_BYTES
+    from common.allow_list import AllowList as AllowList
+    from common.allow_list import add_site as add_site
+    from common.allow_list import load_allow_list as load_allow_list
 
 Kem = Literal["x25519", "mlkem768-x25519"]
 KEMS: tuple[str, ...] = get_args(Kem)
@@ -51,19 +56,15 @@ KEMS: tuple[str, ...] = get_args(Kem)
 COORDINATOR_KEY_NAME = "coordinator.key"
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
-ALLOW_LIST_FORMAT = "fedlora-allow-list/1"
 
 # A site id names files and travels in every envelope: a leading letter or digit (no hidden
 # files, no "..") and no path separators; 64 bytes is plenty for a human-chosen name.
 SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Largest key file read (bytes); real ones are under 2 KiB, so anything bigger is not a key.
 MAX_KEY_FILE_BYTES = 64 * 1024
-# Largest allow-list JSON read (bytes): about 100 000 sites.
-MAX_ALLOW_LIST_BYTES = 16 * 2**20
-_PUBLIC_FILE_MODE = 0o644
+PUBLIC_FILE_MODE = 0o644
 _PRIVATE_FILE_MODE = 0o600
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
-_RAW_ED25519_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class KeyMaterialError(FedloraError):
@@ -167,7 +168,7 @@ def public_fingerprint(key: PublicKey) -> str:
 # ---------------------------------------------------------------------------- writing files
 
 
-def _write_new_file(path: Path, data: bytes, mode: int, replace: bool = False) -> None:
+def write_new_file(path: Path, data: bytes, mode: int, replace: bool = False) -> None:
     """Write ``data`` atomically to a path that must not exist yet, with permissions ``mode``.
 
     The temp file is created with ``mode`` from the start (``os.open``), so a private key is
@@ -193,11 +194,11 @@ def _write_new_file(path: Path, data: bytes, mode: int, replace: bool = False) -
     fsync_dir(path.parent)
 
 
-def _pem(key: PrivateKey | PublicKey | _Component) -> bytes:
+def key_pem(key: PrivateKey | PublicKey | _Component) -> bytes:
     """PEM of a key: one PKCS#8 / SubjectPublicKeyInfo block per component, ML-KEM first."""
     if isinstance(key, CoordinatorPrivateKey | CoordinatorPublicKey):
         parts = (key.mlkem_key, key.x25519_key)
-        return b"".join(_pem(part) for part in parts if part is not None)
+        return b"".join(key_pem(part) for part in parts if part is not None)
     if isinstance(key, _PUBLIC_COMPONENTS):
         return key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -220,8 +221,8 @@ def _write_key_pair(private_path: Path, key: PrivateKey) -> Path:
             raise KeyMaterialError(f"{path} already exists; move it away first (keys are kept)")
     # A new key folder is private to its owner; an existing one is left as the user set it.
     private_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_new_file(private_path, _pem(key), _PRIVATE_FILE_MODE)
-    _write_new_file(public_path_for(private_path), _pem(key.public_key()), _PUBLIC_FILE_MODE)
+    write_new_file(private_path, key_pem(key), _PRIVATE_FILE_MODE)
+    write_new_file(public_path_for(private_path), key_pem(key.public_key()), PUBLIC_FILE_MODE)
     return private_path
 
 
@@ -365,133 +366,22 @@ def export_public(private_path: Path, out_path: Path) -> Path:
     key = _load_private(Path(private_path))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_new_file(out_path, _pem(key.public_key()), _PUBLIC_FILE_MODE)
+    write_new_file(out_path, key_pem(key.public_key()), PUBLIC_FILE_MODE)
     return out_path
 
 
-# ---------------------------------------------------------------------------- the allow-list
+_MOVED_TO_ALLOW_LIST = frozenset(
+    {"ALLOW_LIST_FORMAT", "MAX_ALLOW_LIST_BYTES", "AllowList", "add_site", "load_allow_list"}
+)
 
 
-class AllowList:
-    """The enrolled sites: site id -> Ed25519 public key. ``repr`` lists ids, never keys."""
+def __getattr__(name: str) -> Any:
+    """The names that moved to ``common.allow_list``, imported on first use (PEP 562).
 
-    def __init__(self, keys: Mapping[str, Ed25519PublicKey], source: Path | None = None) -> None:
-        seen: dict[bytes, str] = {}
-        for site_id, key in keys.items():
-            check_site_id(site_id)
-            # Two sites sharing a key could each sign as the other: refuse the enrollment.
-            raw = key.public_bytes_raw()
-            if raw in seen:
-                raise KeyMaterialError(
-                    f"sites {seen[raw]!r} and {site_id!r} share one public key in allow-list "
-                    f"{source}; every site needs its own key"
-                )
-            seen[raw] = site_id
-        self._keys = dict(keys)
-        self.source = source
-
-    def public_key(self, site_id: str) -> Ed25519PublicKey:
-        """The enrolled key of ``site_id``; ``UnknownSite`` if it is not enrolled."""
-        try:
-            return self._keys[site_id]
-        except KeyError:
-            raise UnknownSite(site_id, self.source) from None
-
-    def __contains__(self, site_id: object) -> bool:
-        return site_id in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._keys))
-
-    def __repr__(self) -> str:
-        return f"AllowList({len(self)} sites: {', '.join(self)})"
-
-
-def _parse_site_key(text: object, where: str) -> Ed25519PublicKey:
-    """An allow-list entry: 64 hex characters (raw key) or an Ed25519 PEM block."""
-    if not isinstance(text, str):
-        raise KeyMaterialError(f"{where}: expected a hex or PEM string, got {type(text).__name__}")
-    try:
-        if _RAW_ED25519_HEX.fullmatch(text.strip()):
-            return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text.strip()))
-        key = serialization.load_pem_public_key(text.encode("utf-8"))
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise KeyMaterialError(f"{where}: not a readable Ed25519 public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyMaterialError(f"{where}: a {type(key).__name__}, expected an Ed25519 key")
-    return key
-
-
-def _read_allow_list_json(path: Path) -> dict[str, Ed25519PublicKey]:
-    try:
-        size = path.stat().st_size
-        if size > MAX_ALLOW_LIST_BYTES:
-            raise KeyMaterialError(f"allow-list {path} is {size} bytes, over the bound")
-        document = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise KeyMaterialError(f"allow-list {path} does not exist") from None
-    except (OSError, ValueError):
-        raise KeyMaterialError(f"allow-list {path} is not readable JSON") from None
-    sites = document.get("sites") if isinstance(document, dict) else None
-    if not isinstance(sites, dict) or document.get("format") != ALLOW_LIST_FORMAT:
-        raise KeyMaterialError(
-            f'allow-list {path}: expected {{"format": "{ALLOW_LIST_FORMAT}", "sites": {{...}}}}'
-        )
-    return {
-        site: _parse_site_key(text, f"allow-list {path}, site {site!r}")
-        for site, text in sites.items()
-    }
-
-
-def load_allow_list(path: Path) -> AllowList:
-    """Load an allow-list: a JSON file, or a folder whose ``<site>.pub`` files are the keys."""
-    path = Path(path)
-    if path.is_dir():
-        keys = {
-            entry.name.removesuffix(PUBLIC_SUFFIX): load_site_public(entry)
-            for entry in sorted(path.glob(f"*{PUBLIC_SUFFIX}"))
-        }
-    else:
-        keys = _read_allow_list_json(path)
-    return AllowList(keys, source=path)
-
-
-def add_site(path: Path, site_id: str, public_key_path: Path, replace: bool = False) -> Path:
-    """Enroll ``site_id`` with the Ed25519 key in ``public_key_path``; return the file written.
-
-    ``path`` is an existing folder (the key is copied to ``<site_id>.pub`` there) or a
-    ``.json`` allow-list, created if missing. Enrolling the same key again changes nothing;
-    a site already enrolled with another key is refused unless ``replace`` (rotating a key
-    is a deliberate act).
+    A plain import at the top would be circular: ``common.allow_list`` imports this module.
     """
-    path, site_id = Path(path), check_site_id(site_id)
-    key = load_site_public(Path(public_key_path))
-    if path.is_dir():
-        current, target = load_allow_list(path), path / f"{site_id}{PUBLIC_SUFFIX}"
-    elif path.suffix == ".json":
-        current = load_allow_list(path) if path.exists() else AllowList({}, source=path)
-        target = path
-    else:
-        raise KeyMaterialError(
-            f"allow-list {path} is neither a folder nor a .json file; name a .json file to "
-            "create one, or an existing folder of <site>.pub files"
-        )
-    if site_id in current:
-        if current.public_key(site_id).public_bytes_raw() == key.public_bytes_raw():
-            return target
-        if not replace:
-            raise KeyMaterialError(
-                f"site {site_id!r} is already enrolled in {path} with another key; "
-                "pass --replace to rotate it"
-            )
-    updated = {s: current.public_key(s) for s in current if s != site_id} | {site_id: key}
-    AllowList(updated, source=path)  # refuses a key already enrolled for another site
-    if target == path:
-        sites = {s: k.public_bytes_raw().hex() for s, k in sorted(updated.items())}
-        write_json_atomic(path, {"format": ALLOW_LIST_FORMAT, "sites": sites})
-    else:
-        _write_new_file(target, _pem(key), _PUBLIC_FILE_MODE, replace=True)
-    return target
+    if name in _MOVED_TO_ALLOW_LIST:
+        from common import allow_list
+
+        return getattr(allow_list, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,34 +33,36 @@ from common.secagg import (
     NONCE_BYTES,
     SHARE_BYTES,
     KeyAdvert,
-    Record,
     SecAggError,
     SecAggParams,
     UnmaskReply,
     UnmaskRequest,
     advert_message,
-    adverts_from_record,
-    adverts_to_record,
     agree,
     check_bytes,
     check_context,
     check_site_id,
     neighbours,
     pair_mask_key,
-    params_from_record,
-    params_to_record,
     prg,
-    record_bytes,
-    record_bytes_list,
-    record_ids,
-    record_int,
-    record_value,
     seed_commitment,
     self_mask_key,
     share_aad,
     share_key,
     split_secret,
     verify_advert,
+)
+from common.secagg_records import (
+    Record,
+    adverts_from_record,
+    adverts_to_record,
+    params_from_record,
+    params_to_record,
+    record_bytes,
+    record_bytes_list,
+    record_ids,
+    record_int,
+    record_value,
 )
 
 # Stages in order; ``_stage`` holds the next one allowed.
@@ -335,13 +337,13 @@ class SecAggSite:
           0 advertise, 1 share_keys, 2 masked_input, 3 unmask, 4 done);
         - the parameters: ``num-sites``, ``threshold``, ``degree``, ``min-survivors`` (int),
           ``clip-range``, ``max-weight``, ``scale``, ``weight-scale`` (float), ``rounding``
-          (str) (``common.secagg.params_to_record``);
+          (str) (``common.secagg_records.params_to_record``);
         - ``site-id`` (int), ``context`` (bytes);
         - ``encryption-private-key`` (c_sk) and ``mask-private-key`` (s_sk): raw 32-byte
           X25519 private keys; ``seed``: the 32-byte self-mask seed b;
         - the accepted neighbour adverts as ``advert-ids``, ``advert-encryption-keys``,
           ``advert-mask-keys``, ``advert-seed-commitments``, ``advert-signatures``
-          (``common.secagg.adverts_to_record``);
+          (``common.secagg_records.adverts_to_record``);
         - the shares held for neighbours as ``held-ids`` (list[int]), ``held-seed-shares``
           and ``held-key-shares`` (list[bytes], 32 bytes each, same order).
 

@@ -15,9 +15,13 @@ from pathlib import Path
 
 from common.errors import FedloraError
 from common.progress import console
+from fedlora.deploy import add_coordinator_parser, run_coordinator
+from fedlora.deploy_keys import add_provision_parser, run_provision
+from fedlora.deploy_site import add_site_parser, run_site
 from fedlora.keys_cli import add_keys_parser, run_keys
 from fedlora.registry_cli import add_registry_parser, run_registry
 
+DEPLOY_COMMANDS = {"provision": run_provision, "coordinator": run_coordinator, "site": run_site}
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
 EPILOG = """\
@@ -83,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     fp.add_argument("--seed", type=int, default=0, help="seed of a newly initialised head")
     add_keys_parser(sub)
     add_registry_parser(sub)
+    add_provision_parser(sub)
+    add_coordinator_parser(sub)
+    add_site_parser(sub)
     return parser
 
 
@@ -138,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_keys(args)
         if args.command == "registry":
             return run_registry(args)
+        if args.command in DEPLOY_COMMANDS:
+            return DEPLOY_COMMANDS[args.command](args)
     except FedloraError as exc:
         console.print(f"[red]error[/]: {exc}", soft_wrap=True)
         return 2

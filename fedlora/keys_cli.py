@@ -17,10 +17,10 @@ from typing import Any
 
 from rich.markup import escape
 
+from common.allow_list import add_site
 from common.errors import FedloraError
 from common.keys import (
     KEMS,
-    add_site,
     export_public,
     generate_coordinator_key,
     generate_site_key,

@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from client.app import SiteKeys, make_client_app
+from common.allow_list import add_site, load_allow_list
 from common.config import RunConfig
 from common.keys import (
     COORDINATOR_KEY_NAME,
     PRIVATE_SUFFIX,
-    add_site,
     export_public,
     generate_coordinator_key,
     generate_site_key,
-    load_allow_list,
     load_coordinator_private,
     public_path_for,
 )

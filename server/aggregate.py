@@ -25,7 +25,8 @@ from common.dp import (
     dp_aggregate_mean,
     secure_generator,
 )
-from common.rules import aggregate_exact, get_rule, sum_only_aggregate
+from common.exact import aggregate_exact
+from common.rules import get_rule, sum_only_aggregate
 from common.server_opt import make_server_optimizer
 
 OPTIMIZER_PREFIX = "optimizer/"

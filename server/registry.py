@@ -7,7 +7,8 @@ base fingerprint, SHA-256 of the tensors). A version is built in a hidden temp f
 visible, and an existing version is never overwritten.
 
 ``verify`` checks a whole registry (hashes, manifests, lineage, base fingerprint); ``export``,
-``export_many`` and ``export_merged`` write verified PEFT folders elsewhere, just as atomically.
+``export_many`` and ``export_merged`` (``server.registry_export``) write verified PEFT folders
+elsewhere, just as atomically.
 """
 
 from __future__ import annotations
@@ -19,40 +20,25 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any
 
-import torch
-from peft import LoraConfig, PeftModel
-from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from common.adapters import AdapterState
 from common.atomic import fsync_dir, write_json_atomic
 from common.errors import RegistryError
 
+if TYPE_CHECKING:
+    from server.registry_export import BaseModelLike, Combination, Selection
+
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "manifest.json"
 _TEMP_VERSION = re.compile(r"\.v\d{4}\..+")  # what publish's mkdtemp names look like
-# Names of the adapters inside the peft model that export_merged builds (never saved).
-_MERGE_INPUT = "fedlora_in_{}"
-_MERGED = "fedlora_merged"
-
-# Which modules and versions to export: {module: version, or None for the latest}.
-Selection = Mapping[str, int | None] | Sequence[tuple[str, int | None]]
-Combination = Literal["cat", "svd"]
-
-
-class BaseModelLike(Protocol):
-    """What ``export_merged`` needs of a base: ``common.models.LoadedBase`` fits."""
-
-    model: Any  # a transformers PreTrainedModel without adapters
-    fingerprint: str
 
 
 def sha256_file(path: Path) -> str:
@@ -143,12 +129,12 @@ class Registry:
                 "module": module,
                 "version": number,
                 "parent": None if latest is None else latest.version,
-                "created": _utc_stamp(),
+                "created": utc_stamp(),
                 "sha256": {ADAPTER_FILE: sha256_file(tmp / ADAPTER_FILE)},
             }
             write_json_atomic(tmp / MANIFEST_FILE, full)
             for name in (ADAPTER_FILE, CONFIG_FILE):
-                _fsync_file(tmp / name)
+                fsync_file(tmp / name)
             if final.exists():
                 raise RegistryError(f"{final} already exists; versions are never overwritten")
             os.rename(tmp, final)
@@ -161,10 +147,18 @@ class Registry:
     def load(self, module: str, version: int) -> AdapterState:
         """Load a version's tensors after checking them against the manifest's SHA-256."""
         path = self.module_dir(module) / f"v{version:04d}"
-        manifest_path = path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise RegistryError(f"{path}: missing {MANIFEST_FILE}")
-        expected = json.loads(manifest_path.read_text(encoding="utf-8"))["sha256"][ADAPTER_FILE]
+        manifest, problem = _read_json(path / MANIFEST_FILE)
+        if manifest is None:
+            raise RegistryError(f"{path}: {problem}")
+        expected = (
+            manifest.get("sha256", {}).get(ADAPTER_FILE)
+            if isinstance(manifest.get("sha256"), dict)
+            else None
+        )
+        if not isinstance(expected, str):
+            raise RegistryError(f"{path}: manifest has no sha256 of {ADAPTER_FILE}")
+        if not (path / ADAPTER_FILE).is_file():
+            raise RegistryError(f"{path}: missing {ADAPTER_FILE}")
         actual = sha256_file(path / ADAPTER_FILE)
         if actual != expected:
             raise RegistryError(
@@ -199,7 +193,7 @@ class Registry:
             versions = self.versions(name)
             problems += _lineage_problems(name, versions)
             for entry in versions:
-                problems += _version_problems(entry, model_fingerprint)
+                problems += version_problems(entry, model_fingerprint)
         return problems
 
     def leftovers(self, module: str | None = None) -> list[str]:
@@ -218,30 +212,18 @@ class Registry:
                     found.append(f"{name}/{child.name}: leftover temp folder of a publish ({kind})")
         return found
 
+    # The exports live in server.registry_export, which imports this module: import it here.
     def export(self, module: str, version: int | None, out_dir: Path) -> Path:
-        """Copy one version's PEFT folder (and manifest) to ``out_dir``, verified, atomically.
+        """Copy one version's PEFT folder to ``out_dir``: ``registry_export.export``."""
+        from server.registry_export import export
 
-        ``out_dir`` must not exist or be empty. ``PeftModel.from_pretrained(base, out_dir)``
-        loads the result.
-        """
-        entry = self.get(module, version)
-        with _staging(out_dir) as tmp:
-            _copy_version(entry, tmp)
-        return out_dir
+        return export(self, module, version, out_dir)
 
     def export_many(self, selection: Selection, out_dir: Path) -> Path:
-        """Export several modules as ``out_dir/<module>/`` PEFT folders, in one atomic step.
+        """Export several modules as ``out_dir/<module>/``: ``registry_export.export_many``."""
+        from server.registry_export import export_many
 
-        Load them as named adapters of one model: ``PeftModel.from_pretrained(base,
-        out_dir / first, adapter_name=first)`` then ``model.load_adapter(out_dir / other,
-        adapter_name=other)`` for the others.
-        """
-        entries = self._select(selection)
-        with _staging(out_dir) as tmp:
-            for entry in entries:
-                (tmp / entry.module).mkdir()
-                _copy_version(entry, tmp / entry.module)
-        return out_dir
+        return export_many(self, selection, out_dir)
 
     def export_merged(
         self,
@@ -252,72 +234,13 @@ class Registry:
         combination_type: Combination = "cat",
         svd_rank: int | None = None,
     ) -> Path:
-        """Merge several modules into ONE LoRA adapter with peft's ``add_weighted_adapter``.
+        """Merge several modules into one LoRA adapter: ``registry_export.export_merged``."""
+        from server.registry_export import export_merged
 
-        ``"cat"`` stacks the factors: the merged delta is exactly ``sum_i weights[i] *
-        scaling_i * B_i @ A_i`` at rank ``sum_i r_i`` (weights 1, the default, behave like the
-        modules active together). ``"svd"`` truncates that sum to rank ``svd_rank`` (default:
-        the largest input rank): smaller, approximate. Only LoRA factors merge: a module with
-        ``modules_to_save`` (a classification head) is refused; use ``export_many`` for it.
-
-        Parameters
-        ----------
-        selection
-            ``{module: version or None (latest)}``, in merge order.
-        out_dir : Path
-            Gets the PEFT files and a manifest listing the inputs, their SHA-256 and weights.
-        base : BaseModelLike
-            A freshly loaded base (``common.models.load_base``) with the fingerprint that every
-            input's manifest records. LoRA layers are injected into it and removed afterwards.
-        weights : sequence of float, optional
-            One per module; default 1.0 each.
-        combination_type : {"cat", "svd"}
-        svd_rank : int, optional
-
-        Raises
-        ------
-        RegistryError
-            For an unknown module or version, a failed check, a fingerprint mismatch or inputs
-            that peft cannot merge.
-        """
-        entries = self._select(selection)
-        weights = [1.0] * len(entries) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(entries):
-            raise RegistryError(f"{len(weights)} weights for {len(entries)} modules")
-        if combination_type not in ("cat", "svd"):
-            raise RegistryError(f"combination_type {combination_type!r}: expected 'cat' or 'svd'")
-        for entry in entries:
-            _check_mergeable(entry, base.fingerprint)
-        state, config = _merge(entries, base.model, weights, combination_type, svd_rank)
-        sources = [
-            {"module": e.module, "version": e.version, "weight": w, "sha256": _recorded_sha(e)}
-            for e, w in zip(entries, weights, strict=True)
-        ]
-        with _staging(out_dir) as tmp:
-            save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-            config.save_pretrained(str(tmp))
-            manifest = {
-                "merged_from": sources,
-                "combination_type": combination_type,
-                "rank": config.r,
-                "base_fingerprint": base.fingerprint,
-                "created": _utc_stamp(),
-                "sha256": {ADAPTER_FILE: sha256_file(tmp / ADAPTER_FILE)},
-            }
-            write_json_atomic(tmp / MANIFEST_FILE, manifest)
-        return out_dir
-
-    def _select(self, selection: Selection) -> list[RegistryVersion]:
-        pairs = list(selection.items()) if isinstance(selection, Mapping) else list(selection)
-        if not pairs:
-            raise RegistryError("no modules selected for export")
-        names = [module for module, _ in pairs]
-        if len(set(names)) != len(names):
-            raise RegistryError(f"modules selected twice: {names}")
-        return [self.get(module, version) for module, version in pairs]
+        return export_merged(self, selection, out_dir, base, weights, combination_type, svd_rank)
 
 
-def _utc_stamp() -> str:
+def utc_stamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
@@ -327,14 +250,14 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"missing {path.name}"
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        return None, f"{path.name} does not parse: {exc}"
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return None, f"{path.name} does not parse: {type(exc).__name__}"
     if not isinstance(value, dict):
         return None, f"{path.name} is not a JSON object"
     return value, None
 
 
-def _recorded_sha(entry: RegistryVersion) -> Any:
+def recorded_sha256(entry: RegistryVersion) -> Any:
     sha = entry.manifest.get("sha256")
     return sha.get(ADAPTER_FILE) if isinstance(sha, dict) else None
 
@@ -347,7 +270,7 @@ def _lineage_problems(module: str, versions: list[RegistryVersion]) -> list[str]
     return [f"{module}/v{n:04d}: missing (gap in the lineage)" for n in gaps]
 
 
-def _version_problems(entry: RegistryVersion, fingerprint: str | None) -> list[str]:
+def version_problems(entry: RegistryVersion, fingerprint: str | None) -> list[str]:
     """Every problem of one version folder, each prefixed with ``<module>/v<NNNN>``."""
     problems: list[str] = []
     manifest, problem = _read_json(entry.path / MANIFEST_FILE)
@@ -388,85 +311,7 @@ def _manifest_problems(
     return problems
 
 
-@contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
-    """A temp folder beside ``out_dir``, renamed to it once the block finishes (all fsynced).
-
-    ``out_dir`` must not exist or be empty: an export never overwrites anything.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RegistryError(f"{out_dir} exists and is not empty; exports never overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary folder
-        for path in sorted(tmp.rglob("*"), reverse=True):
-            _fsync_file(path)
-        os.rename(tmp, out_dir)  # replaces an empty folder; fails on a non-empty one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out_dir.parent)
-
-
-def _copy_version(entry: RegistryVersion, target: Path) -> None:
-    """Copy a version's three files and check the copied tensors against the manifest."""
-    problems = _version_problems(entry, None)
-    if problems:
-        raise RegistryError("; ".join(problems))
-    for name in (ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE):
-        shutil.copyfile(entry.path / name, target / name)
-    expected, actual = _recorded_sha(entry), sha256_file(target / ADAPTER_FILE)
-    if actual != expected:  # changed while we copied it
-        raise RegistryError(f"{entry.name}: copied tensors hash to {actual}, expected {expected}")
-
-
-def _check_mergeable(entry: RegistryVersion, fingerprint: str) -> None:
-    problems = _version_problems(entry, fingerprint)
-    if problems:
-        raise RegistryError("; ".join(problems))
-    config = json.loads((entry.path / CONFIG_FILE).read_text(encoding="utf-8"))
-    with safe_open(str(entry.path / ADAPTER_FILE), framework="pt") as handle:
-        keys = list(handle.keys())
-    if config.get("modules_to_save") or any("lora_" not in key for key in keys):
-        raise RegistryError(
-            f"{entry.name}: holds tensors besides LoRA factors (modules_to_save, e.g. a "
-            "classification head), which add_weighted_adapter cannot merge; use export_many"
-        )
-
-
-def _merge(
-    entries: list[RegistryVersion],
-    model: Any,
-    weights: list[float],
-    combination_type: Combination,
-    svd_rank: int | None,
-) -> tuple[AdapterState, LoraConfig]:
-    """The merged adapter's tensors (peft key names, CPU) and config; ``model`` is restored."""
-    names = [_MERGE_INPUT.format(i) for i in range(len(entries))]
-    peft_model = PeftModel.from_pretrained(model, str(entries[0].path), adapter_name=names[0])
-    try:
-        for name, entry in zip(names[1:], entries[1:], strict=True):
-            peft_model.load_adapter(str(entry.path), adapter_name=name)
-        try:
-            peft_model.add_weighted_adapter(
-                names, weights, _MERGED, combination_type=combination_type, svd_rank=svd_rank
-            )
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise RegistryError(f"peft cannot merge {[e.name for e in entries]}: {exc}") from exc
-        state = get_peft_model_state_dict(peft_model, adapter_name=_MERGED)
-        config = peft_model.peft_config[_MERGED]
-        if not isinstance(config, LoraConfig):  # add_weighted_adapter copies a LoraConfig
-            raise RegistryError(f"merged config is a {type(config).__name__}, not a LoraConfig")
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        return tensors, config
-    finally:
-        peft_model.unload()  # swaps the original modules back into ``model``
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -29,10 +29,12 @@ from common.secagg import (
     KeyAdvert,
     SecAggError,
     SecAggParams,
-    adverts_from_record,
-    adverts_to_record,
     max_abs_error_per_coordinate,
     params_for,
+)
+from common.secagg_records import (
+    adverts_from_record,
+    adverts_to_record,
     shares_from_record,
     shares_to_record,
     unmask_reply_from_record,

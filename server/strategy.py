@@ -28,11 +28,12 @@ from flwr.serverapp.strategy import Strategy
 
 from common import protocol as P
 from common.adapters import AdapterState, AggregationError, check_delta
+from common.allow_list import AllowList
 from common.config import RunConfig, SitePlan
 from common.encoding import decode_delta
 from common.envelope import EnvelopeContext, max_envelope_bytes, open_delta
 from common.errors import FedloraError, UpdateRejected
-from common.keys import AllowList, CoordinatorPrivateKey, KeyMaterialError
+from common.keys import CoordinatorPrivateKey, KeyMaterialError
 from server.aggregate import Aggregator, SiteDelta
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.keys import KEMS, load_allow_list, load_coordinator_private, load_site_public
+from common.allow_list import load_allow_list
+from common.keys import KEMS, load_coordinator_private, load_site_public
 from fedlora.keys_cli import add_keys_parser, run_keys
 
 REPO = Path(__file__).resolve().parent.parent

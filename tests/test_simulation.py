@@ -24,7 +24,8 @@ from common.config import RunConfig, load_config
 from common.encoding import decode_delta
 from common.envelope import EnvelopeContext, open_delta
 from common.errors import UpdateRejected
-from common.models import fingerprint, load_base
+from common.fingerprint import fingerprint
+from common.models import load_base
 from server.app import make_server_app
 from server.federation import prepare, run_federation
 from server.registry import Registry

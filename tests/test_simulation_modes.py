@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
+from common.allow_list import add_site
 from common.config import load_config
 from common.dp import PrivacyAccountant
-from common.keys import add_site, generate_site_key, public_path_for
+from common.keys import generate_site_key, public_path_for
 from fedlora.simulate import simulate
 from server.checkpoint import load_checkpoint
 from server.registry import Registry

@@ -13,7 +13,7 @@ from client.train import adapter_state
 from common.adapters import apply_delta
 from common.config import RunConfig, load_config, site_plan
 from common.errors import FingerprintMismatch
-from common.models import fingerprint
+from common.fingerprint import fingerprint
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.allow_list import AllowList
 from common.encoding import decode_delta, encode_delta
 from common.envelope import (
     ENVELOPE_VERSION,
@@ -34,7 +35,7 @@ from common.envelope import (
     seal_delta,
 )
 from common.errors import UpdateRejected
-from common.keys import KEMS, AllowList, CoordinatorPrivateKey
+from common.keys import KEMS, CoordinatorPrivateKey
 
 # Bytes of the KEM's encapsulated key inside the HPKE output (RFC 9180 Nenc).
 ENC_BYTES = {"x25519": 32, "mlkem768-x25519": 1120}

@@ -15,20 +15,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common.allow_list import ALLOW_LIST_FORMAT, AllowList, add_site, load_allow_list
 from common.errors import FedloraError
 from common.keys import (
-    ALLOW_LIST_FORMAT,
     KEMS,
-    AllowList,
     CoordinatorPrivateKey,
     KeyMaterialError,
     UnknownSite,
-    add_site,
     check_site_id,
     export_public,
     generate_coordinator_key,
     generate_site_key,
-    load_allow_list,
     load_coordinator_private,
     load_coordinator_public,
     load_public_key,

@@ -17,11 +17,11 @@ from safetensors import safe_open
 from common import models
 from common.config import ModelConfig, Task
 from common.errors import ModelError
+from common.fingerprint import fingerprint, fingerprint_checkpoint
 from common.models import (
     LoadedBase,
     Placement,
     cache_dir,
-    fingerprint,
     load_base,
     peak_memory_bytes,
     resolve_model_source,
@@ -239,7 +239,7 @@ def test_checkpoint_fingerprint_equals_loaded_fingerprint(tmp_path: Path, tied: 
     assert loaded.source == str(tmp_path)
     assert loaded.model.config.tie_word_embeddings is tied
     assert load_base(ModelConfig(name=str(tmp_path))).fingerprint == loaded.fingerprint
-    streamed = models._fingerprint_checkpoint(tmp_path, loaded.model, loaded.tokenizer, None)
+    streamed = fingerprint_checkpoint(tmp_path, loaded.model, loaded.tokenizer, None)
     assert streamed == loaded.fingerprint
 
 
@@ -353,5 +353,5 @@ def test_smollm2_loads_from_the_cache_with_a_stable_fingerprint() -> None:
     assert load_base(cfg).fingerprint == loaded.fingerprint
     # Tied embeddings: the 4-bit path's streamed fingerprint must still agree.
     folder = Path(loaded.source)
-    streamed = models._fingerprint_checkpoint(folder, loaded.model, loaded.tokenizer, None)
+    streamed = fingerprint_checkpoint(folder, loaded.model, loaded.tokenizer, None)
     assert streamed == loaded.fingerprint

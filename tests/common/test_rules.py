@@ -18,17 +18,15 @@ from common.adapters import (
     state_num_bytes,
 )
 from common.errors import ConfigError, UpdateRejected
+from common.exact import aggregate_exact, factors_for_site_rank
+from common.lora_keys import lora_factor, lora_pairs
 from common.rules import (
     RULES,
-    aggregate_exact,
     aggregate_fedsa,
     aggregate_ffa,
-    factors_for_site_rank,
     fedsa_sent_keys,
     ffa_sent_keys,
     get_rule,
-    lora_factor,
-    lora_pairs,
     sum_only_aggregate,
 )
 

@@ -21,10 +21,6 @@ from common.secagg import (
     SecAggParams,
     UnmaskReply,
     UnmaskRequest,
-    advert_from_record,
-    advert_to_record,
-    adverts_from_record,
-    adverts_to_record,
     combine_secret,
     max_abs_error_per_coordinate,
     max_abs_weight_error,
@@ -34,15 +30,21 @@ from common.secagg import (
     peer_graph,
     prg,
     share_key,
+    split_secret,
+)
+from common.secagg_client import SecAggSite
+from common.secagg_records import (
+    advert_from_record,
+    advert_to_record,
+    adverts_from_record,
+    adverts_to_record,
     shares_from_record,
     shares_to_record,
-    split_secret,
     unmask_reply_from_record,
     unmask_reply_to_record,
     unmask_request_from_record,
     unmask_request_to_record,
 )
-from common.secagg_client import SecAggSite
 from common.secagg_server import SecAggResult, SecAggServer
 
 CONTEXT = b"fedlora/1|run-test|round-1|module-default|version-0"

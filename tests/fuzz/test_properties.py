@@ -5,7 +5,7 @@ loaders.
 Each property has the same shape: the function returns a well-formed result (finite tensors of
 the expected shapes, a validated config, a non-empty dataset) or raises the one error type its
 module documents. Any other exception is a crash of the coordinator or of a site, and fails.
-Known crashes are pinned by the ``test_bug_*`` tests (``xfail(strict=True)``) at the end, with
+Crashes these tests found are fixed; their regression tests are at the end, with
 the inputs kept out of the properties' strategies so that the properties stay green.
 """
 
@@ -32,6 +32,7 @@ from hypothesis.extra import numpy as hnp
 
 from client.data import load_dataset
 from common.adapters import AggregationError, aggregate_fedavg
+from common.allow_list import AllowList
 from common.config import DataConfig, RunConfig, config_from_dict, load_config
 from common.encoding import ENCODINGS, decode_delta, encode_delta, max_encoded_size
 from common.envelope import (
@@ -44,7 +45,7 @@ from common.envelope import (
     seal_delta,
 )
 from common.errors import ConfigError, DataError, UpdateRejected
-from common.keys import AllowList, CoordinatorPrivateKey
+from common.keys import CoordinatorPrivateKey
 from common.rules import RULES, sum_only_aggregate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -278,7 +279,7 @@ SECTION_KEYS: dict[str, list[str]] = {
     if isinstance(model, type)
 }
 ALL_KEYS = sorted({key for keys in SECTION_KEYS.values() for key in keys})
-# Text is kept under 200 characters: longer path values crash today (see the xfail tests).
+# Text is kept under 200 characters: over-long paths have their own regression test.
 TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
 CONFIG_SCALARS = st.one_of(
     st.booleans(),
@@ -605,12 +606,7 @@ def test_weights_whose_sum_overflows_are_an_aggregation_error() -> None:
         aggregate_fedavg([delta, delta], [1e308, 1e308])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: common.rules.sum_only_aggregate divides a finite float32 sum by a small total "
-    "weight and returns Inf (1e36 / 1e-3 overflows float32); the result is not checked",
-)
-def test_bug_sum_only_aggregate_never_returns_inf() -> None:
+def test_sum_only_aggregate_never_returns_inf() -> None:
     weighted_sum = {"layer.lora_A.weight": torch.full((2, 2), 1e36)}
     try:
         result = sum_only_aggregate(RULES["fedavg"], weighted_sum, 1e-3)

@@ -1,0 +1,195 @@
+"""Deployment configs: ``site.toml`` (one site daemon) and ``coordinator.toml`` (the service).
+
+Both are parsed once at the edge into pydantic models (kebab-case keys, unknown keys refused);
+relative paths are relative to the config file's folder. The run itself (model, rounds, rule,
+privacy) stays in the run config (``common.config.RunConfig``) that ``fedlora coordinator run``
+submits; a site config holds only what is local to the site: its data, model location and
+device, its keys bundle and how to reach the coordinator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import Field, ValidationError
+
+from common.config import DataConfig, DataFormat, ModelConfig, Section
+from common.errors import ConfigError, FedloraError
+from common.keys import check_site_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+Port = Annotated[int, Field(gt=0, lt=65536)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+# Flower's defaults: the SuperLink serves Fleet, Control and Runtime APIs on one port.
+DEFAULT_SUPERLINK_PORT = 9092
+DEFAULT_SUPERNODE_PORT = 9094
+
+
+class SiteSection(Section):
+    id: str = Field(description="the site's id; its envelope key is <keys>/<id>.key")
+    keys: Path = Field(description="the site's bundle from `fedlora provision`")
+    # Seeds this site's batch order; by default derived from the id (stable across restarts).
+    index: Annotated[int, Field(ge=0)] | None = None
+    # Refuse to start unless the local base model has exactly this fingerprint.
+    expect_fingerprint: str | None = None
+
+    @property
+    def seed_index(self) -> int:
+        if self.index is not None:
+            return self.index
+        return int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:2], "big")
+
+
+class CoordinatorAddress(Section):
+    address: str = Field(description="host:port of the coordinator's SuperLink")
+    # The CA certificate that signed the SuperLink's TLS certificate; default <keys>/ca.crt.
+    root_certificates: Path | None = None
+
+
+class SiteDataSection(Section):
+    """The site's own data file: no partitioning, only the held-out split."""
+
+    path: Path
+    format: DataFormat = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    instruction_column: str = "instruction"
+    context_column: str = "context"
+    response_column: str = "response"
+    # Classification: the run's label names in id order (identical at every site).
+    labels: list[str] | None = None
+    holdout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    max_examples: PositiveInt | None = None
+    # Cap on held-out examples; default: the coordinator's data.max-eval-examples.
+    max_eval_examples: PositiveInt | None = None
+    seed: int = 0
+
+    def data_config(self) -> DataConfig:
+        """The ``DataConfig`` that ``client.data.load_dataset`` reads this file with."""
+        return DataConfig(
+            path=self.path,
+            format=self.format,
+            text_column=self.text_column,
+            label_column=self.label_column,
+            instruction_column=self.instruction_column,
+            context_column=self.context_column,
+            response_column=self.response_column,
+            holdout=self.holdout,
+            seed=self.seed,
+        )
+
+
+class SupernodeSection(Section):
+    port: Port = DEFAULT_SUPERNODE_PORT  # the SuperNode's local ClientAppIo API (127.0.0.1)
+    # Reconnection to the coordinator: None = keep trying forever (survives its restarts).
+    max_retries: Annotated[int, Field(ge=0)] | None = None
+    max_wait_time: Annotated[float, Field(gt=0)] | None = None
+    health_port: Port | None = None  # plain-gRPC health service on 127.0.0.1, for probes
+
+
+class ResourcesSection(Section):
+    cpu_threads: PositiveInt | None = None  # torch/OpenMP threads of the training process
+    cuda_visible_devices: str | None = None  # e.g. "0" or "0,1"; "" hides every GPU
+
+
+class SiteConfig(Section):
+    """One site daemon: ``fedlora site start --config site.toml``."""
+
+    site: SiteSection
+    coordinator: CoordinatorAddress
+    model: ModelConfig
+    data: SiteDataSection
+    supernode: SupernodeSection = SupernodeSection()
+    resources: ResourcesSection = ResourcesSection()
+
+    @property
+    def root_certificates(self) -> Path:
+        return self.coordinator.root_certificates or self.site.keys / "ca.crt"
+
+
+class CoordinatorSection(Section):
+    keys: Path = Field(description="the coordinator folder from `fedlora provision init`")
+    state: Path = Field(description="SuperLink database, Flower home, the active run record")
+    runs: Path = Field(description="run directories: <runs>/<run name>/")
+    host: str = "0.0.0.0"  # where the SuperLink listens for sites and the CLI
+    port: Port = DEFAULT_SUPERLINK_PORT
+    health_port: Port | None = None  # plain-gRPC health service, for container probes
+    # How this machine's CLI reaches the SuperLink; must match a name in the TLS cert.
+    control_address: str | None = None
+
+    @property
+    def control(self) -> str:
+        return self.control_address or f"127.0.0.1:{self.port}"
+
+
+class CoordinatorConfig(Section):
+    """The coordinator service: ``fedlora coordinator start --config coordinator.toml``."""
+
+    coordinator: CoordinatorSection
+
+
+_PATHS = {
+    "site": ("keys",),
+    "coordinator": ("root-certificates", "keys", "state", "runs"),
+    "data": ("path",),
+}
+
+Model = TypeVar("Model", SiteConfig, CoordinatorConfig)
+
+
+def _resolve(raw: dict[str, Any], base: Path) -> None:
+    for section, keys in _PATHS.items():
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                table[key] = str((base / value).resolve())
+
+
+def _load(path: Path, model: type[Model]) -> Model:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    _resolve(raw, path.resolve().parent)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"invalid configuration in {path}:"]
+        for item in exc.errors():
+            key = ".".join(str(p).replace("_", "-") for p in item["loc"]) or "<top level>"
+            msg = item["msg"]
+            if item["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; keys are kebab-case)"
+            elif "input" in item and item["type"] != "missing":
+                msg = f"{msg} (got {item['input']!r})"
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Read and validate ``site.toml``; every problem is a ``ConfigError`` naming the key."""
+    cfg = _load(path, SiteConfig)
+    try:
+        check_site_id(cfg.site.id)
+    except FedloraError as exc:
+        raise ConfigError(f"{path}: site.id: {exc}") from None
+    return cfg
+
+
+def load_coordinator_config(path: Path) -> CoordinatorConfig:
+    """Read and validate ``coordinator.toml``."""
+    return _load(path, CoordinatorConfig)

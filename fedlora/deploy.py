@@ -1,0 +1,254 @@
+"""``fedlora coordinator``: the coordinator service (SuperLink + the fedlora ServerApp).
+
+fedlora coordinator start --config coordinator.toml
+fedlora coordinator run RUN.toml --config coordinator.toml [--name NAME] [--stream]
+fedlora coordinator register --config coordinator.toml
+
+``start`` runs the SuperLink in the foreground with TLS and SuperNode authentication, its
+database under ``coordinator.state``, registers every enrolled site's SuperNode key and, if the
+last submitted run did not finish (the coordinator was stopped or killed), submits it again:
+the ServerApp resumes it from its last completed round. ``run`` submits a federation run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.markup import escape
+
+from common.atomic import write_json_atomic
+from common.config import load_config
+from common.errors import FedloraError
+from common.progress import console, print_message
+from common.site_config import CoordinatorConfig, load_coordinator_config
+from fedlora.deploy_flower import (
+    CONNECTION,
+    DeployError,
+    executable,
+    flower_env,
+    run_flwr,
+    wait_for_port,
+    write_connection,
+)
+from fedlora.deploy_keys import CA_CERT, SUPERNODES_DIR, TLS_CERT, TLS_KEY
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent  # pyproject.toml [tool.flwr.app] + packages
+APP_PACKAGES = ("common", "client", "server", "fedlora")
+ACTIVE_RUN = "active-run.json"  # under coordinator.state: the last run submitted
+SUMMARY = "summary.json"  # written by the ServerApp when a run has finished
+READY_TIMEOUT = 60.0  # seconds for the SuperLink to accept connections
+
+
+def _flwr_home(cfg: CoordinatorConfig) -> Path:
+    return cfg.coordinator.state / "flwr"
+
+
+def coordinator_env(cfg: CoordinatorConfig) -> dict[str, str]:
+    """Flower's environment for the coordinator; writes the CLI's TLS connection."""
+    home = _flwr_home(cfg)
+    write_connection(home, cfg.coordinator.control, cfg.coordinator.keys / CA_CERT)
+    return flower_env(home)
+
+
+def superlink_command(cfg: CoordinatorConfig) -> list[str]:
+    """``flower-superlink`` with TLS, SuperNode auth, a database and no dependency installs."""
+    c = cfg.coordinator
+    for name in (TLS_CERT, TLS_KEY, CA_CERT):
+        if not (c.keys / name).is_file():
+            raise DeployError(
+                f"coordinator.keys: {c.keys / name} not found; create it with "
+                "`fedlora provision init`"
+            )
+    command = [
+        executable("flower-superlink"),
+        "--ssl-certfile",
+        str(c.keys / TLS_CERT),
+        "--ssl-keyfile",
+        str(c.keys / TLS_KEY),
+        "--ssl-ca-certfile",
+        str(c.keys / CA_CERT),
+        "--enable-supernode-auth",
+        "--database",
+        str(c.state / "superlink.db"),
+        "--host",
+        c.host,
+        "--port",
+        str(c.port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if c.health_port is not None:
+        command += ["--health-server-address", f"0.0.0.0:{c.health_port}"]
+    return command
+
+
+def _register(public: Path, env: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    out = run_flwr(["supernode", "register", str(public), CONNECTION, "--format", "json"], env)
+    return public.stem, json.loads(out[out.index("{") :])
+
+
+def register_sites(cfg: CoordinatorConfig, env: dict[str, str]) -> list[str]:
+    """Register every ``<keys>/supernodes/<site>.pub`` with the SuperLink; return new ones.
+
+    Registering a key twice is harmless (the SuperLink answers "already in use"). The
+    ``flwr`` CLI takes about 2 s to start, so the sites are registered in parallel.
+    """
+    keys = sorted((cfg.coordinator.keys / SUPERNODES_DIR).glob("*.pub"))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda public: _register(public, env), keys))
+    registered = []
+    for site, answer in answers:
+        if answer.get("success"):
+            registered.append(site)
+            print_message(f"registered site {site} (node {answer.get('node-id')})")
+        elif "already in use" in str(answer.get("error-message", "")):
+            print_message(f"site {site} is registered")
+        else:
+            raise DeployError(f"registering site {site}: {answer.get('error-message')}")
+    return registered
+
+
+def stage_app(dest: Path, source: Path = SOURCE_DIR) -> Path:
+    """Copy the Flower app (pyproject.toml + the Python packages) to ``dest/fedlora``.
+
+    ``flwr run`` walks every file under the app folder before filtering; the repository holds
+    a multi-GB virtual environment and run outputs, so the coordinator packages a staged copy
+    of exactly what goes into the FAB (about 0.1 s instead of 15 s).
+    """
+    if not (source / "pyproject.toml").is_file():
+        raise DeployError(f"{source} has no pyproject.toml: fedlora must be installed from source")
+    app = dest / "fedlora"
+    if app.exists():
+        shutil.rmtree(app)
+    app.mkdir(parents=True)
+    shutil.copy2(source / "pyproject.toml", app / "pyproject.toml")
+    for package in APP_PACKAGES:
+        for path in sorted((source / package).rglob("*.py")):
+            target = app / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    return app
+
+
+def _run_config_arg(config: Path, out: Path, keys: Path) -> str:
+    values = {"config": str(config), "out": str(out), "keys": str(keys)}
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+def submit_run(
+    cfg: CoordinatorConfig, run_config: Path, name: str | None = None, stream: bool = False
+) -> Path:
+    """Submit the federation ``run_config`` to the SuperLink; return its run directory."""
+    run_config = run_config.resolve()
+    load_config(run_config)  # a config error now, not inside the ServerApp
+    out = (cfg.coordinator.runs / (name or run_config.stem)).resolve()
+    env = coordinator_env(cfg)
+    write_json_atomic(
+        cfg.coordinator.state / ACTIVE_RUN, {"config": str(run_config), "out": str(out)}
+    )
+    app = stage_app(cfg.coordinator.state / "app")
+    args = ["run", str(app), CONNECTION, "--run-config"]
+    args.append(_run_config_arg(run_config, out, cfg.coordinator.keys))
+    if stream:
+        args.append("--stream")
+    print_message(f"submitting {run_config} → {out}")
+    if stream:  # the logs go to the terminal, bounded by the run itself
+        code = subprocess.call([executable("flwr"), *args], env=env)
+        if code != 0:
+            raise DeployError(f"`flwr run` exited with code {code}")
+    else:
+        print_message(run_flwr(args, env).strip())
+    return out
+
+
+def unfinished_run(cfg: CoordinatorConfig) -> tuple[Path, Path] | None:
+    """The last submitted run (config, run directory) if it has not finished."""
+    record = cfg.coordinator.state / ACTIVE_RUN
+    if not record.is_file():
+        return None
+    active = json.loads(record.read_text(encoding="utf-8"))
+    out = Path(active["out"])
+    return None if (out / SUMMARY).is_file() else (Path(active["config"]), out)
+
+
+def start_coordinator(cfg: CoordinatorConfig) -> int:
+    """Run the SuperLink in the foreground; register sites; resubmit an unfinished run."""
+    cfg.coordinator.state.mkdir(parents=True, exist_ok=True)
+    cfg.coordinator.runs.mkdir(parents=True, exist_ok=True)
+    env = coordinator_env(cfg)
+    command = superlink_command(cfg)
+    print_message(f"starting the SuperLink on {cfg.coordinator.host}:{cfg.coordinator.port}")
+    proc = subprocess.Popen(command, env=env)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        wait_for_port(cfg.coordinator.control, READY_TIMEOUT, proc)
+        register_sites(cfg, env)
+        pending = unfinished_run(cfg)
+        if pending is not None:
+            config, out = pending
+            print_message(f"resubmitting the unfinished run in {out}")
+            submit_run(cfg, config, out.name)
+    except BaseException:
+        proc.terminate()
+        proc.wait(timeout=30)
+        raise
+    return proc.wait()
+
+
+# ---------------------------------------------------------------------------- command line
+
+COORDINATOR_EPILOG = """\
+examples:
+  fedlora coordinator start --config examples/coordinator.toml
+  fedlora coordinator run examples/tiny.toml --config examples/coordinator.toml --name tiny
+  fedlora coordinator register --config examples/coordinator.toml   # after `provision add-site`
+"""
+
+
+def add_coordinator_parser(subparsers: Any) -> None:
+    """Add ``coordinator start|run|register`` to the ``fedlora`` sub-parsers."""
+    parser = subparsers.add_parser(
+        "coordinator",
+        help="the coordinator service: SuperLink with TLS + site auth, submit federation runs",
+        description=__doc__.split("\n\n")[2] if __doc__ else None,
+        epilog=COORDINATOR_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="coordinator_command", required=True, metavar="COMMAND")
+    start = sub.add_parser("start", help="run the SuperLink (foreground); resume a killed run")
+    start.add_argument("--config", type=Path, required=True, help="coordinator.toml")
+    run = sub.add_parser("run", help="submit a federation run (the ServerApp) to the SuperLink")
+    run.add_argument("run_config", type=Path, metavar="RUN.toml", help="fedlora run config")
+    run.add_argument("--config", type=Path, required=True, help="coordinator.toml")
+    run.add_argument("--name", help="run directory name under coordinator.runs (default: stem)")
+    run.add_argument("--stream", action="store_true", help="follow the run's log until it ends")
+    register = sub.add_parser("register", help="register enrolled sites' SuperNode keys")
+    register.add_argument("--config", type=Path, required=True, help="coordinator.toml")
+
+
+def run_coordinator(args: argparse.Namespace) -> int:
+    """Run a parsed ``fedlora coordinator ...`` command."""
+    try:
+        cfg = load_coordinator_config(args.config)
+        if args.coordinator_command == "start":
+            return start_coordinator(cfg)
+        if args.coordinator_command == "run":
+            submit_run(cfg, args.run_config, args.name, args.stream)
+        else:
+            register_sites(cfg, coordinator_env(cfg))
+    except FedloraError as exc:
+        console.print(f"[red]error[/]: {escape(str(exc))}", soft_wrap=True)
+        return 2
+    return 0

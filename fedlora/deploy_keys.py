@@ -1,0 +1,373 @@
+"""Provisioning a deployment: a private CA, the coordinator's TLS and envelope keys, site bundles.
+
+``fedlora provision init --out DIR --sites a,b,c [--san 127.0.0.1,localhost]`` writes::
+
+    DIR/ca/ca.key, ca.crt                 the private CA (keep ca.key offline once done)
+    DIR/coordinator/                      everything the coordinator needs
+        ca.crt, superlink.crt, superlink.key          SuperLink TLS (cert signed by the CA)
+        coordinator.key, coordinator.pub              HPKE envelope key (sites seal to it)
+        allow-list.json                               site envelope public keys (Ed25519)
+        supernodes/<site>.pub                         SuperNode auth public keys (OpenSSH)
+    DIR/sites/<site>/                     one bundle per site, handed to that site only
+        ca.crt, coordinator.pub                       whom to trust
+        <site>.key, <site>.pub                        envelope signing key (Ed25519)
+        supernode.key, supernode.pub                  SuperNode auth key (ECDSA P-256, OpenSSH)
+
+``fedlora provision add-site --out DIR SITE [--replace]`` enrolls one more site later (or
+rotates a site's keys with ``--replace``). Private keys are written with mode 0600 and never
+printed; the commands print paths and SHA-256 fingerprints of public keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import hashlib
+import ipaddress
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from rich.markup import escape
+
+from common.atomic import fsync_dir
+from common.errors import FedloraError
+from common.keys import (
+    COORDINATOR_KEY_NAME,
+    KEMS,
+    PRIVATE_SUFFIX,
+    KeyMaterialError,
+    add_site,
+    check_site_id,
+    generate_coordinator_key,
+    generate_site_key,
+    load_site_public,
+    public_fingerprint,
+    public_path_for,
+)
+from common.progress import console
+
+# File names inside a provisioning folder (the coordinator and site configs refer to them).
+CA_KEY = "ca.key"
+CA_CERT = "ca.crt"
+TLS_CERT = "superlink.crt"
+TLS_KEY = "superlink.key"
+ALLOW_LIST = "allow-list.json"
+SUPERNODES_DIR = "supernodes"
+NODE_KEY = "supernode.key"  # a site's SuperNode auth key (ECDSA P-256, OpenSSH format)
+NODE_PUB = "supernode.pub"
+COORDINATOR_PUB = "coordinator.pub"
+
+# Validity (days): the CA outlives several server certificates; rotate the server's yearly.
+# Always in the SuperLink's certificate: `fedlora coordinator` reaches it on loopback.
+LOOPBACK_SAN = ("127.0.0.1", "localhost")
+CA_DAYS = 3650
+SERVER_DAYS = 397
+_PRIVATE_MODE = 0o600
+_PUBLIC_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where ``provision`` puts each file under its ``--out`` folder."""
+
+    root: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def coordinator(self) -> Path:
+        return self.root / "coordinator"
+
+    @property
+    def allow_list(self) -> Path:
+        return self.coordinator / ALLOW_LIST
+
+    @property
+    def supernodes(self) -> Path:
+        return self.coordinator / SUPERNODES_DIR
+
+    def site(self, site_id: str) -> Path:
+        return self.root / "sites" / check_site_id(site_id)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _write(path: Path, data: bytes, mode: int, replace: bool = False) -> None:
+    """Write atomically with permissions ``mode`` from the first byte; keep existing files."""
+    if path.exists() and not replace:
+        raise KeyMaterialError(f"{path} already exists; move it away first (keys are kept)")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)  # os.open's mode is narrowed by the umask
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _copy_public(source: Path, target: Path, replace: bool = False) -> None:
+    if target.exists() and target.read_bytes() == source.read_bytes():
+        return
+    _write(target, source.read_bytes(), _PUBLIC_MODE, replace=replace)
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+# ---------------------------------------------------------------------------- certificates
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedlora"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _san(entries: list[str]) -> x509.SubjectAlternativeName:
+    """IP addresses as IP SANs, everything else as DNS names."""
+    names: list[x509.GeneralName] = []
+    for entry in entries:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(entry)))
+        except ValueError:
+            names.append(x509.DNSName(entry))
+    return x509.SubjectAlternativeName(names)
+
+
+def make_ca(days: int = CA_DAYS) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA (ECDSA P-256) that may sign server certificates only (path length 0)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = _name("fedlora private CA")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    san: list[str],
+    days: int = SERVER_DAYS,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's TLS certificate for the names/addresses ``san``, signed by the CA."""
+    if not san:
+        raise KeyMaterialError("--san: give at least one DNS name or IP address")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(san[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(_san(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+# ---------------------------------------------------------------------------- SuperNode auth
+
+
+def make_node_key(folder: Path, replace: bool = False) -> Path:
+    """A SuperNode auth key pair: ``supernode.key`` (0600) and ``supernode.pub``, OpenSSH.
+
+    Flower's ``--auth-supernode-private-key`` wants ECDSA in OpenSSH format; the public half
+    (``ecdsa-sha2-nistp256 AAAA...``) is what ``flwr supernode register`` takes.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(folder / NODE_KEY, private, _PRIVATE_MODE, replace=replace)
+    _write(folder / NODE_PUB, public + b"\n", _PUBLIC_MODE, replace=replace)
+    return folder / NODE_KEY
+
+
+def node_key_fingerprint(public_path: Path) -> str:
+    """``sha256:<hex>`` of an OpenSSH public key line's key blob."""
+    fields = public_path.read_text(encoding="utf-8").split()
+    if len(fields) < 2:
+        raise KeyMaterialError(f"{public_path} is not an OpenSSH public key")
+    return "sha256:" + hashlib.sha256(base64.b64decode(fields[1])).hexdigest()
+
+
+# ---------------------------------------------------------------------------- provisioning
+
+
+def _report(label: str, path: Path, fingerprint: str | None = None) -> None:
+    suffix = f"  ({fingerprint})" if fingerprint else ""
+    console.print(f"{label}: {escape(str(path))}{suffix}", soft_wrap=True)
+
+
+def init_deployment(out: Path, sites: list[str], san: list[str], kem: str = "x25519") -> Layout:
+    """Create the CA, the coordinator's keys and one bundle per site under ``out``."""
+    layout = Layout(Path(out))
+    for site in sites:
+        check_site_id(site)
+    if len(set(sites)) != len(sites):
+        raise KeyMaterialError(f"--sites: a site id repeats: {sites}")
+    if layout.ca.exists() or layout.coordinator.exists():
+        raise KeyMaterialError(f"{out} already holds a deployment; use `provision add-site`")
+    san = list(dict.fromkeys([*san, *LOOPBACK_SAN]))  # the coordinator's own CLI uses these
+    ca_key, ca_cert = make_ca()
+    pem_cert = ca_cert.public_bytes(serialization.Encoding.PEM)
+    _write(layout.ca / CA_KEY, _pem_private(ca_key), _PRIVATE_MODE)
+    _write(layout.ca / CA_CERT, pem_cert, _PUBLIC_MODE)
+    tls_key, tls_cert = make_server_cert(ca_key, ca_cert, san)
+    _write(layout.coordinator / CA_CERT, pem_cert, _PUBLIC_MODE)
+    _write(layout.coordinator / TLS_KEY, _pem_private(tls_key), _PRIVATE_MODE)
+    tls_pem = tls_cert.public_bytes(serialization.Encoding.PEM)
+    _write(layout.coordinator / TLS_CERT, tls_pem, _PUBLIC_MODE)
+    generate_coordinator_key(layout.coordinator, kem=kem)  # type: ignore[arg-type]
+    layout.supernodes.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _report("wrote the private CA (keep ca.key offline)", layout.ca)
+    _report(f"wrote the coordinator's keys (TLS SAN {', '.join(san)})", layout.coordinator)
+    for site in sites:
+        enroll_site(layout, site)
+    return layout
+
+
+def enroll_site(layout: Layout, site_id: str, replace: bool = False) -> Path:
+    """Create ``site_id``'s bundle and enroll both of its public keys at the coordinator."""
+    bundle = layout.site(site_id)
+    coordinator_pub = public_path_for(layout.coordinator / COORDINATOR_KEY_NAME)
+    if not coordinator_pub.is_file():
+        raise KeyMaterialError(f"{coordinator_pub} not found; run `fedlora provision init` first")
+    if bundle.exists() and not replace:
+        raise KeyMaterialError(f"{bundle} already exists; pass --replace to rotate its keys")
+    if replace and bundle.exists():
+        shutil.rmtree(bundle)
+    bundle.mkdir(mode=0o700, parents=True)
+    _copy_public(layout.coordinator / CA_CERT, bundle / CA_CERT)
+    _copy_public(coordinator_pub, bundle / COORDINATOR_PUB)
+    envelope = generate_site_key(bundle, site_id)
+    make_node_key(bundle)
+    add_site(layout.allow_list, site_id, public_path_for(envelope), replace=replace)
+    _copy_public(bundle / NODE_PUB, layout.supernodes / f"{site_id}.pub", replace=replace)
+    envelope_fp = public_fingerprint(load_site_public(public_path_for(envelope)))
+    _report(f"site {site_id}: bundle", bundle)
+    _report(f"  envelope key {site_id}{PRIVATE_SUFFIX} enrolled", layout.allow_list, envelope_fp)
+    node_fp = node_key_fingerprint(bundle / NODE_PUB)
+    _report("  SuperNode key enrolled", layout.supernodes / f"{site_id}.pub", node_fp)
+    return bundle
+
+
+# ---------------------------------------------------------------------------- command line
+
+PROVISION_EPILOG = """\
+examples:
+  fedlora provision init --out deploy/keys --sites hospital-a,hospital-b --san coord.example.org
+  fedlora provision add-site --out deploy/keys hospital-c
+  fedlora provision add-site --out deploy/keys hospital-a --replace     # rotate a site's keys
+
+Hand deploy/keys/sites/<site>/ to that site (and only that folder); the coordinator uses
+deploy/keys/coordinator/. Keep deploy/keys/ca/ca.key offline.
+"""
+
+
+def add_provision_parser(subparsers: Any) -> None:
+    """Add ``provision init`` / ``provision add-site`` to the ``fedlora`` sub-parsers."""
+    provision = subparsers.add_parser(
+        "provision",
+        help="create a deployment's CA, TLS certificate, coordinator keys and site bundles",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        epilog=PROVISION_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = provision.add_subparsers(dest="provision_command", required=True, metavar="COMMAND")
+    init = sub.add_parser("init", help="create the CA, coordinator keys and site bundles")
+    init.add_argument("--out", type=Path, required=True, help="folder (created 0700)")
+    init.add_argument("--sites", required=True, help="comma-separated site ids, e.g. a,b,c")
+    init.add_argument(
+        "--san",
+        default="127.0.0.1,localhost",
+        help="comma-separated DNS names / IP addresses the sites use to reach the coordinator",
+    )
+    init.add_argument("--kem", choices=KEMS, default="x25519", help="envelope KEM")
+    add = sub.add_parser("add-site", help="create and enroll one more site's bundle")
+    add.add_argument("--out", type=Path, required=True, help="the folder `init` wrote")
+    add.add_argument("site_id", metavar="SITE", help="the new site's id")
+    add.add_argument("--replace", action="store_true", help="rotate an enrolled site's keys")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run_provision(args: argparse.Namespace) -> int:
+    """Run a parsed ``fedlora provision ...`` command; 0 on success, 2 with one error line."""
+    try:
+        if args.provision_command == "init":
+            init_deployment(args.out, _split(args.sites), _split(args.san), args.kem)
+        else:
+            enroll_site(Layout(args.out), args.site_id, replace=args.replace)
+    except FedloraError as exc:
+        console.print(f"[red]error[/]: {escape(str(exc))}", soft_wrap=True)
+        return 2
+    return 0

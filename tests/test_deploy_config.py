@@ -1,0 +1,192 @@
+"""Deployment pieces without processes: provisioning, configs, commands, site checks, the FAB."""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from common.errors import ConfigError
+from common.keys import KeyMaterialError, load_allow_list
+from common.site_config import load_coordinator_config, load_site_config
+from fedlora.deploy import _run_config_arg, stage_app, superlink_command, unfinished_run
+from fedlora.deploy_keys import Layout, enroll_site, init_deployment
+from fedlora.deploy_site import SiteCheckError, check_keys, check_site, supernode_command
+from server.deploy_app import DeployedRun
+
+REPO = Path(__file__).resolve().parent.parent
+SITES = ["a", "b"]
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return init_deployment(tmp_path / "keys", SITES, ["coord.example.org"])
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_writes_ca_tls_and_one_bundle_per_site(layout: Layout) -> None:
+    c = layout.coordinator
+    for private in (layout.ca / "ca.key", c / "superlink.key", c / "coordinator.key"):
+        assert _mode(private) == 0o600
+    ca = x509.load_pem_x509_certificate((c / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((c / "superlink.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "coord.example.org" in san.get_values_for_type(x509.DNSName)
+    assert "localhost" in san.get_values_for_type(x509.DNSName)  # the coordinator's own CLI
+    assert sorted(load_allow_list(layout.allow_list)) == SITES
+    assert sorted(p.stem for p in layout.supernodes.glob("*.pub")) == SITES
+
+
+def test_a_site_bundle_holds_only_what_that_site_needs(layout: Layout) -> None:
+    bundle = layout.site("a")
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == sorted(
+        ["a.key", "a.pub", "ca.crt", "coordinator.pub", "supernode.key", "supernode.pub"]
+    )
+    assert _mode(bundle / "a.key") == _mode(bundle / "supernode.key") == 0o600
+    node = load_ssh_private_key((bundle / "supernode.key").read_bytes(), password=None)
+    assert isinstance(node, ec.EllipticCurvePrivateKey)  # Flower's SuperNode auth: ECDSA
+    public = (bundle / "supernode.pub").read_bytes()
+    assert public.startswith(b"ecdsa-sha2-nistp256 ")
+    assert isinstance(load_ssh_public_key(public), ec.EllipticCurvePublicKey)
+    assert public == (layout.supernodes / "a.pub").read_bytes()
+
+
+def test_add_site_enrolls_later_and_rotates_only_when_asked(layout: Layout) -> None:
+    enroll_site(layout, "c")
+    assert sorted(load_allow_list(layout.allow_list)) == [*SITES, "c"]
+    old = (layout.supernodes / "c.pub").read_bytes()
+    with pytest.raises(KeyMaterialError, match="--replace"):
+        enroll_site(layout, "c")
+    enroll_site(layout, "c", replace=True)
+    assert (layout.supernodes / "c.pub").read_bytes() != old
+    assert (layout.site("c") / "supernode.pub").read_bytes() != old
+
+
+def test_init_refuses_an_existing_deployment_and_bad_ids(layout: Layout, tmp_path: Path) -> None:
+    with pytest.raises(KeyMaterialError, match="already holds"):
+        init_deployment(layout.root, ["x"], ["localhost"])
+    with pytest.raises(KeyMaterialError, match="invalid site id"):
+        init_deployment(tmp_path / "other", ["../evil"], ["localhost"])
+
+
+def _site_toml(tmp_path: Path, layout: Layout, **model: object) -> Path:
+    data = tmp_path / "a.jsonl"
+    lines = (REPO / "examples/data/dolly-tiny.jsonl").read_text().splitlines()[:20]
+    data.write_text("\n".join(lines) + "\n")
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
+    path = tmp_path / "site.toml"
+    path.write_text(
+        f'[site]\nid = "a"\nkeys = "{layout.site("a").relative_to(tmp_path)}"\n\n'
+        '[coordinator]\naddress = "coord.example.org:9092"\n\n'
+        f'[model]\nname = "tiny-llama"\ndevice = "cpu"\n{extra}\n'
+        '[data]\npath = "a.jsonl"\nformat = "instruction"\n\n[supernode]\nport = 19094\n'
+    )
+    return path
+
+
+def test_site_config_resolves_paths_and_builds_the_supernode_command(
+    tmp_path: Path, layout: Layout
+) -> None:
+    path = _site_toml(tmp_path, layout)
+    cfg = load_site_config(path)
+    assert cfg.site.keys == layout.site("a").resolve()
+    assert cfg.root_certificates == layout.site("a").resolve() / "ca.crt"
+    command = supernode_command(cfg, path)
+    joined = " ".join(command)
+    assert "--insecure" not in command
+    assert f"--root-certificates {cfg.root_certificates}" in joined
+    assert f"--auth-supernode-private-key {cfg.site.keys / 'supernode.key'}" in joined
+    assert f'site-config="{path.resolve()}"' in command
+    assert command[command.index("--superlink") + 1] == "coord.example.org:9092"
+
+
+def test_site_config_errors_name_the_key(tmp_path: Path, layout: Layout) -> None:
+    path = _site_toml(tmp_path, layout)
+    path.write_text(path.read_text().replace("[supernode]", "[supernode]\nprot = 1"))
+    with pytest.raises(ConfigError, match=r"supernode\.prot: unknown key"):
+        load_site_config(path)
+
+
+def test_site_refuses_missing_data_keys_or_another_base(tmp_path: Path, layout: Layout) -> None:
+    cfg = load_site_config(_site_toml(tmp_path, layout))
+    local = check_site(cfg).fingerprint
+    other = load_site_config(_site_toml(tmp_path, layout, seed=1))
+    with pytest.raises(SiteCheckError) as err:
+        check_site(other, expect_fingerprint=local)
+    assert local in str(err.value) and check_site(other).fingerprint in str(err.value)
+    (tmp_path / "a.jsonl").unlink()
+    with pytest.raises(SiteCheckError, match=r"data\.path"):
+        check_site(cfg)
+    (layout.site("a") / "supernode.key").unlink()
+    with pytest.raises(SiteCheckError, match="SuperNode auth key"):
+        check_keys(cfg)
+
+
+def test_coordinator_command_uses_tls_auth_and_no_dependency_installs(
+    tmp_path: Path, layout: Layout
+) -> None:
+    path = tmp_path / "coordinator.toml"
+    path.write_text(
+        '[coordinator]\nkeys = "keys/coordinator"\nstate = "state"\nruns = "runs"\nport = 19092\n'
+    )
+    cfg = load_coordinator_config(path)
+    command = superlink_command(cfg)
+    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile"):
+        assert Path(command[command.index(flag) + 1]).is_file()
+    assert "--enable-supernode-auth" in command
+    assert "--disable-runtime-dependency-installation" in command
+    assert "--insecure" not in command
+    assert command[command.index("--database") + 1] == str(tmp_path / "state/superlink.db")
+    assert cfg.coordinator.control == "127.0.0.1:19092"
+    # Restart: an unfinished run is resubmitted, a finished one is not.
+    assert unfinished_run(cfg) is None
+    (tmp_path / "state").mkdir()
+    out = tmp_path / "runs/tiny"
+    record = {"config": str(tmp_path / "run.toml"), "out": str(out)}
+    (tmp_path / "state/active-run.json").write_text(json.dumps(record))
+    assert unfinished_run(cfg) == (tmp_path / "run.toml", out)
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    assert unfinished_run(cfg) is None
+
+
+def test_server_app_run_config_needs_absolute_paths(tmp_path: Path) -> None:
+    run = DeployedRun.from_run_config({"config": "/c/run.toml", "out": "/runs/x", "keys": ""})
+    assert run.keys is None and run.out == Path("/runs/x")
+    with pytest.raises(ConfigError, match="absolute path"):
+        DeployedRun.from_run_config({"config": "run.toml", "out": "/runs/x"})
+    arg = _run_config_arg(Path("/a b/run.toml"), Path("/r"), Path("/k"))
+    assert arg == 'config="/a b/run.toml" out="/r" keys="/k"'
+
+
+def test_the_app_bundle_holds_only_the_python_packages(tmp_path: Path) -> None:
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(stage_app(tmp_path))
+    assert len(fab) < 10 * 2**20
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top <= {"common", "client", "server", "fedlora", "pyproject.toml", ".info"}
+    assert "server/deploy_app.py" in names and "client/deploy_app.py" in names
+    assert not [n for n in names if n.endswith((".jsonl", ".csv", ".txt"))]
+
+
+def test_example_configs_parse() -> None:
+    site = load_site_config(REPO / "examples/site.toml")
+    assert site.site.id == "site-1" and site.supernode.port == 9094
+    coordinator = load_coordinator_config(REPO / "examples/coordinator.toml")
+    assert coordinator.coordinator.port == 9092
+    unit = (REPO / "examples/systemd/fedlora-site.service").read_text()
+    assert "fedlora site start --config" in unit and "Restart=always" in unit

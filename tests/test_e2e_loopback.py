@@ -1,0 +1,271 @@
+"""Deployment end to end on 127.0.0.1: provision, coordinator + 3 site daemons, a sealed run.
+
+Every process is a real `fedlora` command (the ones the containers and the systemd unit run):
+`provision init`, `coordinator start` (SuperLink with TLS + SuperNode auth), three
+`site start` (SuperNode + the fedlora ClientApp), `coordinator run`. Each runs in its own
+process group and is stopped by PID at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fedlora.deploy_keys import make_node_key
+from server.registry import Registry
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SITES = ("a", "b", "c")
+RUN_TIMEOUT = 900.0  # seconds for 2 rounds (each message starts a ClientApp process: ~5-15 s)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+@dataclass
+class Deployment:
+    root: Path
+    port: int
+    env: dict[str, str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Path:
+        """Start a command in its own process group; its output goes to ``<name>.log``."""
+        log = self.root / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                list(args),
+                cwd=self.root,
+                env=env or self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return log
+
+    def fedlora(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "fedlora"), *args],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            # The group also holds flwr-serverapp / flwr-clientapp children.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def site_toml(site: str, index: int, port: int, coordinator_port: int, model_seed: int = 0) -> str:
+    return f"""\
+[site]
+id = "{site}"
+keys = "keys/sites/{site}"
+index = {index}
+
+[coordinator]
+address = "127.0.0.1:{coordinator_port}"
+
+[model]
+name = "tiny-llama"
+device = "cpu"
+seed = {model_seed}
+
+[data]
+path = "{site}.jsonl"
+format = "instruction"
+holdout = 0.2
+
+[supernode]
+port = {port}
+
+[resources]
+cpu-threads = 1
+"""
+
+
+def _write_files(root: Path, port: int) -> None:
+    lines = (REPO / "examples/data/dolly-tiny.jsonl").read_text().splitlines()
+    for index, site in enumerate(SITES):  # each site its own file: no partitioning at a site
+        (root / f"{site}.jsonl").write_text("\n".join(lines[index :: len(SITES)]) + "\n")
+        (root / f"site-{site}.toml").write_text(site_toml(site, index, free_port(), port))
+    (root / "coordinator.toml").write_text(
+        f'[coordinator]\nkeys = "keys/coordinator"\nstate = "state"\nruns = "runs"\n'
+        f'host = "127.0.0.1"\nport = {port}\n'
+    )
+    run = (REPO / "examples/tiny.toml").read_text()
+    run = run.replace(
+        'path = "data/dolly-tiny.jsonl"', f'path = "{REPO}/examples/data/dolly-tiny.jsonl"'
+    )
+    (root / "run.toml").write_text(run.replace("rounds = 3", "rounds = 2"))
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("loopback")
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(root / "flwr"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    dep = Deployment(root, free_port(), env)
+    _write_files(root, dep.port)
+    done = dep.fedlora("provision", "init", "--out", "keys", "--sites", ",".join(SITES))
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        log = dep.start(
+            "coordinator",
+            str(BIN / "fedlora"),
+            "coordinator",
+            "start",
+            "--config",
+            "coordinator.toml",
+        )
+        wait_for(
+            lambda: all(f"site {s} " in log.read_text() for s in SITES), 120, "site registration"
+        )
+        for site in SITES:
+            site_env = dict(env, FLWR_HOME=str(root / f"flwr-{site}"))
+            dep.start(
+                f"site-{site}",
+                str(BIN / "fedlora"),
+                "site",
+                "start",
+                "--config",
+                f"site-{site}.toml",
+                env=site_env,
+            )
+        yield dep
+    finally:
+        dep.stop()
+
+
+def test_sealed_run_over_tls_with_site_auth(deployment: Deployment) -> None:
+    started = time.monotonic()
+    done = deployment.fedlora(
+        "coordinator", "run", "run.toml", "--config", "coordinator.toml", "--name", "tiny"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = deployment.root / "runs" / "tiny"
+    for proc in deployment.procs:
+        assert proc.poll() is None, f"{proc.args!r} exited early"
+    wait_for(lambda: (out / "summary.json").is_file(), RUN_TIMEOUT, "the run's summary.json")
+    print(f"2 rounds, 3 sites on loopback: {time.monotonic() - started:.1f} s")
+
+    versions = Registry(out / "registry").versions("shared")
+    assert [v.version for v in versions] == [0, 1, 2]
+    assert all(v.manifest["privacy"] == "sealed" for v in versions)
+    assert sorted(versions[-1].manifest["cohort"]) == list(SITES)  # every site, by its own id
+    rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2]
+    assert "a round 1 step" in (deployment.root / "site-a.log").read_text()  # logs each round
+
+
+def _supernode(dep: Deployment, name: str, *args: str) -> tuple[int, str]:
+    """Run a bounded SuperNode against the coordinator; its exit code and output."""
+    log = dep.root / f"{name}.log"
+    env = dict(dep.env, FLWR_HOME=str(dep.root / f"flwr-{name}"))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{dep.port}",
+                "--port",
+                str(free_port()),
+                "--max-retries",
+                "1",
+                "--max-wait-time",
+                "10",
+                *args,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return code, log.read_text()
+
+
+def test_unregistered_supernode_key_is_refused(deployment: Deployment) -> None:
+    stranger = deployment.root / "stranger"
+    make_node_key(stranger)
+    code, output = _supernode(
+        deployment,
+        "stranger",
+        "--root-certificates",
+        str(deployment.root / "keys/sites/a/ca.crt"),
+        "--auth-supernode-private-key",
+        str(stranger / "supernode.key"),
+    )
+    assert code != 0
+    assert "Failed to activate SuperNode" in output
+
+
+def test_plaintext_client_is_refused(deployment: Deployment) -> None:
+    code, output = _supernode(deployment, "plaintext", "--insecure")
+    assert code != 0
+    assert "could not establish a connection" in output
+
+
+def test_site_with_another_base_model_refuses_to_start(deployment: Deployment) -> None:
+    other = deployment.root / "site-other.toml"
+    other.write_text(site_toml("a", 0, free_port(), deployment.port, model_seed=1))
+    coordinator = deployment.fedlora("fingerprint", "tiny-llama").stdout.split()[-1]
+    done = deployment.fedlora(
+        "site", "start", "--config", str(other), "--expect-fingerprint", coordinator
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    message = " ".join(done.stdout.split())
+    assert "fingerprint mismatch" in message
+    named = set(re.findall(r"\b[0-9a-f]{64}\b", message))
+    assert coordinator in named and len(named) == 2  # the expected and the local digest
