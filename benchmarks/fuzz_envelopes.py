@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from common.allow_list import AllowList  # noqa: E402
 from common.encoding import decode_delta, encode_delta, max_encoded_size  # noqa: E402
 from common.envelope import (  # noqa: E402
     HEADER,
@@ -69,7 +70,7 @@ from common.envelope import (  # noqa: E402
     seal_delta,
 )
 from common.errors import UpdateRejected  # noqa: E402
-from common.keys import AllowList, CoordinatorPrivateKey  # noqa: E402
+from common.keys import CoordinatorPrivateKey  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "out" / "fuzz_envelopes.json"
 SITES = ("site-a", "site-b", "site-c")

@@ -29,7 +29,7 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Literal, get_args
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -40,15 +40,6 @@ from cryptography.hazmat.primitives.hpke import MLKEM768X25519PrivateKey, MLKEM7
 
 from common.atomic import fsync_dir
 from common.errors import FedloraError
-
-if TYPE_CHECKING:
-    # Re-exports: these moved to common.allow_list (which imports this module, so at run time
-    # ``__getattr__`` below imports them on first use); importers here keep working.
-    from common.allow_list import ALLOW_LIST_FORMAT as ALLOW_LIST_FORMAT
-    from common.allow_list import MAX_ALLOW_LIST_BYTES as MAX_ALLOW_LIST_BYTES
-    from common.allow_list import AllowList as AllowList
-    from common.allow_list import add_site as add_site
-    from common.allow_list import load_allow_list as load_allow_list
 
 Kem = Literal["x25519", "mlkem768-x25519"]
 KEMS: tuple[str, ...] = get_args(Kem)
@@ -368,20 +359,3 @@ def export_public(private_path: Path, out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_new_file(out_path, key_pem(key.public_key()), PUBLIC_FILE_MODE)
     return out_path
-
-
-_MOVED_TO_ALLOW_LIST = frozenset(
-    {"ALLOW_LIST_FORMAT", "MAX_ALLOW_LIST_BYTES", "AllowList", "add_site", "load_allow_list"}
-)
-
-
-def __getattr__(name: str) -> Any:
-    """The names that moved to ``common.allow_list``, imported on first use (PEP 562).
-
-    A plain import at the top would be circular: ``common.allow_list`` imports this module.
-    """
-    if name in _MOVED_TO_ALLOW_LIST:
-        from common import allow_list
-
-        return getattr(allow_list, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
@@ -50,29 +49,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.errors import ConfigError, FedloraError
 from common.fixedpoint import MAX_SUM_LEVEL, ROUNDINGS, Levels, Rounding, max_level
-
-if TYPE_CHECKING:
-    # Re-exports: these moved to common.secagg_records (which imports this module, so at run
-    # time ``__getattr__`` below imports them on first use); importers here keep working.
-    from common.secagg_records import Record as Record
-    from common.secagg_records import RecordValue as RecordValue
-    from common.secagg_records import advert_from_record as advert_from_record
-    from common.secagg_records import advert_to_record as advert_to_record
-    from common.secagg_records import adverts_from_record as adverts_from_record
-    from common.secagg_records import adverts_to_record as adverts_to_record
-    from common.secagg_records import params_from_record as params_from_record
-    from common.secagg_records import params_to_record as params_to_record
-    from common.secagg_records import record_bytes as record_bytes
-    from common.secagg_records import record_bytes_list as record_bytes_list
-    from common.secagg_records import record_ids as record_ids
-    from common.secagg_records import record_int as record_int
-    from common.secagg_records import record_value as record_value
-    from common.secagg_records import shares_from_record as shares_from_record
-    from common.secagg_records import shares_to_record as shares_to_record
-    from common.secagg_records import unmask_reply_from_record as unmask_reply_from_record
-    from common.secagg_records import unmask_reply_to_record as unmask_reply_to_record
-    from common.secagg_records import unmask_request_from_record as unmask_request_from_record
-    from common.secagg_records import unmask_request_to_record as unmask_request_to_record
 
 DOMAIN = b"fedlora/secagg/1"
 # Bounds checked before anything is parsed (bytes, counts).
@@ -432,24 +408,3 @@ def combine_secret(shares: dict[int, bytes]) -> bytes:
         Shamir.combine([(index, share[i : i + _CHUNK]) for index, share in shares.items()], False)
         for i in range(0, SHARE_BYTES, _CHUNK)
     )
-
-
-_MOVED_TO_RECORDS = frozenset(
-    {"RecordValue", "Record", "record_value", "record_int", "record_bytes", "record_ids",
-     "record_bytes_list", "params_to_record", "params_from_record", "advert_to_record",
-     "advert_from_record", "adverts_to_record", "adverts_from_record", "shares_to_record",
-     "shares_from_record", "unmask_request_to_record", "unmask_request_from_record",
-     "unmask_reply_to_record", "unmask_reply_from_record"}
-)  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    """The names that moved to ``common.secagg_records``, imported on first use (PEP 562).
-
-    A plain import at the top would be circular: ``common.secagg_records`` imports this module.
-    """
-    if name in _MOVED_TO_RECORDS:
-        from common import secagg_records
-
-        return getattr(secagg_records, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

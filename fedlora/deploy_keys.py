@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.markup import escape
 
+from common.allow_list import add_site
 from common.atomic import fsync_dir
 from common.errors import FedloraError
 from common.keys import (
@@ -45,7 +46,6 @@ from common.keys import (
     KEMS,
     PRIVATE_SUFFIX,
     KeyMaterialError,
-    add_site,
     check_site_id,
     generate_coordinator_key,
     generate_site_key,

@@ -14,9 +14,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.allow_list import load_allow_list
 from common.config import RunConfig, load_config
 from common.errors import ConfigError
-from common.keys import COORDINATOR_KEY_NAME, load_allow_list, load_coordinator_private
+from common.keys import COORDINATOR_KEY_NAME, load_coordinator_private
 from common.progress import print_message
 from server.checkpoint import CHECKPOINT_FILE
 from server.federation import prepare, run_federation

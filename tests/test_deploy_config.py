@@ -13,8 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from common.allow_list import load_allow_list
 from common.errors import ConfigError
-from common.keys import KeyMaterialError, load_allow_list
+from common.keys import KeyMaterialError
 from common.site_config import load_coordinator_config, load_site_config
 from fedlora.deploy import _run_config_arg, stage_app, superlink_command, unfinished_run
 from fedlora.deploy_keys import Layout, enroll_site, init_deployment
