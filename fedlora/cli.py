@@ -18,6 +18,7 @@ from common.progress import console
 from fedlora.deploy import add_coordinator_parser, run_coordinator
 from fedlora.deploy_keys import add_provision_parser, run_provision
 from fedlora.deploy_site import add_site_parser, run_site
+from fedlora.inference import add_inference_parsers, run_inference
 from fedlora.keys_cli import add_keys_parser, run_keys
 from fedlora.registry_cli import add_registry_parser, run_registry
 
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     fp.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     fp.add_argument("--num-labels", type=int, default=None, help="classification head size")
     fp.add_argument("--seed", type=int, default=0, help="seed of a newly initialised head")
+    add_inference_parsers(sub)
     add_keys_parser(sub)
     add_registry_parser(sub)
     add_provision_parser(sub)
@@ -141,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(DEMO_CONFIG, args.out, args.overrides)
         if args.command == "fingerprint":
             return _fingerprint(args.model, args.task, args.num_labels, args.seed)
+        if args.command in ("generate", "predict"):
+            return run_inference(args)
         if args.command == "keys":
             return run_keys(args)
         if args.command == "registry":

@@ -155,6 +155,7 @@ def _publish(
             else None,
             "cohort": cohort,
             "examples": examples,
+            "labels": coord.dataset.label_names,
         },
     )
     coord.audit.append(
