@@ -87,6 +87,8 @@ class DataConfig(Section):
 class FederationConfig(Section):
     sites: PositiveInt = 3
     rounds: PositiveInt = 3
+    # A site whose replies were rejected this many times is ignored for the rest of the run.
+    quarantine_after: PositiveInt | None = None
     # Fewest accepted replies with which a round still aggregates; None = all sites.
     min_sites: PositiveInt | None = None
     # Seconds the coordinator waits for the replies of one stage.
@@ -137,9 +139,21 @@ class AggregationConfig(Section):
     server_tau: Annotated[float, Field(gt=0)] = 1e-3
     # Upper bound on the example count a site may claim as its aggregation weight.
     max_examples: PositiveInt = 1_000_000
+    # Replies whose delta has a larger L2 norm are rejected (None: no bound).
+    max_delta_norm: Annotated[float, Field(gt=0)] | None = None
+    # Untrusted sites (sealed/plain modes): clip every delta to this L2 norm at the coordinator,
+    # and/or aggregate with a coordinate-wise median or trimmed mean instead of the mean.
+    server_clip: Annotated[float, Field(gt=0)] | None = None
+    robust: Literal["none", "median", "trimmed-mean"] = "none"
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
 
     @model_validator(mode="after")
     def _check(self) -> AggregationConfig:
+        if self.robust != "none" and self.rule == "exact":
+            raise ValueError(
+                f"aggregation.robust = {self.robust!r} replaces the mean of deltas; it cannot be "
+                "combined with rule 'exact' (which averages products)"
+            )
         if self.rule == "exact" and (self.server_optimizer != "sgd" or self.server_lr != 1.0):
             raise ValueError(
                 "aggregation.rule = 'exact' re-factors the adapter every round, so a momentum "
@@ -221,6 +235,12 @@ class RunConfig(Section):
             raise ValueError(
                 "aggregation.rule = 'exact' needs each site's delta, which secure-sum hides by "
                 "design; use privacy.mode = 'sealed' or a sum-only rule (fedavg, ffa, fedsa)"
+            )
+        robust = self.aggregation.robust != "none" or self.aggregation.server_clip is not None
+        if robust and (self.privacy.mode == "secure-sum" or self.privacy.dp.enabled):
+            raise ValueError(
+                "aggregation.robust / aggregation.server-clip need each site's delta: use "
+                "privacy.mode = 'sealed' without privacy.dp (DP already clips every delta)"
             )
         if self.privacy.dp.enabled and self.aggregation.rule == "exact":
             raise ValueError(

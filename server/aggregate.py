@@ -26,6 +26,7 @@ from common.dp import (
     secure_generator,
 )
 from common.exact import aggregate_exact
+from common.robust import aggregate_median, aggregate_trimmed_mean
 from common.rules import get_rule, sum_only_aggregate
 from common.server_opt import make_server_optimizer
 
@@ -108,9 +109,16 @@ class Aggregator:
         return dp_aggregate_mean(weighted_sum, std, self.cfg.federation.sites, self.noise)
 
     def _mean_delta(self, updates: Sequence[SiteDelta]) -> AdapterState:
-        dp = self.cfg.privacy.dp
+        dp, agg = self.cfg.privacy.dp, self.cfg.aggregation
         if not dp.enabled:
-            return self.rule.aggregate([u.delta for u in updates], [u.examples for u in updates])
+            deltas = [u.delta for u in updates]
+            if agg.server_clip is not None:
+                deltas = [clip_delta(d, agg.server_clip)[0] for d in deltas]
+            if agg.robust == "median":
+                return aggregate_median(deltas)
+            if agg.robust == "trimmed-mean":
+                return aggregate_trimmed_mean(deltas, agg.trim_fraction)
+            return self.rule.aggregate(deltas, [u.examples for u in updates])
         # DP-FedAvg: re-clip (bounds a site that skipped its own clipping), sum with weight 1,
         # divide by the FIXED expected cohort, with central noise of std sigma * C.
         clipped = [clip_delta(u.delta, dp.clip)[0] for u in updates]

@@ -102,6 +102,8 @@ class FedLoraStrategy(Strategy):
         self.aggregator = Aggregator(cfg)
         self.version = 0  # the global version the current instructions carry
         self.node_ids: list[int] = []
+        self.offences: dict[int, int] = {}  # Flower node id -> rejected train replies
+        self.quarantined: dict[int, str] = {}  # node id -> the site name it last claimed
         self.train_log = StageLog()
         self.eval_log = StageLog()
         self._global: AdapterState = {}
@@ -192,7 +194,7 @@ class FedLoraStrategy(Strategy):
         reference = {k: v for k, v in self._global.items() if k in sent}
         shapes = {k: tuple(v.shape) for k, v in reference.items()}
         delta = decode_delta(payload, self.cfg.privacy.max_payload_bytes, expected=shapes)
-        check_delta(delta, reference)
+        check_delta(delta, reference, max_norm=self.cfg.aggregation.max_delta_norm)
         self.aggregator.rule.check_payload(delta)
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return AcceptedUpdate(site, examples, delta, values, wire_bytes)
@@ -228,11 +230,12 @@ class FedLoraStrategy(Strategy):
                     raise UpdateRejected("a second reply from the same site in one round")
             except UpdateRejected as exc:
                 self.train_log.reject(site, str(exc))
+                self._count_offence(reply.metadata.src_node_id, site)
                 continue
             accepted.append(update)
             self.train_log.bytes_up += update.payload_bytes
             self.train_log.accepted[update.site] = update.metrics
-        needed = self.cfg.federation.min_sites or self.cfg.federation.sites
+        needed = self.cfg.federation.min_sites or len(self.node_ids)
         if len(accepted) < needed:
             raise AggregationError(
                 f"round {server_round}: {len(accepted)} valid replies, federation.min-sites "
@@ -244,6 +247,19 @@ class FedLoraStrategy(Strategy):
         updates = [SiteDelta(a.site, a.examples, a.delta) for a in accepted]
         new_state = self.aggregator.aggregate(self._global, updates, server_round)
         return ArrayRecord(new_state), MetricRecord(_weighted(self.train_log.accepted))
+
+    def _count_offence(self, node: int, site: str) -> None:
+        """Quarantine a node after ``federation.quarantine-after`` rejected replies.
+
+        Counted per Flower node (authenticated by the SuperLink), not per claimed site name,
+        so a forger cannot get an honest site quarantined by sending bad replies in its name.
+        """
+        limit = self.cfg.federation.quarantine_after
+        self.offences[node] = self.offences.get(node, 0) + 1
+        if limit is not None and self.offences[node] >= limit and node in self.node_ids:
+            self.node_ids.remove(node)
+            self.quarantined[node] = site
+            logger.warning("quarantined %s (node %s) after %d rejected replies", site, node, limit)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -132,3 +132,9 @@ def test_secure_sum_with_distributed_dp(tmp_path: Path) -> None:
     )
     assert [m["round"] for m in run["metrics"]] == [0, 1, 2]
     assert run["metrics"][2]["epsilon"] > run["metrics"][1]["epsilon"] > 0
+
+
+def test_median_aggregation_with_server_clipping(tmp_path: Path) -> None:
+    run = run_tiny(tmp_path / "run", "aggregation.robust='median'", "aggregation.server-clip=1.0")
+    assert all(m["rejected"] == [] for m in run["metrics"])
+    assert run["metrics"][-1]["eval_loss"] < run["metrics"][0]["eval_loss"]

@@ -168,3 +168,31 @@ def test_too_few_valid_replies_is_an_aggregation_error(examples_dir: Path) -> No
     list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
     with pytest.raises(AggregationError, match="min-sites"):
         strategy.aggregate_train(1, [reply("s1"), reply("s2", **{P.KEY_ROUND: 5})])
+
+
+def test_delta_norm_over_the_bound_is_rejected(examples_dir: Path) -> None:
+    cfg = load_config(
+        examples_dir / "tiny.toml",
+        ["privacy.mode=none", "federation.min-sites=1", "aggregation.max-delta-norm=10.0"],
+    )
+    strategy = FedLoraStrategy(cfg, site_plan(cfg), FINGERPRINT, run_id="run")
+    strategy.node_ids = [1, 2]
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
+    strategy.aggregate_train(1, [reply("good", _delta(1.0)), reply("big", _delta(100.0))])
+    assert [r["site"] for r in strategy.train_log.rejected] == ["big"]
+    assert "norm" in strategy.train_log.rejected[0]["reason"]
+
+
+def test_repeat_offender_is_quarantined(examples_dir: Path) -> None:
+    cfg = load_config(
+        examples_dir / "tiny.toml",
+        ["privacy.mode=none", "federation.min-sites=1", "federation.quarantine-after=2"],
+    )
+    strategy = FedLoraStrategy(cfg, site_plan(cfg), FINGERPRINT, run_id="run")
+    strategy.node_ids = [1, 2]
+    for server_round in (1, 2):
+        list(strategy.configure_train(server_round, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
+        bad = reply("x", b"garbage")  # from node 1 (reply() addresses instruction to node 1)
+        strategy.aggregate_train(server_round, [reply("good", **{P.KEY_ROUND: server_round}), bad])
+    assert strategy.node_ids == [2]
+    assert strategy.quarantined == {1: "x"}
