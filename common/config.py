@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -272,6 +272,28 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+SectionModel = TypeVar("SectionModel", bound=Section)
+
+
+def validate_config(model: type[SectionModel], raw: dict[str, Any], source: str) -> SectionModel:
+    """Validate a parsed TOML mapping into ``model``; one ``ConfigError`` naming every key."""
+    _refuse_embedded_secrets(raw)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a mapping; a missing or malformed file is a ``ConfigError``."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one ``section.key=value`` override; the value is read as TOML, else as a string."""
     if "=" not in text:
@@ -297,12 +319,17 @@ def _apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-_PATH_KEYS = {"data": ("path", "eval-path"), "privacy": ("coordinator-key", "allow-list")}
+_PATH_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("path", "eval-path"),
+    "privacy": ("coordinator-key", "allow-list"),
+}
 
 
-def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+def resolve_paths(
+    raw: dict[str, Any], base_dir: Path, path_keys: dict[str, tuple[str, ...]] = _PATH_KEYS
+) -> None:
     """Make relative file paths relative to the config file's folder, as a user expects."""
-    for section, keys in _PATH_KEYS.items():
+    for section, keys in path_keys.items():
         table = raw.get(section)
         if not isinstance(table, dict):
             continue
@@ -357,26 +384,17 @@ def _check_files(cfg: RunConfig) -> None:
 def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config; every problem is a ``ConfigError``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    raw = read_toml(path)
     for text in overrides or []:
         key_path, value = parse_override(text)
         _apply_override(raw, key_path, value)
-    _resolve_paths(raw, path.resolve().parent)
+    resolve_paths(raw, path.resolve().parent)
     return config_from_dict(raw, source=str(path))
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Validate an already-parsed config mapping (kebab-case keys)."""
-    _refuse_embedded_secrets(raw)
-    try:
-        cfg = RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+    cfg = validate_config(RunConfig, raw, source)
     _check_files(cfg)
     return cfg
 

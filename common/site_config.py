@@ -10,20 +10,22 @@ device, its keys bundle and how to reach the coordinator.
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from common.config import DataConfig, DataFormat, ModelConfig, Section
+from common.config import (
+    DataConfig,
+    DataFormat,
+    ModelConfig,
+    Section,
+    read_toml,
+    resolve_paths,
+    validate_config,
+)
 from common.errors import ConfigError, FedloraError
 from common.keys import check_site_id
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 Port = Annotated[int, Field(gt=0, lt=65536)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -136,7 +138,7 @@ class CoordinatorConfig(Section):
     coordinator: CoordinatorSection
 
 
-_PATHS = {
+_PATHS: dict[str, tuple[str, ...]] = {
     "site": ("keys",),
     "coordinator": ("root-certificates", "keys", "state", "runs"),
     "data": ("path",),
@@ -145,39 +147,12 @@ _PATHS = {
 Model = TypeVar("Model", SiteConfig, CoordinatorConfig)
 
 
-def _resolve(raw: dict[str, Any], base: Path) -> None:
-    for section, keys in _PATHS.items():
-        table = raw.get(section)
-        if not isinstance(table, dict):
-            continue
-        for key in keys:
-            value = table.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
-                table[key] = str((base / value).resolve())
-
-
 def _load(path: Path, model: type[Model]) -> Model:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    _resolve(raw, path.resolve().parent)
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"invalid configuration in {path}:"]
-        for item in exc.errors():
-            key = ".".join(str(p).replace("_", "-") for p in item["loc"]) or "<top level>"
-            msg = item["msg"]
-            if item["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; keys are kebab-case)"
-            elif "input" in item and item["type"] != "missing":
-                msg = f"{msg} (got {item['input']!r})"
-            lines.append(f"  {key}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+    raw = read_toml(path)
+    # Site and coordinator files are read by daemons that may chdir: resolve absolutely.
+    resolve_paths(raw, path.resolve().parent, _PATHS)
+    return validate_config(model, raw, str(path))
 
 
 def load_site_config(path: Path) -> SiteConfig:
