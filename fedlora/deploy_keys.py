@@ -25,8 +25,6 @@ import base64
 import datetime
 import hashlib
 import ipaddress
-import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.markup import escape
 
 from common.allow_list import add_site
-from common.atomic import fsync_dir
 from common.errors import FedloraError
 from common.keys import (
     COORDINATOR_KEY_NAME,
@@ -52,6 +49,7 @@ from common.keys import (
     load_site_public,
     public_fingerprint,
     public_path_for,
+    write_new_file,
 )
 from common.progress import console
 
@@ -105,23 +103,9 @@ class Layout:
 
 
 def _write(path: Path, data: bytes, mode: int, replace: bool = False) -> None:
-    """Write atomically with permissions ``mode`` from the first byte; keep existing files."""
-    if path.exists() and not replace:
-        raise KeyMaterialError(f"{path} already exists; move it away first (keys are kept)")
+    """``write_new_file`` into a 0700 folder (created if missing)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # os.open's mode is narrowed by the umask
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    write_new_file(path, data, mode, replace)
 
 
 def _copy_public(source: Path, target: Path, replace: bool = False) -> None:
