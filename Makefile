@@ -50,6 +50,10 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python benchmarks/bench_communication.py
+	$(BIN)/python benchmarks/bench_crypto.py
+	$(BIN)/python benchmarks/bench_aggregation.py
+	$(BIN)/python benchmarks/bench_client_step.py
 	$(BIN)/python benchmarks/bench_round.py
 
 fuzz: setup

@@ -21,6 +21,7 @@ from fedlora.deploy_site import add_site_parser, run_site
 from fedlora.inference import add_inference_parsers, run_inference
 from fedlora.keys_cli import add_keys_parser, run_keys
 from fedlora.registry_cli import add_registry_parser, run_registry
+from fedlora.report import add_report_parser, run_report
 
 DEPLOY_COMMANDS = {"provision": run_provision, "coordinator": run_coordinator, "site": run_site}
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     fp.add_argument("--num-labels", type=int, default=None, help="classification head size")
     fp.add_argument("--seed", type=int, default=0, help="seed of a newly initialised head")
     add_inference_parsers(sub)
+    add_report_parser(sub)
     add_keys_parser(sub)
     add_registry_parser(sub)
     add_provision_parser(sub)
@@ -143,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(DEMO_CONFIG, args.out, args.overrides)
         if args.command == "fingerprint":
             return _fingerprint(args.model, args.task, args.num_labels, args.seed)
+        if args.command == "report":
+            return run_report(args)
         if args.command in ("generate", "predict"):
             return run_inference(args)
         if args.command == "keys":
