@@ -52,6 +52,19 @@ def _config(values: Mapping[str, Any]) -> ConfigRecord:
     return ConfigRecord(plain)
 
 
+def record_bytes(record: Mapping[str, Any]) -> int:
+    """Payload bytes of a stage record: bytes as they are, ints as 8 bytes, lists summed."""
+
+    def size(value: Any) -> int:
+        if isinstance(value, bytes | str):
+            return len(value)
+        if isinstance(value, list):
+            return sum(size(item) for item in value)
+        return 8
+
+    return sum(size(value) for value in record.values())
+
+
 def site_numbers(site_names: Iterable[str]) -> dict[str, int]:
     """Public integer ids 1..N of the enrolled sites, in name order."""
     return {name: index + 1 for index, name in enumerate(sorted(site_names))}
@@ -138,9 +151,9 @@ class SecureSumRound:
                 self.log.reject(site, "unknown or duplicate site in secure-sum round")
                 continue
             try:
-                adverts[number] = adverts_from_record(
-                    dict(reply.content.config_records[P.SECAGG_RECORD])
-                )[number]
+                record = reply.content.config_records[P.SECAGG_RECORD]
+                adverts[number] = adverts_from_record(dict(record))[number]
+                self.log.bytes_up += record_bytes(record)
             except (SecAggError, KeyError) as exc:
                 self.log.reject(site, f"malformed key advert: {exc}")
                 continue
@@ -161,9 +174,7 @@ class SecureSumRound:
         for number, reply in replies.items():
             record = reply.content.config_records.get(P.SECAGG_RECORD)
             if record is not None:
-                self.log.bytes_up += sum(
-                    len(v) if isinstance(v, bytes) else 8 for v in record.values()
-                )
+                self.log.bytes_up += record_bytes(record)
                 out[number] = dict(record)
         return out
 
