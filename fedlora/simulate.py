@@ -27,6 +27,7 @@ from common.keys import (
     public_path_for,
 )
 from common.progress import print_message
+from fedlora.deploy_flower import OFFLINE_ENVIRONMENT
 from server.app import make_server_app
 from server.federation import prepare
 from server.rundir import RunDirLock, check_start
@@ -34,16 +35,9 @@ from server.strategy import Sealing
 
 logger = logging.getLogger(__name__)
 
-# Flower and Hugging Face settings every run needs on an offline machine (FLOWER.md).
-_ENVIRONMENT = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_DEDUP_LOGS": "0",
-}
+# The deployed processes' offline settings, plus: show every site's progress line (Ray would
+# fold repeated log lines from different workers into one).
+_ENVIRONMENT = {**OFFLINE_ENVIRONMENT, "RAY_DEDUP_LOGS": "0"}
 
 
 def prepare_environment(out_dir: Path) -> None:
