@@ -2,12 +2,14 @@
 # Deployment end to end on 127.0.0.1, with the commands a real deployment uses:
 # provision keys, start the coordinator (SuperLink with TLS + SuperNode auth) and 3 site
 # daemons as real processes, run 2 rounds of examples/tiny.toml in sealed mode, check the
-# registry. Every process started here is stopped by its process group, also on failure.
+# registry. Every process started here (and each of its descendants) is stopped by PID, also
+# on failure.
 #
 #   scripts/e2e-loopback.sh [WORK_DIR]        (default: a new temp folder, kept for inspection)
 #
-# With RESTART=1 it also SIGKILLs the coordinator after round 1 of 4, starts it again, and
-# checks that the run finishes with every version exactly once.
+# With RESTART=1 it also SIGKILLs the coordinator (every process of it) after round 1 of 4,
+# starts it again, and checks that the run finishes with every version exactly once.
+# tests/test_e2e_resilience.py also compares the result bit for bit with an uninterrupted run.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,11 +25,16 @@ export FLWR_HOME="$WORK/flwr" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 PIDS=()
+# tree PID: PID and its descendants. The SuperLink starts its SuperExec (which runs the
+# ServerApp) in a session of its own, which a process group signal does not reach.
+tree() { local child; echo "$1"; for child in $(ps -o pid= --ppid "$1"); do tree "$child"; done; }
 cleanup() {
-    local pid
+    local pid all=()
+    for pid in "${PIDS[@]}"; do all+=($(tree "$pid")); done
     for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
     sleep 3
     for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+    for pid in "${all[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
@@ -108,8 +115,9 @@ done
 "$BIN/fedlora" coordinator run run.toml --config coordinator.toml --name tiny
 if [[ "${RESTART:-0}" == 1 ]]; then
     wait_for 600 "round 1" grep -q '"round": 1' runs/tiny/metrics.jsonl
-    echo "SIGKILL the coordinator after round 1"
-    kill -KILL -- "-${PIDS[0]}"
+    echo "SIGKILL the coordinator (SuperLink, SuperExec, ServerApp) during round 2"
+    victims=($(tree "${PIDS[0]}"))
+    kill -KILL -- "-${PIDS[0]}" "${victims[@]}" 2>/dev/null || true
     start_coordinator 2
 fi
 wait_for 900 "the run's summary.json" test -f runs/tiny/summary.json

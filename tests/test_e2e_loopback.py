@@ -48,12 +48,56 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time in clock ticks) of a process, else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def process_tree(pid: int) -> list[tuple[int, int]]:
+    """``pid`` and its live descendants as (pid, start time), parents first.
+
+    Flower starts some children in a session of their own (the SuperLink's SuperExec, which
+    runs the ServerApp), so the process group misses them; the parent links do not.
+    """
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(stat[1], []).append((int(entry.name), stat[2]))
+    root = _proc_stat(pid)
+    tree = [] if root is None else [(pid, root[2])]
+    for parent, _ in tree:  # grows while it is walked: breadth first
+        tree.extend(children.get(parent, []))
+    return tree
+
+
+def alive(tree: list[tuple[int, int]]) -> list[int]:
+    """The pids of a ``process_tree`` snapshot still running (not recycled, not zombies)."""
+    running = []
+    for pid, started in tree:
+        stat = _proc_stat(pid)
+        if stat is not None and stat[2] == started and stat[0] != "Z":
+            running.append(pid)
+    return running
+
+
+def kill_tree(tree: list[tuple[int, int]], sig: int = signal.SIGKILL) -> None:
+    """Signal every process of a ``process_tree`` snapshot that still runs."""
+    for pid in alive(tree):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 @dataclass
 class Deployment:
     root: Path
     port: int
     env: dict[str, str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    named: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Path:
         """Start a command in its own process group; its output goes to ``<name>.log``."""
@@ -68,7 +112,19 @@ class Deployment:
                 start_new_session=True,
             )
         self.procs.append(proc)
+        self.named[name] = proc
         return log
+
+    def kill(self, name: str) -> None:
+        """SIGKILL ``name`` and every process it started (a crash: no clean shutdown)."""
+        proc = self.named.pop(name)
+        tree = process_tree(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(tree)
+        proc.wait(timeout=30)
+        self.procs.remove(proc)
+        wait_for(lambda: not alive(tree), 30, f"every process of {name} to exit")
 
     def fedlora(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -82,6 +138,7 @@ class Deployment:
         )
 
     def stop(self) -> None:
+        trees = [process_tree(proc.pid) for proc in self.procs]
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -93,6 +150,10 @@ class Deployment:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for tree in trees:  # children in a session of their own (the SuperLink's SuperExec)
+            kill_tree(tree)
+        self.procs.clear()
+        self.named.clear()
 
 
 def site_toml(site: str, index: int, port: int, coordinator_port: int, model_seed: int = 0) -> str:
