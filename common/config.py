@@ -184,7 +184,7 @@ class SecureSumConfig(Section):
     # Largest example weight a site folds into its masked input (larger counts are capped).
     max_weight: PositiveInt = 10_000
     degree: PositiveInt | None = None  # neighbours per site (SecAgg+); None = all other sites
-    threshold: PositiveInt | None = None  # Shamir threshold; None = degree // 2 + 1
+    threshold: PositiveInt | None = None  # Shamir threshold; None = (degree + 1) // 2 + 1
 
 
 class PrivacyConfig(Section):

@@ -11,12 +11,17 @@ Stages (``SecAggSite`` in ``common.secagg_client``, ``SecAggServer`` in
 
 0. advertise: two fresh X25519 key pairs (``c`` to encrypt shares, ``s`` to agree pairwise
    masks), a fresh 32-byte self-mask seed ``b``, and a signed ``KeyAdvert``.
-1. share keys: ``s_sk`` and ``b`` Shamir-split t-of-k among the site's graph neighbours,
-   each neighbour's pair of shares sealed with AES-GCM under HKDF(X25519(c_sk_i, c_pk_j)).
+1. share keys: ``s_sk`` and ``b`` Shamir-split t-of-(k+1) among the site's graph neighbours
+   and the site itself (as in Bonawitz et al., where every user holds a share of its own
+   secrets), each neighbour's pair of shares sealed with AES-GCM under
+   HKDF(X25519(c_sk_i, c_pk_j)); the site keeps its own share of ``b`` (and discards its own
+   share of ``s_sk``, which nobody may ever ask it for).
 2. masked input: fixed-point levels of ``w * clip(x)`` and ``w``, plus PRG(b_i), plus
    PRG(s_ij) for neighbours j > i, minus PRG(s_ij) for j < i, all mod 2**32.
-3. unmask: b-shares of surviving neighbours, s-shares of dropped ones (never both for one
-   peer); the coordinator reconstructs and removes the masks.
+3. unmask: b-shares of surviving neighbours and its own, s-shares of dropped neighbours
+   (never both for one peer); the coordinator reconstructs and removes the masks. With the
+   own share a survivor's ``b`` needs only t - 1 surviving neighbours: 5 sites on the full
+   graph (k = 4, t = 3) recover from 2 dropouts.
 
 Primitives (all from ``cryptography``, plus pycryptodome's GF(2**128) Shamir that Flower's
 ``secure_aggregation.crypto.shamir`` wraps): X25519, HKDF-SHA256 with ``info`` binding the
@@ -81,10 +86,11 @@ class SecAggParams:
     num_sites
         N; site ids are 1..N.
     threshold
-        t: shares needed to reconstruct a secret; ``degree // 2 < t <= degree`` so that no
-        two disjoint sets of neighbours can both reach t (the coordinator cannot obtain a
-        site's ``b`` and ``s_sk`` by telling half the neighbours it survived and half that it
-        dropped).
+        t: shares needed to reconstruct a secret; ``(degree + 1) // 2 < t <= degree``. A
+        site's ``b`` has k + 1 holders (its neighbours and itself), its ``s_sk`` k (the
+        neighbours); t above half of k + 1 means no two disjoint sets of holders can both
+        reach t, so the coordinator cannot obtain a site's ``b`` and ``s_sk`` by telling some
+        holders it survived and others that it dropped. t <= k keeps ``s_sk`` recoverable.
     degree
         k: neighbours per site in the peer graph; ``N - 1`` is the full graph of Bonawitz.
     min_survivors
@@ -120,7 +126,9 @@ class SecAggParams:
         _check(2 <= n <= MAX_SITES, "num_sites", n, f"in [2, {MAX_SITES}]")
         _check(1 <= k <= n - 1, "degree", k, f"in [1, num_sites - 1 = {n - 1}]")
         _check(n * k % 2 == 0, "degree", k, "even when num_sites is odd (k-regular graph)")
-        _check(k // 2 < t <= k, "threshold", t, f"in [{k // 2 + 1}, degree = {k}]")
+        _check(k >= 2, "degree", k, "at least 2 (t must exceed (k + 1) / 2 and be at most k)")
+        low = (k + 1) // 2 + 1
+        _check(low <= t <= k, "threshold", t, f"in [(degree + 1) // 2 + 1 = {low}, degree = {k}]")
         _check(2 <= self.min_survivors <= n, "min_survivors", self.min_survivors, f"in [2, {n}]")
         for name in ("clip_range", "max_weight", "scale", "weight_scale"):
             value = getattr(self, name)
@@ -170,7 +178,7 @@ def params_for(
     num_sites, norm_bound, max_weight
         N, C and W.
     degree, threshold, min_survivors
-        k (default N - 1, full graph), t (default ``k // 2 + 1``) and the fewest survivors
+        k (default N - 1, full graph), t (default ``(k + 1) // 2 + 1``) and the fewest survivors
         (default ``max(2, t)``).
     max_error
         If given, the largest acceptable ``max_abs_error_per_coordinate``; a ConfigError
@@ -182,7 +190,7 @@ def params_for(
     for name, value in (("norm_bound", norm_bound), ("max_weight", max_weight)):
         _check(math.isfinite(value) and value > 0, name, value, "a finite number > 0")
     k = num_sites - 1 if degree is None else degree
-    t = k // 2 + 1 if threshold is None else threshold
+    t = (k + 1) // 2 + 1 if threshold is None else threshold
     per_site = MAX_SUM_LEVEL // num_sites
     params = SecAggParams(
         num_sites=num_sites,
@@ -251,6 +259,15 @@ def neighbours(params: SecAggParams, site_id: int, seed: bytes) -> tuple[int, ..
     return peer_graph(params, seed)[site_id]
 
 
+def holders(params: SecAggParams, site_id: int, seed: bytes) -> tuple[int, ...]:
+    """Sorted ids holding shares of ``site_id``'s secrets: its neighbours and itself.
+
+    The holder at position m (0-based) has Shamir index m + 1; the order is public, so the
+    coordinator knows every share's index without being told.
+    """
+    return tuple(sorted((*neighbours(params, site_id, seed), site_id)))
+
+
 def check_site_id(params: SecAggParams, site_id: int, what: str = "site id") -> None:
     """Raise SecAggError unless ``site_id`` is an int in 1..N."""
     if isinstance(site_id, bool) or not isinstance(site_id, int):
@@ -291,13 +308,16 @@ class KeyAdvert:
 class UnmaskRequest:
     """Stage 3, coordinator -> site: which of its neighbours survived or dropped."""
 
-    survivors: tuple[int, ...]  # sent a masked input: reveal their b-shares
+    survivors: tuple[int, ...]  # neighbours that sent a masked input: reveal their b-shares
     dropped: tuple[int, ...]  # shared keys but sent no masked input: reveal s-shares
 
 
 @dataclass(frozen=True)
 class UnmaskReply:
-    """Stage 3, site -> coordinator: ``{owner id: 32-byte share}`` of b and of s_sk."""
+    """Stage 3, site -> coordinator: ``{owner id: 32-byte share}`` of b and of s_sk.
+
+    ``seed_shares`` holds the requested survivors' shares and the site's own.
+    """
 
     seed_shares: dict[int, bytes]
     key_shares: dict[int, bytes]

@@ -42,6 +42,7 @@ from common.secagg import (
     check_bytes,
     check_context,
     check_site_id,
+    holders,
     neighbours,
     pair_mask_key,
     prg,
@@ -69,7 +70,7 @@ from common.secagg_records import (
 _ADVERTISE, _SHARE, _MASK, _UNMASK, _DONE = range(5)
 _STAGE_NAMES = ("advertise", "share_keys", "masked_input", "unmask", "done")
 # Layout version of ``SecAggSite.to_state``.
-STATE_VERSION = 1
+STATE_VERSION = 2
 _STATE_KEYS = frozenset(
     {
         "state-version",
@@ -96,6 +97,7 @@ _STATE_KEYS = frozenset(
         "held-ids",
         "held-seed-shares",
         "held-key-shares",
+        "own-seed-share",
     }
 )
 
@@ -146,6 +148,9 @@ class SecAggSite:
         self._adverts: dict[int, KeyAdvert] = {}
         # {owner id: (share of owner's b, share of owner's s_sk)}, filled in masked_input.
         self._held: dict[int, tuple[bytes, bytes]] = {}
+        # This site's own share of b (Shamir index: its place among ``holders``), set in
+        # share_keys and revealed in unmask.
+        self._own_seed_share: bytes | None = None
 
     def _enter(self, stage: int) -> None:
         """Consume ``stage``: each runs once, in order, even if it then fails."""
@@ -165,8 +170,16 @@ class SecAggSite:
         message = advert_message(self.context, self.site_id, c_pk, s_pk, commit)
         return KeyAdvert(self.site_id, c_pk, s_pk, commit, self._signing_key.sign(message))
 
+    def _enough(self, count: int, what: str) -> None:
+        """At least t holders (``count`` neighbours plus the site itself) are needed."""
+        if count + 1 < self.params.threshold:
+            raise SecAggError(
+                f"site {self.site_id}: {what} from only {count} of its neighbours; with its own "
+                f"share that is below threshold {self.params.threshold}"
+            )
+
     def _accept_adverts(self, adverts: Mapping[int, KeyAdvert]) -> None:
-        """Keep the well-formed adverts of neighbours; at least t of them are needed."""
+        """Keep the well-formed adverts of neighbours; at least t - 1 of them are needed."""
         for peer in self.neighbours:
             advert = adverts.get(peer)
             if advert is None:
@@ -180,14 +193,12 @@ class SecAggSite:
             check_bytes(advert.encryption_key, KEY_BYTES, f"advert of site {peer}: encryption key")
             check_bytes(advert.mask_key, KEY_BYTES, f"advert of site {peer}: mask key")
             self._adverts[peer] = advert
-        if len(self._adverts) < self.params.threshold:
-            raise SecAggError(
-                f"site {self.site_id}: only {len(self._adverts)} of its neighbours advertised "
-                f"keys, threshold is {self.params.threshold}"
-            )
+        self._enough(len(self._adverts), "adverts")
 
     def share_keys(self, adverts: Mapping[int, KeyAdvert]) -> dict[int, bytes]:
         """Stage 1: Shamir shares of s_sk and b, sealed to each advertised neighbour.
+
+        The site keeps its own share of b; its own share of s_sk is discarded.
 
         Parameters
         ----------
@@ -201,14 +212,16 @@ class SecAggSite:
             12-byte nonce || AES-GCM(b share || s_sk share) with its 16-byte tag.
         """
         self._enter(_SHARE)
+        order = holders(self.params, self.site_id, self.context)
+        t = self.params.threshold
+        # Share m goes to the m-th holder (sorted ids): the holder's Shamir index is public.
+        seed_shares = split_secret(self._seed, t, len(order))
+        key_shares = split_secret(self._s_sk.private_bytes_raw(), t, len(order))
+        self._own_seed_share = seed_shares[order.index(self.site_id)]
         self._accept_adverts(adverts)
-        t, k = self.params.threshold, len(self.neighbours)
-        # Share m goes to the m-th neighbour (sorted ids): the holder's Shamir index is public.
-        seed_shares = split_secret(self._seed, t, k)
-        key_shares = split_secret(self._s_sk.private_bytes_raw(), t, k)
         sealed: dict[int, bytes] = {}
-        for m, peer in enumerate(self.neighbours):
-            if peer not in self._adverts:
+        for m, peer in enumerate(order):
+            if peer == self.site_id or peer not in self._adverts:
                 continue
             secret = agree(self._c_sk, self._adverts[peer].encryption_key, f"site {peer}")
             aead = AESGCM(share_key(secret, self.context, self.site_id, peer))
@@ -219,12 +232,8 @@ class SecAggSite:
         return sealed
 
     def _open_shares(self, ciphertexts: Mapping[int, bytes]) -> None:
-        """Decrypt and keep the shares neighbours sent; at least t are needed."""
-        if len(ciphertexts) < self.params.threshold:
-            raise SecAggError(
-                f"site {self.site_id}: shares from only {len(ciphertexts)} neighbours, "
-                f"threshold is {self.params.threshold}"
-            )
+        """Decrypt and keep the shares neighbours sent; at least t - 1 are needed."""
+        self._enough(len(ciphertexts), "shares")
         for owner, ciphertext in ciphertexts.items():
             if owner not in self._adverts:
                 raise SecAggError(f"site {self.site_id}: shares from non-neighbour {owner!r}")
@@ -298,7 +307,7 @@ class SecAggSite:
         return masked
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        """Stage 3: b-shares of surviving neighbours and s_sk-shares of dropped ones.
+        """Stage 3: b-shares of surviving neighbours and its own, s_sk-shares of dropped ones.
 
         Raises
         ------
@@ -321,8 +330,12 @@ class SecAggSite:
                 f"site {self.site_id} refuses to unmask: survivors and dropped must split its "
                 f"peers {sorted(held)} exactly, got {count} ids"
             )
+        if self._own_seed_share is None:
+            raise SecAggError(f"site {self.site_id}: no own seed share (share_keys never ran)")
+        seed_shares = {peer: self._held[peer][0] for peer in sorted(survivors)}
+        seed_shares[self.site_id] = self._own_seed_share
         return UnmaskReply(
-            seed_shares={peer: self._held[peer][0] for peer in sorted(survivors)},
+            seed_shares=dict(sorted(seed_shares.items())),
             key_shares={peer: self._held[peer][1] for peer in sorted(dropped)},
         )
 
@@ -345,7 +358,9 @@ class SecAggSite:
           ``advert-mask-keys``, ``advert-seed-commitments``, ``advert-signatures``
           (``common.secagg_records.adverts_to_record``);
         - the shares held for neighbours as ``held-ids`` (list[int]), ``held-seed-shares``
-          and ``held-key-shares`` (list[bytes], 32 bytes each, same order).
+          and ``held-key-shares`` (list[bytes], 32 bytes each, same order);
+        - ``own-seed-share``: the site's own share of b as a list of one 32-byte value once
+          share_keys has run, an empty list before.
 
         The Ed25519 signing key, ``peer_keys`` and ``rng`` are not included: pass them to
         ``from_state``.
@@ -374,6 +389,7 @@ class SecAggSite:
             "held-ids": sorted(self._held),
             "held-seed-shares": [self._held[peer][0] for peer in sorted(self._held)],
             "held-key-shares": [self._held[peer][1] for peer in sorted(self._held)],
+            "own-seed-share": [] if self._own_seed_share is None else [self._own_seed_share],
         }
 
     @classmethod
@@ -421,6 +437,8 @@ class SecAggSite:
         held_ids = record_ids(state, "held-ids", what, params.num_sites)
         seed_shares = record_bytes_list(state, "held-seed-shares", what, len(held_ids), SHARE_BYTES)
         key_shares = record_bytes_list(state, "held-key-shares", what, len(held_ids), SHARE_BYTES)
+        # share_keys (after which stage >= _MASK) sets the own share even if it then fails.
+        own = record_bytes_list(state, "own-seed-share", what, int(stage >= _MASK), SHARE_BYTES)
 
         site = cls.__new__(cls)
         site.params = params
@@ -443,4 +461,5 @@ class SecAggSite:
         site._stage = stage
         site._adverts = adverts
         site._held = {peer: (seed_shares[m], key_shares[m]) for m, peer in enumerate(held_ids)}
+        site._own_seed_share = own[0] if own else None
         return site

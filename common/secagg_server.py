@@ -134,17 +134,18 @@ class SecAggServer:
         self.state.rejected.setdefault(site, reason)
 
     def _prune(self, members: set[int], what: str) -> set[int]:
-        """Drop members with fewer than t neighbours among members, until none is left.
+        """Drop members with fewer than t - 1 neighbours among members, until none is left.
 
-        A site with fewer than t such neighbours could never have its masks removed.
+        Such a site's self mask could never be removed (its own share and t - 1 of its
+        neighbours' are needed).
         """
         t = self.params.threshold
         while True:
-            weak = {s for s in members if len(set(self.graph[s]) & members) < t}
+            weak = {s for s in members if len(set(self.graph[s]) & members) + 1 < t}
             if not weak:
                 return members
             for site in weak:
-                self._reject(site, f"fewer than threshold {t} of its neighbours {what}")
+                self._reject(site, f"fewer than threshold {t} - 1 of its neighbours {what}")
             members -= weak
 
     def _require(self, members: Collection[int], what: str) -> None:
@@ -275,13 +276,13 @@ class SecAggServer:
         return dict(self.state.requests)
 
     def _valid_reply(self, site: int, reply: UnmaskReply) -> bool:
-        """Whether a reply holds exactly the requested shares, each well-sized."""
+        """Whether a reply holds exactly the requested shares (and its own seed share)."""
         request = self.state.requests.get(site)
         if request is None:
             self._reject(site, f"site {site!r} sent shares without being asked")
             return False
         for shares, wanted, kind in (
-            (reply.seed_shares, request.survivors, "seed"),
+            (reply.seed_shares, tuple(sorted((*request.survivors, site))), "seed"),
             (reply.key_shares, request.dropped, "key"),
         ):
             if len(shares) != len(wanted) or set(shares) != set(wanted):
@@ -293,14 +294,14 @@ class SecAggServer:
         return True
 
     def _reconstruct(self, owner: int, shares: Mapping[int, bytes], kind: str) -> bytes:
-        """Recombine a site's 32-byte secret from exactly t of its neighbours' shares."""
+        """Recombine a site's 32-byte secret from exactly t of its holders' shares."""
         t = self.params.threshold
         if len(shares) < t:
             raise SecAggError(
                 f"only {len(shares)} {kind} shares of site {owner} were returned, threshold "
                 f"is {t}: too many sites dropped to unmask the sum"
             )
-        order = self.graph[owner]
+        order = sorted((*self.graph[owner], owner))  # common.secagg.holders, graph cached
         chosen = {order.index(holder) + 1: shares[holder] for holder in sorted(shares)[:t]}
         return combine_secret(chosen)
 

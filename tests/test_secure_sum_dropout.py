@@ -60,9 +60,9 @@ def run(
     return {"metrics": metrics, "registry": Registry(out / "registry")}
 
 
-# Shares go to a site's k neighbours only (not to itself) and t > k/2: with 5 sites (k=4, t=3)
-# one dropout is recoverable; two need 7 sites (k=6, t=4).
-@pytest.mark.parametrize(("sites", "dropped"), [(5, (3,)), (7, (1, 4))])
+# Shares go to a site's k neighbours and itself, t > (k + 1) / 2: with 5 sites (k = 4, t = 3)
+# a survivor's b needs its own share and 2 neighbours', a dropped site's s_sk 3 survivors.
+@pytest.mark.parametrize(("sites", "dropped"), [(5, (3,)), (5, (1, 4))])
 def test_dropouts_after_sharing_are_recovered(
     tmp_path: Path, sites: int, dropped: tuple[int, ...]
 ) -> None:
@@ -83,9 +83,12 @@ def test_dropouts_after_sharing_are_recovered(
 
 
 def test_below_threshold_the_round_fails_and_the_version_stays(tmp_path: Path) -> None:
-    secure = run(tmp_path / "ss", 5, ["privacy.mode='secure-sum'"], (0, 2), P.STAGE_MASK)
+    # 3 of 5 drop: a dropped site's s_sk needs t = 3 surviving neighbours, only 2 are left.
+    overrides = ["privacy.mode='secure-sum'", "federation.min-sites=2"]
+    secure = run(tmp_path / "ss", 5, overrides, (0, 2, 4), P.STAGE_MASK)
     line = secure["metrics"][1]
     assert "failed" in line and line["version"] == 0
+    assert "threshold" in str(line["failed"]), line["failed"]
     assert [v.version for v in secure["registry"].versions("shared")] == [0]
     v0 = secure["registry"].load("shared", 0)
     assert all(torch.isfinite(t).all() for t in v0.values())

@@ -134,8 +134,10 @@ def test_stochastic_rounding_within_bound() -> None:
 
 @pytest.mark.parametrize(
     ("num_sites", "dropped"),
-    [(5, {2}), (10, {7}), (10, {1, 4, 6, 9})],  # 4 of 10 leaves exactly t = 5 holders
-    ids=["5-drop-1", "10-drop-1", "10-drop-4-at-threshold"],
+    # Each survivor holds a share of its own b: 2 of 5 (k = 4, t = 3) leave a survivor its own
+    # share and 2 neighbours'; 4 of 10 (k = 9, t = 6) leave exactly t holders of every secret.
+    [(5, {2}), (5, {1, 4}), (10, {7}), (10, {1, 4, 6, 9})],
+    ids=["5-drop-1", "5-drop-2", "10-drop-1", "10-drop-4-at-threshold"],
 )
 def test_dropouts_after_sharing_are_recovered(num_sites: int, dropped: set[int]) -> None:
     rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT))
@@ -158,10 +160,11 @@ def test_site_that_never_shares_is_left_out() -> None:
 
 
 @pytest.mark.parametrize(
-    ("num_sites", "dropped"), [(5, {1, 2}), (10, {1, 2, 3, 4, 5})], ids=["5-drop-2", "10-drop-5"]
+    ("num_sites", "dropped"), [(5, {1, 2, 3}), (10, {1, 2, 3, 4, 5})], ids=["5-drop-3", "10-drop-5"]
 )
 def test_too_many_dropouts_fail_below_threshold(num_sites: int, dropped: set[int]) -> None:
-    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT))
+    # A dropped site's s_sk has no own share: t of its neighbours must survive.
+    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT, min_survivors=2))
     with pytest.raises(SecAggError, match="threshold"):
         run(rnd, drop_after_share=dropped)
 
@@ -259,7 +262,8 @@ def test_advert_claiming_another_site_or_unenrolled_is_rejected() -> None:
 def test_too_many_forged_adverts_fail_the_round() -> None:
     rnd = make_round(params_for(3, NORM_BOUND, MAX_WEIGHT))
     adverts = {i: s.advertise() for i, s in rnd.sites.items()}
-    adverts[1] = dataclasses.replace(adverts[1], signature=bytes(64))
+    for forged in (1, 2):  # one honest site left: below min_survivors = 2
+        adverts[forged] = dataclasses.replace(adverts[forged], signature=bytes(64))
     with pytest.raises(SecAggError, match="advertised keys"):
         rnd.server.collect_adverts(adverts)
 
@@ -415,7 +419,7 @@ def test_site_rejects_integer_delta() -> None:
     "kwargs",
     [
         {"degree": 3},  # odd degree with odd N: no 3-regular graph on 5 vertices
-        {"threshold": 2},  # not above degree / 2
+        {"threshold": 2},  # not above (degree + 1) / 2 holders
         {"threshold": 5},  # above degree
         {"min_survivors": 1},
         {"degree": 5},
@@ -425,6 +429,21 @@ def test_site_rejects_integer_delta() -> None:
 def test_impossible_parameters_are_config_errors(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="secure aggregation parameter"):
         params_for(5, NORM_BOUND, MAX_WEIGHT, **kwargs)
+
+
+@pytest.mark.parametrize(("degree", "threshold"), [(3, 2), (1, 1)])
+def test_threshold_must_exceed_half_of_the_holders(degree: int, threshold: int) -> None:
+    # With the own share a secret has k + 1 holders: t = 2 of 4 would let two disjoint pairs
+    # of holders reveal one site's b and s_sk.
+    with pytest.raises(ConfigError, match="secure aggregation parameter"):
+        params_for(10, NORM_BOUND, MAX_WEIGHT, degree=degree, threshold=threshold)
+
+
+def test_unmask_reply_carries_the_sites_own_seed_share() -> None:
+    rnd, requests = _site_after_masking()
+    reply = rnd.sites[1].unmask(requests[1])
+    assert set(reply.seed_shares) == {1, *requests[1].survivors}
+    assert set(reply.key_shares) == set(requests[1].dropped)
 
 
 @pytest.mark.parametrize(
@@ -622,7 +641,8 @@ TOO_MANY = list(range(1, MAX_SITES + 2))
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("state-version", 2),
+        ("state-version", 1),  # before the own seed share
+        ("state-version", 3),
         ("stage", 5),
         ("stage", -1),
         ("stage", True),
@@ -654,6 +674,9 @@ TOO_MANY = list(range(1, MAX_SITES + 2))
         ("held-ids", TOO_MANY),
         ("held-seed-shares", [bytes(32)] * 5),
         ("held-key-shares", [b"short"] * 4),
+        ("own-seed-share", []),  # stage 3 without the share made in share_keys
+        ("own-seed-share", [bytes(32)] * 2),
+        ("own-seed-share", [bytes(31)]),
     ],
 )
 def test_malformed_site_state_is_refused(key: str, value: object) -> None:
