@@ -37,7 +37,7 @@ DEFAULT_SUPERNODE_PORT = 9094
 
 class SiteSection(Section):
     id: str = Field(description="the site's id; its envelope key is <keys>/<id>.key")
-    keys: Path = Field(description="the site's bundle from `fedlora provision`")
+    keys: Path = Field(description="the site's bundle from `fedlora keys init`")
     # Seeds this site's batch order; by default derived from the id (stable across restarts).
     index: Annotated[int, Field(ge=0)] | None = None
     # Refuse to start unless the local base model has exactly this fingerprint.
@@ -118,7 +118,7 @@ class SiteConfig(Section):
 
 
 class CoordinatorSection(Section):
-    keys: Path = Field(description="the coordinator folder from `fedlora provision init`")
+    keys: Path = Field(description="the coordinator folder from `fedlora keys init`")
     state: Path = Field(description="SuperLink database, Flower home, the active run record")
     runs: Path = Field(description="run directories: <runs>/<run name>/")
     host: str = "0.0.0.0"  # where the SuperLink listens for sites and the CLI

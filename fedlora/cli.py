@@ -16,14 +16,13 @@ from pathlib import Path
 from common.errors import FedloraError
 from common.progress import console
 from fedlora.deploy import add_coordinator_parser, run_coordinator
-from fedlora.deploy_keys import add_provision_parser, run_provision
 from fedlora.deploy_site import add_site_parser, run_site
 from fedlora.inference import add_inference_parsers, run_inference
 from fedlora.keys_cli import add_keys_parser, run_keys
 from fedlora.registry_cli import add_registry_parser, run_registry
 from fedlora.report import add_report_parser, run_report
 
-DEPLOY_COMMANDS = {"provision": run_provision, "coordinator": run_coordinator, "site": run_site}
+DEPLOY_COMMANDS = {"coordinator": run_coordinator, "site": run_site}
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
 EPILOG = """\
@@ -91,7 +90,6 @@ def _parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_keys_parser(sub)
     add_registry_parser(sub)
-    add_provision_parser(sub)
     add_coordinator_parser(sub)
     add_site_parser(sub)
     return parser

@@ -64,8 +64,7 @@ def superlink_command(cfg: CoordinatorConfig) -> list[str]:
     for name in (TLS_CERT, TLS_KEY, CA_CERT):
         if not (c.keys / name).is_file():
             raise DeployError(
-                f"coordinator.keys: {c.keys / name} not found; create it with "
-                "`fedlora provision init`"
+                f"coordinator.keys: {c.keys / name} not found; create it with `fedlora keys init`"
             )
     command = [
         executable("flower-superlink"),
@@ -213,7 +212,7 @@ COORDINATOR_EPILOG = """\
 examples:
   fedlora coordinator start --config examples/coordinator.toml
   fedlora coordinator run examples/tiny.toml --config examples/coordinator.toml --name tiny
-  fedlora coordinator register --config examples/coordinator.toml   # after `provision add-site`
+  fedlora coordinator register --config examples/coordinator.toml   # after `keys add-site`
 """
 
 

@@ -1,6 +1,6 @@
 """Provisioning a deployment: a private CA, the coordinator's TLS and envelope keys, site bundles.
 
-``fedlora provision init --out DIR --sites a,b,c [--san 127.0.0.1,localhost]`` writes::
+``fedlora keys init --out DIR --sites a,b,c [--san 127.0.0.1,localhost]`` writes::
 
     DIR/ca/ca.key, ca.crt                 the private CA (keep ca.key offline once done)
     DIR/coordinator/                      everything the coordinator needs
@@ -13,7 +13,7 @@
         <site>.key, <site>.pub                        envelope signing key (Ed25519)
         supernode.key, supernode.pub                  SuperNode auth key (ECDSA P-256, OpenSSH)
 
-``fedlora provision add-site --out DIR SITE [--replace]`` enrolls one more site later (or
+``fedlora keys add-site --out DIR SITE [--replace]`` enrolls one more site later (or
 rotates a site's keys with ``--replace``). Private keys are written with mode 0600 and never
 printed; the commands print paths and SHA-256 fingerprints of public keys.
 """
@@ -37,7 +37,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.markup import escape
 
 from common.allow_list import add_site
-from common.errors import FedloraError
 from common.keys import (
     COORDINATOR_KEY_NAME,
     KEMS,
@@ -75,7 +74,7 @@ _PUBLIC_MODE = 0o644
 
 @dataclass(frozen=True)
 class Layout:
-    """Where ``provision`` puts each file under its ``--out`` folder."""
+    """Where ``keys init`` puts each file under its ``--out`` folder."""
 
     root: Path
 
@@ -257,7 +256,7 @@ def init_deployment(out: Path, sites: list[str], san: list[str], kem: str = "x25
     if len(set(sites)) != len(sites):
         raise KeyMaterialError(f"--sites: a site id repeats: {sites}")
     if layout.ca.exists() or layout.coordinator.exists():
-        raise KeyMaterialError(f"{out} already holds a deployment; use `provision add-site`")
+        raise KeyMaterialError(f"{out} already holds a deployment; use `fedlora keys add-site`")
     san = list(dict.fromkeys([*san, *LOOPBACK_SAN]))  # the coordinator's own CLI uses these
     ca_key, ca_cert = make_ca()
     pem_cert = ca_cert.public_bytes(serialization.Encoding.PEM)
@@ -282,7 +281,7 @@ def enroll_site(layout: Layout, site_id: str, replace: bool = False) -> Path:
     bundle = layout.site(site_id)
     coordinator_pub = public_path_for(layout.coordinator / COORDINATOR_KEY_NAME)
     if not coordinator_pub.is_file():
-        raise KeyMaterialError(f"{coordinator_pub} not found; run `fedlora provision init` first")
+        raise KeyMaterialError(f"{coordinator_pub} not found; run `fedlora keys init` first")
     if bundle.exists() and not replace:
         raise KeyMaterialError(f"{bundle} already exists; pass --replace to rotate its keys")
     if replace and bundle.exists():
@@ -304,28 +303,16 @@ def enroll_site(layout: Layout, site_id: str, replace: bool = False) -> Path:
 
 # ---------------------------------------------------------------------------- command line
 
-PROVISION_EPILOG = """\
-examples:
-  fedlora provision init --out deploy/keys --sites hospital-a,hospital-b --san coord.example.org
-  fedlora provision add-site --out deploy/keys hospital-c
-  fedlora provision add-site --out deploy/keys hospital-a --replace     # rotate a site's keys
 
-Hand deploy/keys/sites/<site>/ to that site (and only that folder); the coordinator uses
-deploy/keys/coordinator/. Keep deploy/keys/ca/ca.key offline.
-"""
-
-
-def add_provision_parser(subparsers: Any) -> None:
-    """Add ``provision init`` / ``provision add-site`` to the ``fedlora`` sub-parsers."""
-    provision = subparsers.add_parser(
-        "provision",
-        help="create a deployment's CA, TLS certificate, coordinator keys and site bundles",
+def add_deployment_parsers(sub: Any) -> None:
+    """Add ``init`` / ``add-site`` to the ``fedlora keys`` sub-parsers."""
+    init = sub.add_parser(
+        "init",
+        help="deployment: create the CA, TLS certificate, coordinator keys and site bundles",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
-        epilog=PROVISION_EPILOG,
+        epilog=DEPLOYMENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = provision.add_subparsers(dest="provision_command", required=True, metavar="COMMAND")
-    init = sub.add_parser("init", help="create the CA, coordinator keys and site bundles")
     init.add_argument("--out", type=Path, required=True, help="folder (created 0700)")
     init.add_argument("--sites", required=True, help="comma-separated site ids, e.g. a,b,c")
     init.add_argument(
@@ -334,24 +321,35 @@ def add_provision_parser(subparsers: Any) -> None:
         help="comma-separated DNS names / IP addresses the sites use to reach the coordinator",
     )
     init.add_argument("--kem", choices=KEMS, default="x25519", help="envelope KEM")
-    add = sub.add_parser("add-site", help="create and enroll one more site's bundle")
-    add.add_argument("--out", type=Path, required=True, help="the folder `init` wrote")
+    add = sub.add_parser(
+        "add-site",
+        help="deployment: create and enroll one more site's bundle (--replace rotates)",
+        epilog=DEPLOYMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add.add_argument("--out", type=Path, required=True, help="the folder `keys init` wrote")
     add.add_argument("site_id", metavar="SITE", help="the new site's id")
     add.add_argument("--replace", action="store_true", help="rotate an enrolled site's keys")
+
+
+DEPLOYMENT_EPILOG = """\
+examples:
+  fedlora keys init --out deploy/keys --sites hospital-a,hospital-b --san coord.example.org
+  fedlora keys add-site --out deploy/keys hospital-c
+  fedlora keys add-site --out deploy/keys hospital-a --replace     # rotate a site's keys
+
+Hand deploy/keys/sites/<site>/ to that site (and only that folder); the coordinator uses
+deploy/keys/coordinator/. Keep deploy/keys/ca/ca.key offline.
+"""
 
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def run_provision(args: argparse.Namespace) -> int:
-    """Run a parsed ``fedlora provision ...`` command; 0 on success, 2 with one error line."""
-    try:
-        if args.provision_command == "init":
-            init_deployment(args.out, _split(args.sites), _split(args.san), args.kem)
-        else:
-            enroll_site(Layout(args.out), args.site_id, replace=args.replace)
-    except FedloraError as exc:
-        console.print(f"[red]error[/]: {escape(str(exc))}", soft_wrap=True)
-        return 2
-    return 0
+def run_deployment_command(args: argparse.Namespace) -> None:
+    """Run a parsed ``fedlora keys init`` / ``keys add-site``; FedloraError on failure."""
+    if args.keys_command == "init":
+        init_deployment(args.out, _split(args.sites), _split(args.san), args.kem)
+    else:
+        enroll_site(Layout(args.out), args.site_id, replace=args.replace)

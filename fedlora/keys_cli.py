@@ -4,6 +4,8 @@ fedlora keys coordinator --out DIR [--kem x25519|mlkem768-x25519]
 fedlora keys site SITE_ID --out DIR
 fedlora keys export-public PRIVATE --out FILE
 fedlora keys enroll --allow-list FILE SITE_ID PUBLIC_KEY [--replace]
+fedlora keys init --out DIR --sites a,b,c [--san HOSTS]     (a deployment: CA, TLS, bundles)
+fedlora keys add-site --out DIR SITE [--replace]           (enroll or rotate one site)
 
 The commands print the paths they write and SHA-256 fingerprints of public keys (to compare
 out of band, e.g. over the phone, before enrolling); they never print key material.
@@ -31,6 +33,7 @@ from common.keys import (
     public_path_for,
 )
 from common.progress import console
+from fedlora.deploy_keys import add_deployment_parsers, run_deployment_command
 
 KEYS_DESCRIPTION = """\
 Keys of the sealed privacy mode. Each site seals its adapter delta to the coordinator's
@@ -56,6 +59,10 @@ examples:
   fedlora keys site hospital-a --out keys/                  # at site hospital-a
   fedlora keys enroll --allow-list keys/allow.json hospital-a hospital-a.pub
   fedlora keys export-public keys/coordinator.key --out coordinator.pub
+
+deployment (SuperLink TLS + SuperNode auth + envelope keys, one bundle per site):
+  fedlora keys init --out deploy/keys --sites hospital-a,hospital-b --san coord.example.org
+  fedlora keys add-site --out deploy/keys hospital-c
 """
 
 
@@ -71,6 +78,7 @@ def add_keys_parser(subparsers: Any) -> None:
     sub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
     _add_generate_parsers(sub)
     _add_export_and_enroll_parsers(sub)
+    add_deployment_parsers(sub)
 
 
 def _add_generate_parsers(sub: Any) -> None:
@@ -145,6 +153,8 @@ def _run(args: argparse.Namespace) -> None:
         target = add_site(args.allow_list, args.site_id, args.public_key, replace=args.replace)
         fingerprint = public_fingerprint(load_site_public(args.public_key))
         _report(f"enrolled site {args.site_id} in", target, fingerprint)
+    elif args.keys_command in ("init", "add-site"):
+        run_deployment_command(args)
     else:  # argparse's choices make this unreachable
         raise ValueError(f"unknown keys command {args.keys_command!r}")
 

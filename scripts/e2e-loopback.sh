@@ -60,7 +60,7 @@ PORT=$(free_port)
 echo "work dir: $WORK (coordinator on 127.0.0.1:$PORT)"
 
 # 1. Provision: CA, TLS certificate, coordinator keys, one bundle per site.
-"$BIN/fedlora" provision init --out keys --sites a,b,c --san 127.0.0.1,localhost
+"$BIN/fedlora" keys init --out keys --sites a,b,c --san 127.0.0.1,localhost
 
 # 2. Configs: the coordinator's, one per site (each with its own third of the data), the run.
 cat >coordinator.toml <<EOF

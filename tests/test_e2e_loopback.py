@@ -1,7 +1,7 @@
 """Deployment end to end on 127.0.0.1: provision, coordinator + 3 site daemons, a sealed run.
 
 Every process is a real `fedlora` command (the ones the containers and the systemd unit run):
-`provision init`, `coordinator start` (SuperLink with TLS + SuperNode auth), three
+`keys init`, `coordinator start` (SuperLink with TLS + SuperNode auth), three
 `site start` (SuperNode + the fedlora ClientApp), `coordinator run`. Each runs in its own
 process group and is stopped by PID at the end, also when a test fails.
 """
@@ -214,7 +214,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     )
     dep = Deployment(root, free_port(), env)
     _write_files(root, dep.port)
-    done = dep.fedlora("provision", "init", "--out", "keys", "--sites", ",".join(SITES))
+    done = dep.fedlora("keys", "init", "--out", "keys", "--sites", ",".join(SITES))
     assert done.returncode == 0, done.stdout + done.stderr
     try:
         log = dep.start(

@@ -277,7 +277,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     dep = Deployment(root, free_port(), env)
     _write_files(root, dep.port)
-    done = dep.fedlora("provision", "init", "--out", "keys", "--sites", ",".join(SITES))
+    done = dep.fedlora("keys", "init", "--out", "keys", "--sites", ",".join(SITES))
     assert done.returncode == 0, done.stdout + done.stderr
     federation = Federation(dep)
     try:

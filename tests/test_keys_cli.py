@@ -18,7 +18,7 @@ from common.keys import KEMS, load_coordinator_private, load_site_public
 from fedlora.keys_cli import add_keys_parser, run_keys
 
 REPO = Path(__file__).resolve().parent.parent
-# A stand-in for `fedlora` until the lead wires `keys` into fedlora/cli.py.
+# `fedlora keys` alone in a fresh interpreter (the full CLI imports torch and Flower).
 ENTRY = (
     "import argparse, sys\n"
     "from fedlora.keys_cli import add_keys_parser, run_keys\n"
@@ -68,7 +68,7 @@ def test_help_explains_the_files() -> None:
     assert result.returncode == 0, result.stderr
     for text in ("coordinator.key", "coordinator.pub", "SITE.key", "allow-list", "0600"):
         assert text in result.stdout
-    for command in ("coordinator", "site", "export-public", "enroll"):
+    for command in ("coordinator", "site", "export-public", "enroll", "init", "add-site"):
         assert command in result.stdout
     assert "mlkem768-x25519" in keys_cli("coordinator", "--help").stdout
 
@@ -162,3 +162,23 @@ def test_real_process_writes_a_0600_key(tmp_path: Path) -> None:
         assert secret not in result.stdout + result.stderr
     bad = keys_cli("coordinator", "--out", str(tmp_path), "--kem", "rsa")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_deployment_init_and_add_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "deploy"
+    code, output = run(capsys, "init", "--out", str(out), "--sites", "a,b", "--san", "127.0.0.1")
+    assert code == 0, output
+    assert mode_of(out / "sites" / "a" / "supernode.key") == 0o600
+    assert list(load_allow_list(out / "coordinator" / "allow-list.json")) == ["a", "b"]
+    code, output = run(capsys, "init", "--out", str(out), "--sites", "c")
+    assert code == 2 and "keys add-site" in output
+    code, output = run(capsys, "add-site", "--out", str(out), "c")
+    assert code == 0 and (out / "sites" / "c" / "c.key").is_file(), output
+    code, output = run(capsys, "add-site", "--out", str(out), "a")
+    assert code == 2 and "--replace" in output
+    before = (out / "sites" / "a" / "a.pub").read_bytes()
+    assert run(capsys, "add-site", "--out", str(out), "a", "--replace")[0] == 0
+    assert (out / "sites" / "a" / "a.pub").read_bytes() != before
+    printed = capsys.readouterr().out + output
+    for secret in secrets_in(out):
+        assert secret not in printed
