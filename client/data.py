@@ -246,7 +246,10 @@ def load_dataset(
     loading an evaluation file or a site's own file, so that ids agree everywhere); by default
     they are the sorted distinct labels of the whole file.
     """
-    path = Path(cfg.path if path is None else path)
+    path = path if path is not None else cfg.path
+    if path is None:
+        raise DataError("no data file: set data.path to the examples (JSONL, CSV or .txt)")
+    path = Path(path)
     text = read_text(path)
     if cfg.format == "text" or (cfg.format == "auto" and path.suffix.lower() == ".txt"):
         chunks = text_chunks(text, text_chunk_chars)

@@ -28,9 +28,22 @@ _RUNTIMES: dict[str, SiteRuntime] = {}
 _BUNDLES: dict[str, Path] = {}
 
 
-def load_site_data(cfg: SiteConfig, max_eval_examples: int | None) -> tuple[SiteData, Kind, int]:
+def run_label_names(cfg: SiteConfig, plan: SitePlan) -> list[str] | None:
+    """The label names the site numbers its labels by: the run's, checked against its own."""
+    if cfg.data.labels is not None and plan.labels is not None and cfg.data.labels != plan.labels:
+        raise ConfigError(
+            f"data.labels in the site config ({len(cfg.data.labels)} names) differ from the "
+            f"run's ({len(plan.labels)} names, in id order); remove data.labels from the site "
+            "config to use the run's, or make them identical"
+        )
+    return plan.labels if plan.labels is not None else cfg.data.labels
+
+
+def load_site_data(
+    cfg: SiteConfig, max_eval_examples: int | None, label_names: list[str] | None = None
+) -> tuple[SiteData, Kind, int]:
     """The site's examples split into train/held-out; also the data kind and label count."""
-    dataset = load_dataset(cfg.data.data_config(), label_names=cfg.data.labels)
+    dataset = load_dataset(cfg.data.data_config(), label_names=label_names or cfg.data.labels)
     data = split_holdout(
         dataset.examples,
         cfg.data.holdout,
@@ -51,7 +64,7 @@ def build_runtime(cfg: SiteConfig, plan: SitePlan) -> SiteRuntime:
             f"model.task = {cfg.model.task!r} in the site config, but the run trains "
             f"{plan.task!r}; set model.task to match the coordinator's run"
         )
-    data, kind, labels = load_site_data(cfg, plan.max_eval_examples)
+    data, kind, labels = load_site_data(cfg, plan.max_eval_examples, run_label_names(cfg, plan))
     host = AdapterHost(cfg.model, plan.modules["shared"], labels or None)
     return SiteRuntime(host, data, kind, site_id=cfg.site.id, site_index=cfg.site.seed_index)
 

@@ -58,8 +58,14 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where the examples come from and how simulation splits them into sites."""
 
-    path: Path
+    # The examples a simulation splits among its sites. A deployed coordinator never reads
+    # it (each site reads its own data, named in its site config).
+    path: Path | None = None
+    # Optional file the coordinator evaluates each global adapter on.
     eval_path: Path | None = None
+    # Classification: label names in id order, the same at every site. By default the sorted
+    # distinct labels of data.path (simulation) or data.eval-path (deployment).
+    labels: list[str] | None = None
     format: DataFormat = "auto"
     text_column: str = "text"
     label_column: str = "label"
@@ -81,6 +87,10 @@ class DataConfig(Section):
     def _check(self) -> DataConfig:
         if self.partition == "by-column" and not self.by:
             raise ValueError("data.partition = 'by-column' needs data.by = '<column name>'")
+        if self.labels is not None and (
+            len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)
+        ):
+            raise ValueError("data.labels must list at least 2 distinct label names")
         return self
 
 
@@ -421,6 +431,8 @@ class SitePlan(Section):
     # Distributed DP (secure-sum): std of the Gaussian noise each site adds to its delta.
     site_noise_std: float = 0.0
     max_eval_examples: PositiveInt
+    # Classification: the run's label names in id order; a site maps its labels to these ids.
+    labels: list[str] | None = None
 
 
 def _site_noise_std(cfg: RunConfig) -> float:
@@ -432,8 +444,8 @@ def _site_noise_std(cfg: RunConfig) -> float:
     return float(dp.noise_multiplier * dp.clip / survivors**0.5)
 
 
-def site_plan(cfg: RunConfig) -> SitePlan:
-    """The part of a run config that the coordinator sends to sites."""
+def site_plan(cfg: RunConfig, labels: list[str] | None = None) -> SitePlan:
+    """The part of a run config that the coordinator sends to sites (with the run's labels)."""
     return SitePlan(
         task=cfg.model.task,
         train=cfg.train,
@@ -444,4 +456,5 @@ def site_plan(cfg: RunConfig) -> SitePlan:
         clip=cfg.privacy.dp.clip if cfg.privacy.dp.enabled else None,
         site_noise_std=_site_noise_std(cfg),
         max_eval_examples=cfg.data.max_eval_examples,
+        labels=labels,
     )

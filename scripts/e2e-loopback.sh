@@ -100,7 +100,8 @@ cpu-threads = 1
 EOF
     i=$((i + 1))
 done
-sed -e "s#path = \"data/dolly-tiny.jsonl\"#path = \"$REPO/examples/data/dolly-tiny.jsonl\"#" \
+# A deployed coordinator reads no training data (each site names its own in its site.toml).
+sed -e '/^path = "data\/dolly-tiny.jsonl"$/d' \
     -e "s/^rounds = 3/rounds = $ROUNDS/" "$REPO/examples/tiny.toml" >run.toml
 
 # 3. The coordinator; the sites once their SuperNode keys are registered.

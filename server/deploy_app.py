@@ -74,7 +74,7 @@ def run_deployed(grid: Grid, run: DeployedRun) -> None:
         sealing = load_sealing(cfg, run.keys)
         if resume:
             print_message(f"resuming the run in {run.out} from its checkpoint")
-        coord = prepare(cfg, run.out, sealing)
+        coord = prepare(cfg, run.out, sealing, deployed=True)
         run_federation(grid, coord, resume=resume)
 
 

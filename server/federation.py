@@ -25,6 +25,7 @@ from common.adapters import AdapterState, AggregationError, num_parameters, stat
 from common.atomic import write_json_atomic
 from common.config import RunConfig, config_to_dict, site_plan
 from common.dp import PrivacyBudgetExceeded
+from common.errors import ConfigError
 from common.models import peak_memory_bytes
 from common.progress import print_message, print_rule
 from common.secagg import SecAggError
@@ -66,7 +67,7 @@ class Coordinator:
     cfg: RunConfig
     out_dir: Path
     host: AdapterHost
-    dataset: Dataset
+    labels: list[str] | None  # classification label names in id order
     eval_set: Dataset | None
     registry: Registry
     run_id: str
@@ -75,14 +76,41 @@ class Coordinator:
     sealing: Sealing | None = None
 
 
-def prepare(cfg: RunConfig, out_dir: Path, sealing: Sealing | None = None) -> Coordinator:
-    """Check the data split before any model loads, then load the base and the adapter."""
-    dataset = load_dataset(cfg.data)
-    partition(dataset, cfg.federation.sites, cfg.data)  # ConfigError now, not in round 1
+def run_labels(cfg: RunConfig, deployed: bool) -> tuple[list[str] | None, Dataset | None]:
+    """The run's label names and the optional global eval set, checked before any model loads.
+
+    Simulation reads ``data.path`` and checks that it splits into the configured sites. A
+    deployed coordinator never reads it (the sites hold the data): its label names come from
+    ``data.labels``, else from ``data.eval-path``; a classification run without either is a
+    ConfigError, since sites could otherwise number their labels differently.
+    """
+    labels = cfg.data.labels
+    if not deployed:
+        if cfg.data.path is None:
+            raise ConfigError("data.path: a simulation needs the examples it splits among sites")
+        dataset = load_dataset(cfg.data, label_names=labels)
+        partition(dataset, cfg.federation.sites, cfg.data)  # ConfigError now, not in round 1
+        labels = dataset.label_names
     eval_set = None
     if cfg.data.eval_path is not None:
-        eval_set = load_dataset(cfg.data, cfg.data.eval_path, label_names=dataset.label_names)
-    labels = dataset.label_names
+        eval_set = load_dataset(cfg.data, cfg.data.eval_path, label_names=labels)
+        labels = eval_set.label_names
+    if cfg.model.task == "classification" and not labels:
+        raise ConfigError(
+            "a deployed classification run needs data.labels (the label names in id order, "
+            "identical at every site) or data.eval-path (their sorted distinct labels)"
+        )
+    return labels, eval_set
+
+
+def prepare(
+    cfg: RunConfig, out_dir: Path, sealing: Sealing | None = None, *, deployed: bool = False
+) -> Coordinator:
+    """Check the data before any model loads, then load the base and the adapter.
+
+    ``deployed``: the sites hold the data, ``data.path`` is not read (see ``run_labels``).
+    """
+    labels, eval_set = run_labels(cfg, deployed)
     host = AdapterHost(cfg.model, cfg.modules["shared"], len(labels) if labels else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", config_to_dict(cfg))  # the latest start's
@@ -91,7 +119,7 @@ def prepare(cfg: RunConfig, out_dir: Path, sealing: Sealing | None = None) -> Co
         cfg=cfg,
         out_dir=out_dir,
         host=host,
-        dataset=dataset,
+        labels=labels,
         eval_set=eval_set,
         registry=Registry(out_dir / "registry"),
         run_id=uuid.uuid4().hex,
@@ -155,7 +183,7 @@ def _publish(
             else None,
             "cohort": cohort,
             "examples": examples,
-            "labels": coord.dataset.label_names,
+            "labels": coord.labels,
         },
     )
     coord.audit.append(
@@ -353,7 +381,7 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
     """Run (or resume) every round of ``coord.cfg``; return the summary (also on disk)."""
     cfg, started = coord.cfg, time.perf_counter()
     strategy = FedLoraStrategy(
-        cfg, site_plan(cfg), coord.host.base.fingerprint, coord.run_id, coord.sealing
+        cfg, site_plan(cfg, coord.labels), coord.host.base.fingerprint, coord.run_id, coord.sealing
     )
     strategy.node_ids = wait_for_nodes(grid, cfg.federation.sites, cfg.federation.round_timeout)
     for node in strategy.node_ids:

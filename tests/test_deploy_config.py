@@ -13,7 +13,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from client.deploy_app import run_label_names
 from common.allow_list import load_allow_list
+from common.config import (
+    RunConfig,
+    config_from_dict,
+    load_config,
+    parse_override,
+    read_toml,
+    resolve_paths,
+    site_plan,
+)
 from common.errors import ConfigError
 from common.keys import KeyMaterialError
 from common.site_config import load_coordinator_config, load_site_config
@@ -21,6 +31,7 @@ from fedlora.deploy import _run_config_arg, stage_app, superlink_command, unfini
 from fedlora.deploy_keys import Layout, enroll_site, init_deployment
 from fedlora.deploy_site import SiteCheckError, check_keys, check_site, supernode_command
 from server.deploy_app import DeployedRun
+from server.federation import run_labels
 
 REPO = Path(__file__).resolve().parent.parent
 SITES = ["a", "b"]
@@ -191,3 +202,47 @@ def test_example_configs_parse() -> None:
     assert coordinator.coordinator.port == 9092
     unit = (REPO / "examples/systemd/fedlora-site.service").read_text()
     assert "fedlora site start --config" in unit and "Restart=always" in unit
+
+
+def _no_data(config: Path, *overrides: str) -> RunConfig:
+    """``config`` with data.path (and data.eval-path) removed, as a deployed run may be."""
+    raw = read_toml(config)
+    resolve_paths(raw, config.parent)
+    del raw["data"]["path"]
+    raw["data"].pop("eval-path", None)
+    for text in overrides:
+        key_path, value = parse_override(text)
+        raw[key_path[0]][key_path[1]] = value
+    return config_from_dict(raw)
+
+
+def test_deployed_coordinator_reads_no_training_data() -> None:
+    assert run_labels(_no_data(REPO / "examples/tiny.toml"), deployed=True) == (None, None)
+    with pytest.raises(ConfigError, match=r"data\.path: a simulation needs"):
+        run_labels(_no_data(REPO / "examples/tiny.toml"), deployed=False)
+
+
+def test_deployed_classification_run_takes_its_labels_from_the_config_or_eval_file() -> None:
+    banking = REPO / "examples/banking77.toml"
+    with pytest.raises(ConfigError, match=r"data\.labels .* or data\.eval-path"):
+        run_labels(_no_data(banking), deployed=True)
+    labels, eval_set = run_labels(_no_data(banking, "data.labels=['b', 'a']"), deployed=True)
+    assert labels == ["b", "a"] and eval_set is None
+    eval_file = REPO / "examples/data/banking77-test.csv"
+    cfg = _no_data(banking, f"data.eval-path='{eval_file}'")
+    labels, eval_set = run_labels(cfg, deployed=True)
+    assert eval_set is not None and labels == eval_set.label_names and len(labels) > 2
+
+
+def test_site_uses_the_runs_label_ids_and_refuses_different_ones(tmp_path: Path) -> None:
+    site_toml = tmp_path / "site.toml"
+    text = (REPO / "examples/site.toml").read_text()
+    site_toml.write_text(text.replace("[data]", '[data]\nlabels = ["x", "y"]'))
+    with_labels = load_site_config(site_toml)
+    cfg = load_config(REPO / "examples/tiny.toml")
+    assert run_label_names(with_labels, site_plan(cfg, ["x", "y"])) == ["x", "y"]
+    assert run_label_names(with_labels, site_plan(cfg)) == ["x", "y"]
+    without = load_site_config(REPO / "examples/site.toml")
+    assert run_label_names(without, site_plan(cfg, ["p", "q"])) == ["p", "q"]
+    with pytest.raises(ConfigError, match="differ from the run's"):
+        run_label_names(with_labels, site_plan(cfg, ["y", "x"]))

@@ -194,9 +194,9 @@ def _write_files(root: Path, port: int) -> None:
         f'host = "127.0.0.1"\nport = {port}\n'
     )
     run = (REPO / "examples/tiny.toml").read_text()
-    run = run.replace(
-        'path = "data/dolly-tiny.jsonl"', f'path = "{REPO}/examples/data/dolly-tiny.jsonl"'
-    )
+    # A deployed coordinator reads no training data: each site names its own in site.toml.
+    run = run.replace('path = "data/dolly-tiny.jsonl"\n', "")
+    assert "dolly-tiny" not in run
     (root / "run.toml").write_text(run.replace("rounds = 3", "rounds = 2"))
 
 
