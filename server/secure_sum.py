@@ -41,7 +41,7 @@ from common.secagg_records import (
     unmask_request_to_record,
 )
 from common.secagg_server import SecAggResult, SecAggServer
-from server.strategy import FedLoraStrategy, StageLog
+from server.strategy import FedLoraStrategy, StageLog, reply_node, sent_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class SecureSumRound:
         self.strategy, self.grid, self.round = strategy, grid, server_round
         allow = strategy.sealing.allow_list
         self.numbers = site_numbers(allow)
+        self.names = {number: name for name, number in self.numbers.items()}
         self.params = secagg_params(strategy.cfg, len(self.numbers))
         self.context = P.secure_sum_context(strategy._header(server_round))
         self.log = StageLog()
@@ -118,16 +119,17 @@ class SecureSumRound:
                 Message(content, dst_node_id=self.nodes[number], message_type=MessageType.TRAIN)
             )
         replies: dict[int, Message] = {}
+        received = list(self.grid.send_and_receive(messages, timeout=timeout))
         by_node = {node: number for number, node in self.nodes.items()}
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
-            sender = by_node.get(reply.metadata.src_node_id)
+        sent = sent_nodes(messages)
+        for reply in received:
+            sender = by_node.get(reply_node(reply, sent))
             if sender is None:
                 continue
-            number = sender
             if reply.has_error():
-                self.log.reject(f"site #{number}", f"{stage}: {reply.error.reason}")
+                self.log.reject(self.names[sender], f"{stage}: {reply.error.reason}")
                 continue
-            replies[number] = reply
+            replies[sender] = reply
         return replies
 
     def _train_and_advertise(self, arrays: ArrayRecord) -> dict[int, KeyAdvert]:
@@ -141,8 +143,10 @@ class SecureSumRound:
         ]
         self.log.bytes_down = sum(len(a.data) for a in arrays.values()) * len(messages)
         adverts: dict[int, KeyAdvert] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self._timeout):
-            site = self.strategy._site_of(reply)
+        received = list(self.grid.send_and_receive(messages, timeout=self._timeout))
+        sent = sent_nodes(messages)
+        for reply in received:
+            site = self.strategy._site_of(reply, reply_node(reply, sent))
             if reply.has_error():
                 self.log.reject(site, f"site reported an error: {reply.error.reason}")
                 continue
@@ -227,10 +231,12 @@ class SecureSumRound:
     def _apply(
         self, global_state: AdapterState, result: SecAggResult, layout: Layout
     ) -> AdapterState:
-        names = {number: name for name, number in self.numbers.items()}
         for number, reason in result.rejected.items():
-            self.log.reject(names.get(number, f"#{number}"), f"secure-sum: {reason}")
-        survivors = {names[n] for n in result.survivors}
+            self.log.reject(self.names.get(number, f"#{number}"), f"secure-sum: {reason}")
+        survivors = {self.names[n] for n in result.survivors}
+        # Survivors' adverts were signature-checked: their nodes are who they claimed.
+        for number in result.survivors:
+            self.strategy.node_sites[self.nodes[number]] = self.names[number]
         self.log.accepted = {s: m for s, m in self.log.accepted.items() if s in survivors}
         weighted_sum = unflatten(result.weighted_sum, layout)
         aggregator = self.strategy.aggregator

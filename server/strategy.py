@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import (
@@ -104,6 +104,12 @@ class FedLoraStrategy(Strategy):
         self.node_ids: list[int] = []
         self.offences: dict[int, int] = {}  # Flower node id -> rejected train replies
         self.quarantined: dict[int, str] = {}  # node id -> the site name it last claimed
+        # Node id -> site of its last accepted train reply (signature-checked when sealed),
+        # and -> the site its last evaluate reply claimed (unsigned): they name a node's later
+        # error replies, e.g. of a site that died mid-round.
+        self.node_sites: dict[int, str] = {}
+        self.node_claims: dict[int, str] = {}
+        self._sent: list[Message] = []  # the current stage's instructions
         self.train_log = StageLog()
         self.eval_log = StageLog()
         self._global: AdapterState = {}
@@ -127,9 +133,10 @@ class FedLoraStrategy(Strategy):
     ) -> list[Message]:
         content = RecordDict({P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: self._header(server_round)})
         log.bytes_down = array_record_bytes(arrays) * len(self.node_ids)
-        return [
+        self._sent = [
             Message(content, dst_node_id=node, message_type=message_type) for node in self.node_ids
         ]
+        return list(self._sent)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -145,10 +152,15 @@ class FedLoraStrategy(Strategy):
         return self._instructions(server_round, arrays, MessageType.EVALUATE, self.eval_log)
 
     # -- replies -----------------------------------------------------------------------------
-    def _site_of(self, reply: Message) -> str:
+    def _site_of(self, reply: Message, node: int) -> str:
+        """The site a reply claims; for an error reply, the site its node last was."""
         if reply.has_content() and P.UPDATE_RECORD in reply.content.config_records:
             return str(reply.content.config_records[P.UPDATE_RECORD].get(P.KEY_SITE, "?"))
-        return f"node-{reply.metadata.src_node_id}"
+        if node in self.node_sites:
+            return self.node_sites[node]
+        if node in self.node_claims:
+            return f"node-{node} (claims {self.node_claims[node]})"
+        return f"node-{node}"
 
     def _open_update(self, server_round: int, reply: Message) -> AcceptedUpdate:
         """Validate one train reply; raise ``UpdateRejected`` with the reason if it is bad."""
@@ -186,7 +198,7 @@ class FedLoraStrategy(Strategy):
                 f"delta payload of {len(payload):,} bytes exceeds privacy.max-payload-bytes "
                 f"= {bound:,}"
             )
-        site = self._site_of(reply)
+        site = self._site_of(reply, reply.metadata.src_node_id)
         wire_bytes = len(payload)
         if sealed:
             payload = self._open(payload, site, server_round)
@@ -222,17 +234,21 @@ class FedLoraStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[AcceptedUpdate] = []
+        sent = sent_nodes(self._sent)
         for reply in replies:
-            site = self._site_of(reply)
+            node = reply_node(reply, sent)
+            site = self._site_of(reply, node)
             try:
                 update = self._open_update(server_round, reply)
                 if any(a.site == update.site for a in accepted):
                     raise UpdateRejected("a second reply from the same site in one round")
             except UpdateRejected as exc:
                 self.train_log.reject(site, str(exc))
-                self._count_offence(reply.metadata.src_node_id, site)
+                if not reply.has_error():  # a crash or timeout is no offence
+                    self._count_offence(node, site)
                 continue
             accepted.append(update)
+            self.node_sites[node] = update.site
             self.train_log.bytes_up += update.payload_bytes
             self.train_log.accepted[update.site] = update.metrics
         needed = self.cfg.federation.min_sites or len(self.node_ids)
@@ -264,8 +280,12 @@ class FedLoraStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        sent = sent_nodes(self._sent)
         for reply in replies:
-            site = self._site_of(reply)
+            node = reply_node(reply, sent)
+            site = self._site_of(reply, node)
+            if reply.has_content() and P.UPDATE_RECORD in reply.content.config_records:
+                self.node_claims[node] = site
             if reply.has_error():
                 self.eval_log.reject(site, f"site reported an error: {reply.error.reason}")
                 continue
@@ -300,6 +320,20 @@ def _weighted(per_site: dict[str, dict[str, float]]) -> dict[str, MetricValue]:
         if pairs and total > 0 and all(math.isfinite(v) for v, _ in pairs):
             out[key] = sum(v * w for v, w in pairs) / total
     return out
+
+
+def sent_nodes(sent: Iterable[Message]) -> dict[str, int]:
+    """Instruction message id -> its destination node (the grid sets ids when it sends)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+
+
+def reply_node(reply: Message, sent: Mapping[str, int]) -> int:
+    """The node a reply answers for.
+
+    For a node that stopped heartbeating the SuperLink answers itself, as its own node id, so
+    the instruction the reply refers to names the node, not the reply's sender.
+    """
+    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:

@@ -460,8 +460,10 @@ def test_site_killed_mid_round_rejoins_next_round(fed: Federation) -> None:
         for e in read_entries(out / "audit.jsonl")
         if e["event"] == EVENT_REPLY_REJECTED and e["round"] == 1 and e["stage"] == "train"
     ]
-    # Flower's error reply comes from the SuperLink (node 1), so the audit cannot name c.
+    # The SuperLink answers for c (as node 1); the coordinator maps the reply to the node it
+    # instructed, which so far only evaluated (round 0): named by its unsigned claim.
     assert len(dropped) == 1 and "Node Unavailable" in dropped[0]["reason"], dropped
+    assert dropped[0]["site"] == f"node-{node_c} (claims c)", dropped
     assert metrics[2]["cohort"] == ["a", "b", "c"]  # c rejoined the next round
     assert [v.version for v in Registry(out / "registry").versions("shared")] == [0, 1, 2]
     assert "c round 2 step" in log.read_text()

@@ -196,3 +196,30 @@ def test_repeat_offender_is_quarantined(examples_dir: Path) -> None:
         strategy.aggregate_train(server_round, [reply("good", **{P.KEY_ROUND: server_round}), bad])
     assert strategy.node_ids == [2]
     assert strategy.quarantined == {1: "x"}
+
+
+def test_superlink_error_reply_names_the_unreachable_site(strategy: FedLoraStrategy) -> None:
+    # Instructions as the grid sent them (it sets the message ids) to nodes 1 and 5.
+    strategy.node_ids = [1, 5]
+    sent = list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
+    for number, message in enumerate(sent):
+        message.metadata.__dict__["_message_id"] = f"instruction-{number}"
+    good = Message(reply("s5").content, reply_to=sent[1])
+    strategy.aggregate_train(1, [good])
+    assert strategy.node_sites == {5: "s5"}
+    # Node 5 stops heartbeating: the SuperLink (node 1) answers its next instruction itself.
+    strategy.train_log = type(strategy.train_log)()
+    dead = Message(Error(code=5, reason="Node Unavailable"), reply_to=sent[1])
+    dead.metadata.__dict__["_src_node_id"] = 1
+    assert dead.metadata.src_node_id == 1
+    with pytest.raises(AggregationError):
+        strategy.aggregate_train(1, [dead])
+    assert strategy.train_log.rejected == [
+        {"site": "s5", "reason": "site reported an error: Node Unavailable"}
+    ]
+    assert strategy.offences == {}  # a crash is no offence: the site may rejoin
+    stranger = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
+    assert strategy._site_of(Message(Error(code=1), reply_to=stranger), 7) == "node-7"
+    # A node known only from its (unsigned) evaluate reply is named as a claim.
+    strategy.node_claims[7] = "s7"
+    assert strategy._site_of(Message(Error(code=1), reply_to=stranger), 7) == "node-7 (claims s7)"
