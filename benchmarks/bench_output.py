@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -108,3 +109,39 @@ class Clock:
         finally:
             self.wall += time.perf_counter() - wall
             self.cpu += time.process_time() - cpu
+
+
+def run_simulate(config: Path, out: Path, overrides: list[str], timeout: float, log: Path) -> float:
+    """Run ``fedlora simulate CONFIG`` as a subprocess (output to ``log``); its wall seconds."""
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", str(config), "--out", str(out)]
+    for item in overrides:
+        cmd += ["--set", item]
+    start = time.perf_counter()
+    with log.open("w", encoding="utf-8") as sink:
+        subprocess.run(
+            cmd, check=True, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    return time.perf_counter() - start
+
+
+def read_rounds(out: Path) -> list[dict[str, Any]]:
+    """The per-round lines of a run folder's ``metrics.jsonl``."""
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def trained_rounds(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All rounds and the trained ones (round >= 1) of a run; RuntimeError if none trained.
+
+    A run in which no site's reply was ever accepted says why (the first rejection), since
+    its timings would measure nothing.
+    """
+    rounds = read_rounds(out)
+    trained = [r for r in rounds if r["round"] >= 1]
+    if not trained:
+        raise RuntimeError(f"{out}: no trained round in metrics.jsonl")
+    if not any(r["cohort"] for r in trained):
+        reasons = [x.get("reason", "") for r in rounds for x in r.get("rejected", [])]
+        first = reasons[0][:400] if reasons else "no reply recorded"
+        raise RuntimeError(f"{out}: no site's reply was accepted in any round; first: {first}")
+    return rounds, trained

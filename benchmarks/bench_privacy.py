@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from statistics import mean
 from typing import Any
+
+from bench_output import machine, run_simulate, trained_rounds
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("none", "sealed", "secure-sum")
@@ -48,45 +47,10 @@ QUICK_OVERRIDES = [
 ]
 
 
-def machine() -> str:
-    """Architecture, CPU model (from /proc/cpuinfo where there is one) and core count."""
-    model = platform.processor() or "cpu"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{platform.machine()}, {model}, {os.cpu_count()} cores"
-
-
-def run_federation(
-    config: Path, out: Path, overrides: list[str], timeout: float, log: Path
-) -> float:
-    """Run one simulation as a subprocess; return its wall time in seconds."""
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", str(config), "--out", str(out)]
-    for item in overrides:
-        cmd += ["--set", item]
-    start = time.perf_counter()
-    with log.open("w", encoding="utf-8") as sink:
-        subprocess.run(
-            cmd, check=True, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout
-        )
-    return time.perf_counter() - start
-
-
 def run_figures(out: Path, wall: float) -> dict[str, Any]:
     """Figures of one run from its metrics.jsonl and summary.json."""
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    rounds = [json.loads(line) for line in lines if line.strip()]
-    trained = [r for r in rounds if r["round"] >= 1]
-    if not trained:
-        raise RuntimeError(f"{out}: no trained round in metrics.jsonl")
-    if not any(r["cohort"] for r in trained):
-        reasons = [x.get("reason", "") for r in rounds for x in r.get("rejected", [])]
-        first = reasons[0][:400] if reasons else "no reply recorded"
-        raise RuntimeError(f"{out}: no site's reply was accepted in any round; first: {first}")
+    _, trained = trained_rounds(out)
     up_per_site = [r["bytes_up"] / len(r["cohort"]) for r in trained if r["cohort"]]
     errors = [r["secure_sum_max_abs_error"] for r in trained if "secure_sum_max_abs_error" in r]
     return {
@@ -146,12 +110,6 @@ def verdicts(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
                 "round time",
             ),
             ("secure-sum", "upload_vs_fp32_delta", SECURE_SUM_UPLOAD_TARGET, "upload / fp32 delta"),
-            (
-                "secure-sum",
-                "upload_with_side_bytes_vs_fp32_delta",
-                SECURE_SUM_UPLOAD_TARGET,
-                "upload incl. estimated advert+share bytes / fp32 delta",
-            ),
         ]
         for mode, key, target, what in checks:
             value = cells.get(mode, {}).get(key)
@@ -188,33 +146,6 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]], delta_bytes: int)
             )
     print(f"fp32 delta size: {delta_bytes:,} B")
     print("eval s: the evaluate stage does no privacy work in any mode; its ratio shows load drift")
-    for sites, cells in results.items():
-        estimate = cells.get("secure-sum", {}).get("secure_sum_side_bytes_estimate")
-        if estimate is not None:
-            total = cells["secure-sum"]["bytes_up_per_site_per_round"] + estimate
-            print(
-                f"{sites} sites secure-sum: + about {estimate:,} B/site of key advert and Shamir "
-                f"shares that metrics.jsonl does not count -> {total:,.0f} B "
-                f"({total / delta_bytes:.4f}x the fp32 delta)"
-            )
-
-
-def secure_sum_side_bytes(sites: int) -> int | None:
-    """Bytes one site sends in secure-sum mode besides the masked vector, all peers neighbours.
-
-    ``metrics.jsonl`` counts each list-valued record entry of the share and unmask replies as
-    8 bytes and leaves the key advert (sent with the train reply) out, so this estimate, from
-    ``common.secagg``'s sizes, is reported beside the measured figure: advert (id, three keys,
-    signature) + one sealed share per peer (id + ciphertext) + one seed share per surviving
-    peer (id + share). None when those constants cannot be imported.
-    """
-    try:
-        from common.secagg import CIPHERTEXT_BYTES, KEY_BYTES, SHARE_BYTES, SIGNATURE_BYTES
-    except ImportError:
-        return None
-    peers = sites - 1
-    advert = 8 + 3 * KEY_BYTES + SIGNATURE_BYTES
-    return int(advert + peers * (8 + CIPHERTEXT_BYTES) + peers * (8 + SHARE_BYTES))
 
 
 def summarize(
@@ -225,13 +156,6 @@ def summarize(
     for sites, by_mode in raw.items():
         results[sites] = {mode: mode_summary(runs) for mode, runs in by_mode.items()}
         add_ratios(results[sites], delta_bytes)
-        if "secure-sum" in results[sites]:
-            estimate = secure_sum_side_bytes(int(sites))
-            cell = results[sites]["secure-sum"]
-            cell["secure_sum_side_bytes_estimate"] = estimate
-            if estimate is not None:
-                total = cell["bytes_up_per_site_per_round"] + estimate
-                cell["upload_with_side_bytes_vs_fp32_delta"] = total / delta_bytes
     lines = verdicts(results)
     print_table(results, delta_bytes)
     for line in lines:
@@ -298,7 +222,7 @@ def main() -> int:
                     *args.overrides,
                 ]
                 print(f"[{time.perf_counter() - started:7.1f} s] run {name}", flush=True)
-                wall = run_federation(
+                wall = run_simulate(
                     args.config, out, overrides, args.timeout, args.runs / f"{name}.log"
                 )
                 figures = run_figures(out, wall)

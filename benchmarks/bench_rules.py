@@ -24,15 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from statistics import mean
 from typing import Any
+
+from bench_output import machine, run_simulate, trained_rounds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,48 +44,9 @@ CENTRALIZED = "centralized"
 EXACT_TARGET_POINTS = 1.0
 
 
-def machine() -> str:
-    """Architecture, CPU model (from /proc/cpuinfo where there is one) and core count."""
-    model = platform.processor() or "cpu"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{platform.machine()}, {model}, {os.cpu_count()} cores"
-
-
-def run_federation(
-    config: Path, out: Path, overrides: list[str], timeout: float, log: Path
-) -> float:
-    """Run one simulation as a subprocess; return its wall time in seconds."""
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", str(config), "--out", str(out)]
-    for item in overrides:
-        cmd += ["--set", item]
-    start = time.perf_counter()
-    with log.open("w", encoding="utf-8") as sink:
-        subprocess.run(
-            cmd, check=True, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout
-        )
-    return time.perf_counter() - start
-
-
-def read_rounds(out: Path) -> list[dict[str, Any]]:
-    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def run_figures(out: Path, wall: float | None) -> dict[str, Any]:
     """Quality and bytes of one run from its metrics.jsonl."""
-    rounds = read_rounds(out)
-    trained = [r for r in rounds if r["round"] >= 1]
-    if not trained:
-        raise RuntimeError(f"{out}: no trained round in metrics.jsonl")
-    if not any(r["cohort"] for r in trained):
-        reasons = [x.get("reason", "") for r in rounds for x in r.get("rejected", [])]
-        first = reasons[0][:400] if reasons else "no reply recorded"
-        raise RuntimeError(f"{out}: no site's reply was accepted in any round; first: {first}")
+    rounds, trained = trained_rounds(out)
     first, last = rounds[0], rounds[-1]
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     site_loss = {
@@ -282,7 +242,7 @@ def main() -> int:
             if out.exists():
                 shutil.rmtree(out)
             log = args.runs / f"{name}.log"
-            wall = run_federation(config, out, overrides, args.timeout, log)
+            wall = run_simulate(config, out, overrides, args.timeout, log)
         figures = run_figures(out, wall)
         shown = "-" if wall is None else f"{wall:.1f}"
         print(

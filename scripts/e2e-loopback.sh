@@ -7,6 +7,8 @@
 #
 #   scripts/e2e-loopback.sh [WORK_DIR]        (default: a new temp folder, kept for inspection)
 #
+# ROUNDS=N sets the number of rounds (default 2); benchmarks/bench_deploy.py uses it.
+#
 # With RESTART=1 it also SIGKILLs the coordinator (every process of it) after round 1 of 4,
 # starts it again, and checks that the run finishes with every version exactly once.
 # tests/test_e2e_resilience.py also compares the result bit for bit with an uninterrupted run.
@@ -15,7 +17,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${BIN:-$REPO/.venv/bin}"
 WORK="${1:-$(mktemp -d -t fedlora-e2e-XXXXXX)}"
-ROUNDS=2
+ROUNDS="${ROUNDS:-2}"
 [[ "${RESTART:-0}" == 1 ]] && ROUNDS=4
 mkdir -p "$WORK"
 cd "$WORK"
