@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.errors import FedloraError
 from common.progress import console
+from fedlora.compare import add_compare_parser, run_compare
 from fedlora.deploy import add_coordinator_parser, run_coordinator
 from fedlora.deploy_site import add_site_parser, run_site
 from fedlora.inference import add_inference_parsers, run_inference
@@ -30,6 +31,7 @@ examples:
   fedlora demo                                     # the make-demo run: SmolLM2 on dolly, 3 sites
   fedlora simulate examples/tiny.toml --out runs/tiny
   fedlora simulate examples/banking77.toml --out runs/b77 --set federation.rounds=5
+  fedlora compare examples/tiny.toml --out runs/compare   # base / local / federated / central
   fedlora fingerprint smollm2-135m
 """
 
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     fp.add_argument("--seed", type=int, default=0, help="seed of a newly initialised head")
     add_inference_parsers(sub)
     add_report_parser(sub)
+    add_compare_parser(sub)
     add_keys_parser(sub)
     add_registry_parser(sub)
     add_coordinator_parser(sub)
@@ -145,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fingerprint(args.model, args.task, args.num_labels, args.seed)
         if args.command == "report":
             return run_report(args)
+        if args.command == "compare":
+            return run_compare(args)
         if args.command in ("generate", "predict"):
             return run_inference(args)
         if args.command == "keys":

@@ -1,0 +1,145 @@
+"""Deployment round overhead: the loopback deployment vs the same federation in simulation.
+
+Runs, one after the other, (1) ``scripts/e2e-loopback.sh`` with ``ROUNDS=N``: the coordinator
+(SuperLink with TLS + SuperNode authentication, the ServerApp in its SuperExec) and 3 site
+daemons (SuperNodes with the fedlora ClientApp) as real processes on 127.0.0.1, sealed mode,
+``examples/tiny.toml``; and (2) ``fedlora simulate examples/tiny.toml`` with the same number of
+rounds and sites, sealed mode, iid split (the loopback sites each hold a third of the same
+file). Both write ``metrics.jsonl``; the table compares the mean round time (rounds >= 1),
+the train and evaluate stages, bytes up per site, and the wall time from start to summary.
+
+    python benchmarks/bench_deploy.py [--rounds 3] [--repeats 1]
+
+The loopback wall time includes starting the SuperLink, registering the sites' keys and
+starting three SuperNodes; the simulation's includes starting Ray. Round figures exclude both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from bench_output import (
+    OUT_DIR,
+    REPO,
+    header,
+    print_table,
+    run_simulate,
+    trained_rounds,
+    write_result,
+)
+
+TINY = REPO / "examples" / "tiny.toml"
+SCRIPT = REPO / "scripts" / "e2e-loopback.sh"
+
+
+def figures(run: Path, wall: float) -> dict[str, Any]:
+    """Round figures of one run folder (its ``metrics.jsonl``)."""
+    _, trained = trained_rounds(run)
+    return {
+        "wall_seconds": wall,
+        "round_seconds": [r["seconds"] for r in trained],
+        "train_seconds": [r["seconds_train"] for r in trained],
+        "eval_seconds": [r["seconds_eval"] for r in trained],
+        "bytes_up_per_site": [r["bytes_up"] / len(r["cohort"]) for r in trained if r["cohort"]],
+        "cohorts": [sorted(r["cohort"]) for r in trained],
+    }
+
+
+def run_loopback(work: Path, rounds: int, timeout: float) -> dict[str, Any]:
+    """The deployment on loopback; its run folder is ``work/runs/tiny``."""
+    env = {**os.environ, "ROUNDS": str(rounds)}
+    start = time.perf_counter()
+    with (work.parent / f"{work.name}.log").open("w", encoding="utf-8") as log:
+        subprocess.run(
+            ["bash", str(SCRIPT), str(work)],
+            check=True,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    return figures(work / "runs" / "tiny", time.perf_counter() - start)
+
+
+def run_simulation(out: Path, rounds: int, timeout: float) -> dict[str, Any]:
+    """The same federation in Flower's simulation engine."""
+    overrides = [f"federation.rounds={rounds}", "data.partition='iid'", "privacy.mode='sealed'"]
+    wall = run_simulate(TINY, out, overrides, timeout, out.parent / f"{out.name}.log")
+    return figures(out, wall)
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {
+        "round_seconds": mean(s for r in runs for s in r["round_seconds"]),
+        "train_seconds": mean(s for r in runs for s in r["train_seconds"]),
+        "eval_seconds": mean(s for r in runs for s in r["eval_seconds"]),
+        "bytes_up_per_site": mean(b for r in runs for b in r["bytes_up_per_site"]),
+        "wall_seconds": mean(r["wall_seconds"] for r in runs),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per engine, interleaved")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
+    parser.add_argument("--runs", type=Path, default=OUT_DIR / "deploy")
+    args = parser.parse_args()
+
+    result = header("bench_deploy")
+    if args.runs.exists():
+        shutil.rmtree(args.runs)
+    args.runs.mkdir(parents=True)
+    raw: dict[str, list[dict[str, Any]]] = {"loopback": [], "simulation": []}
+    for repeat in range(args.repeats):
+        print(f"[repeat {repeat}] loopback deployment, {args.rounds} rounds ...", flush=True)
+        raw["loopback"].append(
+            run_loopback(args.runs / f"loopback-{repeat}", args.rounds, args.timeout)
+        )
+        print(f"[repeat {repeat}] simulation, {args.rounds} rounds ...", flush=True)
+        raw["simulation"].append(
+            run_simulation(args.runs / f"sim-{repeat}", args.rounds, args.timeout)
+        )
+
+    cells = {engine: summary(runs) for engine, runs in raw.items()}
+    sim = cells["simulation"]
+    rows = []
+    for engine, cell in cells.items():
+        rows.append(
+            [
+                engine,
+                f"{cell['round_seconds']:.2f}",
+                f"{cell['round_seconds'] / sim['round_seconds']:.2f}",
+                f"{cell['train_seconds']:.2f}",
+                f"{cell['eval_seconds']:.2f}",
+                f"{cell['bytes_up_per_site']:,.0f}",
+                f"{cell['wall_seconds']:.1f}",
+            ]
+        )
+    print_table(
+        f"tiny-llama, 3 sites, sealed, {args.rounds} rounds, {args.repeats} run(s) per engine",
+        ["engine", "round s", "x sim", "train s", "eval s", "bytes up/site", "wall s"],
+        rows,
+    )
+    result.update(
+        rounds=args.rounds,
+        repeats=args.repeats,
+        runs=raw,
+        results=cells,
+        loopback_round_ratio_to_simulation=cells["loopback"]["round_seconds"]
+        / sim["round_seconds"],
+    )
+    write_result("bench_deploy", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,471 @@
+"""``fedlora compare CONFIG --out DIR``: the pilot's ROI table on one data split and seed.
+
+Four arms, each evaluated on the same global set (``data.eval-path``, else every site's held-out
+examples pooled) and on every site's own held-out split:
+
+``base``
+    The base model untouched (LoRA B = 0, so its outputs are the base model's; a classification
+    run's newly initialised head included).
+``local-only``
+    Each site trains alone: the same rounds x local steps as in the federation, from the same
+    initial adapter, on its own training split; no bytes travel. Own held-out = each site's
+    adapter on its own split; global = the mean over the sites' adapters.
+``federated``
+    ``fedlora simulate`` of the config (its rule and privacy mode, real Flower), the last
+    registry version evaluated here.
+``centralized``
+    All sites' training splits pooled at one place, trained for rounds x (local steps x sites)
+    steps: the same examples budget as the federation. Its "bytes" are the training data that
+    had to move there.
+
+Per arm: loss, perplexity (causal LM) or accuracy (classification), trainable parameters, bytes
+moved, wall seconds and peak resident memory of the training process (for ``federated``: the
+largest site process). Inference latency is measured on one batch of the global set for the
+base model, base + the federated adapter unmerged, and merged into the weights.
+
+Writes ``DIR/compare.json``, ``DIR/compare.md`` and the federated run under ``DIR/federated``.
+Centralized full fine-tuning is not an arm yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.data import Dataset, Example, SiteData, load_dataset, site_data
+from client.site import EVAL_BATCH_SIZE, AdapterHost, SiteRuntime
+from client.tokens import encode_examples, eval_batches
+from client.train import EvalResult, adapter_state, load_adapter_state
+from common.adapters import AdapterState, apply_delta, num_parameters
+from common.atomic import write_json_atomic
+from common.config import RunConfig, SitePlan, load_config, site_plan
+from common.errors import ConfigError
+from common.progress import print_message, print_rule
+from common.rules import all_sent_keys, ffa_sent_keys
+from server.metrics import read_metrics
+from server.registry import Registry
+
+ARMS = ("base", "local-only", "federated", "centralized")
+LATENCY_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Evaluation of one adapter state: global set and the mean over the sites' held-out."""
+
+    global_loss: float
+    global_perplexity: float
+    global_accuracy: float | None
+    site_loss: float
+    site_perplexity: float
+    site_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    quality: Quality
+    trainable_parameters: int
+    bytes_moved: int
+    seconds: float
+    peak_rss_bytes: int | None
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Sample this process's resident memory every 50 ms while in the ``with`` block.
+
+    ``peak`` is the largest sample in bytes, or None where /proc is missing (not Linux): no
+    figure rather than a wrong one.
+    """
+
+    def __init__(self) -> None:
+        self.peak: int | None = None
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self.peak = max(self.peak or 0, _rss_bytes())
+
+    def __enter__(self) -> PeakRSS:
+        if Path("/proc/self/statm").is_file():
+            self.peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.peak = max(self.peak or 0, _rss_bytes())
+
+
+def _mean(results: Sequence[EvalResult], weight: Callable[[EvalResult], float]) -> float:
+    total = sum(weight(r) for r in results)
+    return sum(r.loss * weight(r) for r in results) / total if total else float("nan")
+
+
+def _quality(global_result: EvalResult, own: Sequence[EvalResult]) -> Quality:
+    """Global figures, and the sites' held-out figures weighted by tokens (loss) / examples."""
+    site_loss = _mean(own, lambda r: r.tokens)
+    accuracies = [(r.accuracy, r.examples) for r in own if r.accuracy is not None]
+    examples = sum(n for _, n in accuracies)
+    return Quality(
+        global_loss=global_result.loss,
+        global_perplexity=global_result.perplexity,
+        global_accuracy=global_result.accuracy,
+        site_loss=site_loss,
+        site_perplexity=math.exp(min(site_loss, 50.0)),
+        site_accuracy=sum(a * n for a, n in accuracies) / examples if accuracies else None,
+    )
+
+
+def _mean_quality(per_site: Sequence[Quality]) -> Quality:
+    """Local-only: the mean of each site's figures (its own adapter on global and own data)."""
+
+    def avg(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.fmean(known) if known else None
+
+    global_loss = statistics.fmean(q.global_loss for q in per_site)
+    site_loss = statistics.fmean(q.site_loss for q in per_site)
+    return Quality(
+        global_loss=global_loss,
+        global_perplexity=statistics.fmean(q.global_perplexity for q in per_site),
+        global_accuracy=avg([q.global_accuracy for q in per_site]),
+        site_loss=site_loss,
+        site_perplexity=statistics.fmean(q.site_perplexity for q in per_site),
+        site_accuracy=avg([q.site_accuracy for q in per_site]),
+    )
+
+
+def _data_bytes(examples: Sequence[Example]) -> int:
+    """UTF-8 bytes of the examples' text, response and label: what pooling must move."""
+    return sum(
+        len(e.text.encode()) + len((e.response or "").encode()) + (8 if e.label is not None else 0)
+        for e in examples
+    )
+
+
+# ---------------------------------------------------------------------------- the arms
+
+
+class Comparison:
+    """The shared split, model and evaluation sets of one ``compare`` run."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        if cfg.aggregation.rule == "fedsa":
+            raise ConfigError(
+                "fedlora compare: aggregation.rule = 'fedsa' keeps every site's B factors at the "
+                "site, so the global adapter alone is not a model to evaluate; compare with "
+                "fedavg, ffa or exact"
+            )
+        if cfg.data.path is None:
+            raise ConfigError("data.path: compare needs the examples it splits among sites")
+        self.cfg = cfg
+        self.dataset: Dataset = load_dataset(cfg.data, label_names=cfg.data.labels)
+        labels = self.dataset.label_names
+        sites = cfg.federation.sites
+        self.splits = [site_data(self.dataset, i, sites, cfg.data) for i in range(sites)]
+        self.host = AdapterHost(cfg.model, cfg.modules["shared"], len(labels) if labels else None)
+        self.initial: AdapterState = adapter_state(self.host.model)
+        self.plan: SitePlan = site_plan(cfg, labels)
+        # Local-only and centralized train every adapter tensor, with no privacy mechanism.
+        self.plain = self.plan.model_copy(update={"rule": "fedavg", "clip": None})
+        kind = self.dataset.kind
+        self.sites = [
+            SiteRuntime(self.host, split, kind, f"site-{i}", i)
+            for i, split in enumerate(self.splits)
+        ]
+        if cfg.data.eval_path is not None:
+            evaluation = load_dataset(cfg.data, cfg.data.eval_path, label_names=labels)
+            global_examples = evaluation.examples[: cfg.data.max_eval_examples]
+        else:
+            global_examples = [e for split in self.splits for e in split.heldout]
+        self.global_examples = global_examples
+        self.global_site = SiteRuntime(self.host, SiteData([], global_examples), kind, "global", 0)
+
+    def evaluate(self, state: AdapterState, site: int | None = None) -> Quality:
+        """``state`` on the global set and on every site's (or only ``site``'s) held-out."""
+        own = self.sites if site is None else [self.sites[site]]
+        global_result = self.global_site.evaluate(state, self.plain)
+        return _quality(global_result, [s.evaluate(state, self.plain) for s in own])
+
+    def train(self, runtime: SiteRuntime, plan: SitePlan) -> AdapterState:
+        """``runtime`` alone for ``federation.rounds`` rounds from the initial adapter."""
+        state = {k: v.clone() for k, v in self.initial.items()}
+        for server_round in range(1, self.cfg.federation.rounds + 1):
+            update = runtime.train(state, plan, server_round)
+            state = apply_delta(state, update.delta)
+        return state
+
+    def base(self) -> Arm:
+        start = time.perf_counter()
+        with PeakRSS() as rss:
+            quality = self.evaluate(self.initial)
+        return Arm("base", quality, 0, 0, time.perf_counter() - start, rss.peak)
+
+    def local_only(self) -> Arm:
+        start, per_site = time.perf_counter(), []
+        with PeakRSS() as rss:
+            for index, runtime in enumerate(self.sites):
+                print_message(f"local-only: site-{index} trains alone")
+                per_site.append(self.evaluate(self.train(runtime, self.plain), site=index))
+        return Arm(
+            "local-only",
+            _mean_quality(per_site),
+            num_parameters(self.initial),
+            0,
+            time.perf_counter() - start,
+            rss.peak,
+        )
+
+    def centralized(self) -> Arm:
+        pooled = [e for split in self.splits for e in split.train]
+        runtime = SiteRuntime(self.host, SiteData(pooled, []), self.dataset.kind, "pooled", 0)
+        steps = self.plan.train.local_steps * len(self.sites)
+        plan = self.plain.model_copy(
+            update={"train": self.plain.train.model_copy(update={"local_steps": steps})}
+        )
+        print_message(f"centralized: {len(pooled)} pooled examples, {steps} steps per round")
+        start = time.perf_counter()
+        with PeakRSS() as rss:
+            quality = self.evaluate(self.train(runtime, plan))
+        return Arm(
+            "centralized",
+            quality,
+            num_parameters(self.initial),
+            _data_bytes(pooled),
+            time.perf_counter() - start,
+            rss.peak,
+        )
+
+    def federated(self, out: Path) -> tuple[Arm, AdapterState]:
+        from fedlora.simulate import simulate  # starts Ray: only when this arm runs
+
+        start = time.perf_counter()
+        simulate(self.cfg, out)
+        seconds = time.perf_counter() - start
+        latest = Registry(out / "registry").latest("shared")
+        if latest is None:
+            raise ConfigError(f"{out}: the federated run published no adapter version")
+        state = Registry(out / "registry").load("shared", latest.version)
+        rounds = read_metrics(out)
+        moved = sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in rounds)
+        peaks = [r["peak_memory_bytes"] for r in rounds if r.get("peak_memory_bytes")]
+        sent = ffa_sent_keys if self.cfg.aggregation.rule == "ffa" else all_sent_keys
+        trainable = num_parameters({k: self.initial[k] for k in sent(self.initial)})
+        arm = Arm(
+            "federated",
+            self.evaluate(state),
+            trainable,
+            moved,
+            seconds,
+            max(peaks) if peaks else None,
+        )
+        return arm, state
+
+    def latency(self, adapter: AdapterState) -> dict[str, float]:
+        """Median milliseconds of one forward pass on a batch of the global set."""
+        items = encode_examples(
+            self.global_examples[:EVAL_BATCH_SIZE],
+            self.dataset.kind,
+            self.host.base.tokenizer,
+            self.cfg.train.max_length,
+        )
+        batch = next(eval_batches(items, EVAL_BATCH_SIZE, self.host.pad_token_id))
+        device = next(self.host.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        model = self.host.model
+        load_adapter_state(model, adapter)
+        merged = copy.deepcopy(model).merge_and_unload()
+
+        def timed(forward: Callable[[], object]) -> float:
+            forward()  # warm-up
+            times = []
+            for _ in range(LATENCY_REPEATS):
+                start = time.perf_counter()
+                forward()
+                times.append(time.perf_counter() - start)
+            return 1000 * statistics.median(times)
+
+        with torch.no_grad():
+
+            def base_forward() -> object:
+                with model.disable_adapter():
+                    return model(**inputs)
+
+            result = {
+                "base_ms": timed(base_forward),
+                "adapter_unmerged_ms": timed(lambda: model(**inputs)),
+                "adapter_merged_ms": timed(lambda: merged(**inputs)),
+            }
+        result["batch_examples"] = float(len(items))
+        return result
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def _quality_cells(q: Quality, classification: bool) -> list[str]:
+    if classification:
+        return [
+            f"{100 * (q.global_accuracy or 0):.1f}",
+            f"{100 * (q.site_accuracy or 0):.1f}",
+            f"{q.global_loss:.4f}",
+        ]
+    return [f"{q.global_perplexity:.3f}", f"{q.site_perplexity:.3f}", f"{q.global_loss:.4f}"]
+
+
+def markdown_table(arms: Sequence[Arm], classification: bool) -> str:
+    metric = "accuracy %" if classification else "perplexity"
+    head = [
+        "arm",
+        f"global {metric}",
+        f"own held-out {metric}",
+        "global loss",
+        "trainable params",
+        "bytes moved",
+        "wall s",
+        "peak RSS GiB",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in arms:
+        rss = "-" if arm.peak_rss_bytes is None else f"{arm.peak_rss_bytes / 2**30:.2f}"
+        cells = [
+            arm.name,
+            *_quality_cells(arm.quality, classification),
+            f"{arm.trainable_parameters:,}",
+            f"{arm.bytes_moved:,}",
+            f"{arm.seconds:.1f}",
+            rss,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(arms: dict[str, Arm], classification: bool) -> list[str]:
+    """The ROI lines: federated against centralized and against local-only."""
+    fed, central, local = arms["federated"].quality, arms["centralized"].quality, arms["local-only"]
+    if classification:
+        f, c, lo = fed.global_accuracy or 0, central.global_accuracy or 0, local.quality
+        lines = [
+            f"federated global accuracy is {100 * f / c:.1f}% of centralized" if c else "",
+            f"federated - local-only: {100 * (f - (lo.global_accuracy or 0)):+.1f} points (global)",
+        ]
+    else:
+        ratio = fed.global_perplexity / central.global_perplexity
+        lines = [
+            f"federated global perplexity {fed.global_perplexity:.3f} vs centralized "
+            f"{central.global_perplexity:.3f} ({ratio:.3f}x)",
+            f"federated vs local-only global perplexity: {fed.global_perplexity:.3f} vs "
+            f"{local.quality.global_perplexity:.3f}",
+        ]
+    return [line for line in lines if line]
+
+
+def compare(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """Run every arm on ``cfg``'s split and seed; write compare.json and compare.md in ``out``."""
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; compare writes a fresh folder")
+    out.mkdir(parents=True, exist_ok=True)
+    print_rule("fedlora compare: federated run")
+    comparison_started = time.perf_counter()
+    comparison = Comparison(cfg)
+    federated, federated_state = comparison.federated(out / "federated")
+    print_rule("fedlora compare: base, local-only and centralized")
+    arms = {
+        "base": comparison.base(),
+        "local-only": comparison.local_only(),
+        "federated": federated,
+        "centralized": comparison.centralized(),
+    }
+    latency = comparison.latency(federated_state)
+    classification = comparison.dataset.kind == "classification"
+    table = markdown_table(list(arms.values()), classification)
+    lines = verdicts(arms, classification)
+    base_parameters = sum(p.numel() for p in comparison.host.base.model.parameters())
+    result: dict[str, Any] = {
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "task": cfg.model.task,
+        "sites": cfg.federation.sites,
+        "rounds": cfg.federation.rounds,
+        "global_set": "data.eval-path" if cfg.data.eval_path else "pooled site held-out",
+        "global_examples": len(comparison.global_examples),
+        "base_parameters_incl_adapter": base_parameters,
+        "arms": {name: asdict(arm) for name, arm in arms.items()},
+        "latency": latency,
+        "verdicts": lines,
+        "seconds": time.perf_counter() - comparison_started,
+    }
+    write_json_atomic(out / "compare.json", result)
+    latency_line = (
+        f"Inference latency, one batch of {int(latency['batch_examples'])} global examples "
+        f"(median of {LATENCY_REPEATS}): base {latency['base_ms']:.1f} ms, base + adapter "
+        f"unmerged {latency['adapter_unmerged_ms']:.1f} ms, "
+        f"merged {latency['adapter_merged_ms']:.1f} ms."
+    )
+    markdown = "\n\n".join(
+        [
+            f"# fedlora compare: {cfg.model.name}, {cfg.federation.sites} sites, "
+            f"{cfg.federation.rounds} rounds, rule {cfg.aggregation.rule}, "
+            f"privacy {cfg.privacy.mode}",
+            f"Global set: {result['global_set']} ({result['global_examples']} examples).",
+            table,
+            latency_line,
+            "\n".join(f"- {line}" for line in lines),
+        ]
+    )
+    (out / "compare.md").write_text(markdown + "\n", encoding="utf-8")
+    print(f"\n{table}\n\n{latency_line}")
+    for line in lines:
+        print(f"- {line}")
+    print(f"\nwrote {out / 'compare.json'} and {out / 'compare.md'}")
+    return result
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def add_compare_parser(subparsers: Any) -> None:
+    """Add ``compare`` to the ``fedlora`` sub-parsers."""
+    parser = subparsers.add_parser(
+        "compare",
+        help="the ROI table: base, local-only, federated and centralized LoRA on one split",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable), as for `fedlora simulate`",
+    )
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    compare(load_config(args.config, args.overrides), args.out)
+    return 0

@@ -1,0 +1,79 @@
+"""`fedlora compare` on examples/tiny.toml: every arm on one split, through the real simulation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.config import load_config
+from common.errors import ConfigError
+from fedlora.cli import main
+from fedlora.compare import ARMS, Comparison, compare
+from server.metrics import read_metrics
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
+COLUMNS = [
+    "arm",
+    "global perplexity",
+    "own held-out perplexity",
+    "global loss",
+    "trainable params",
+    "bytes moved",
+    "wall s",
+    "peak RSS GiB",
+]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("compare") / "out"
+    assert main(["compare", str(TINY), "--out", str(out), "--set", "federation.rounds=2"]) == 0
+    return out, json.loads((out / "compare.json").read_text())
+
+
+@pytest.mark.slow
+def test_table_has_every_arm_and_column(compared: tuple[Path, dict[str, Any]]) -> None:
+    out, result = compared
+    assert sorted(result["arms"]) == sorted(ARMS)
+    lines = (out / "compare.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| arm"))
+    assert [cell.strip() for cell in header.strip("|").split("|")] == COLUMNS
+    rows = [line for line in lines if line.startswith("| ") and line is not header]
+    assert [row.split("|")[1].strip() for row in rows] == list(ARMS)
+    assert "Inference latency" in (out / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_figures_are_measured_and_consistent(compared: tuple[Path, dict[str, Any]]) -> None:
+    out, result = compared
+    arms = result["arms"]
+    base = arms["base"]["quality"]
+    for name in ("local-only", "federated", "centralized"):
+        quality = arms[name]["quality"]
+        assert all(math.isfinite(quality[k]) for k in ("global_loss", "site_loss")), name
+        # Every trained arm learned something about the held-out data of its sites.
+        assert quality["site_loss"] < base["site_loss"], name
+        assert arms[name]["trainable_parameters"] > 0
+    assert arms["base"]["bytes_moved"] == arms["local-only"]["bytes_moved"] == 0
+    rounds = read_metrics(out / "federated")
+    assert arms["federated"]["bytes_moved"] == sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
+    assert arms["centralized"]["bytes_moved"] > 0  # the pooled training data
+    assert all(value > 0 for value in result["latency"].values())
+    # The federated arm is a real run: its registry holds every round's version.
+    assert sorted(p.name for p in (out / "federated/registry/shared").iterdir()) == [
+        "v0000",
+        "v0001",
+        "v0002",
+    ]
+
+
+def test_refuses_fedsa_and_a_used_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fedsa"):
+        Comparison(load_config(TINY, ["aggregation.rule='fedsa'"]))
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        compare(load_config(TINY), tmp_path)
