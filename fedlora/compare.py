@@ -36,8 +36,9 @@ import os
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ class Quality:
     site_loss: float
     site_perplexity: float
     site_accuracy: float | None
+    # Each site's own held-out figures: site id -> {"loss", "perplexity", "accuracy"}.
+    sites: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,10 @@ def _mean(results: Sequence[EvalResult], weight: Callable[[EvalResult], float]) 
     return sum(r.loss * weight(r) for r in results) / total if total else float("nan")
 
 
-def _quality(global_result: EvalResult, own: Sequence[EvalResult]) -> Quality:
+def _quality(global_result: EvalResult, own: dict[str, EvalResult]) -> Quality:
     """Global figures, and the sites' held-out figures weighted by tokens (loss) / examples."""
-    site_loss = _mean(own, lambda r: r.tokens)
-    accuracies = [(r.accuracy, r.examples) for r in own if r.accuracy is not None]
+    site_loss = _mean(list(own.values()), lambda r: r.tokens)
+    accuracies = [(r.accuracy, r.examples) for r in own.values() if r.accuracy is not None]
     examples = sum(n for _, n in accuracies)
     return Quality(
         global_loss=global_result.loss,
@@ -136,6 +139,10 @@ def _quality(global_result: EvalResult, own: Sequence[EvalResult]) -> Quality:
         site_loss=site_loss,
         site_perplexity=math.exp(min(site_loss, 50.0)),
         site_accuracy=sum(a * n for a, n in accuracies) / examples if accuracies else None,
+        sites={
+            name: {"loss": r.loss, "perplexity": r.perplexity, "accuracy": r.accuracy}
+            for name, r in own.items()
+        },
     )
 
 
@@ -155,6 +162,7 @@ def _mean_quality(per_site: Sequence[Quality]) -> Quality:
         site_loss=site_loss,
         site_perplexity=statistics.fmean(q.site_perplexity for q in per_site),
         site_accuracy=avg([q.site_accuracy for q in per_site]),
+        sites={name: figures for q in per_site for name, figures in q.sites.items()},
     )
 
 
@@ -204,11 +212,21 @@ class Comparison:
         self.global_examples = global_examples
         self.global_site = SiteRuntime(self.host, SiteData([], global_examples), kind, "global", 0)
 
+    def groups(self) -> dict[str, str]:
+        """Each site's most common ``group`` (data.by value or label) and its example count."""
+        described = {}
+        for runtime in self.sites:
+            examples = runtime.data.train + runtime.data.heldout
+            names = Counter(e.group for e in examples if e.group is not None)
+            top = f"mostly {names.most_common(1)[0][0]}, " if names else ""
+            described[runtime.site_id] = f"{top}{len(examples)} examples"
+        return described
+
     def evaluate(self, state: AdapterState, site: int | None = None) -> Quality:
         """``state`` on the global set and on every site's (or only ``site``'s) held-out."""
         own = self.sites if site is None else [self.sites[site]]
         global_result = self.global_site.evaluate(state, self.plain)
-        return _quality(global_result, [s.evaluate(state, self.plain) for s in own])
+        return _quality(global_result, {s.site_id: s.evaluate(state, self.plain) for s in own})
 
     def train(self, runtime: SiteRuntime, plan: SitePlan) -> AdapterState:
         """``runtime`` alone for ``federation.rounds`` rounds from the initial adapter."""
@@ -363,6 +381,23 @@ def markdown_table(arms: Sequence[Arm], classification: bool) -> str:
     return "\n".join(lines)
 
 
+def site_table(arms: Sequence[Arm], groups: dict[str, str], classification: bool) -> str:
+    """Each site's own held-out accuracy (%) or perplexity, per arm (local-only: its own)."""
+    key = "accuracy" if classification else "perplexity"
+    head = ["site", "data", *(arm.name for arm in arms)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for site, group in groups.items():
+        cells = [site, group]
+        for arm in arms:
+            value = arm.quality.sites.get(site, {}).get(key)
+            scale = 100 if classification else 1
+            cells.append(
+                "-" if value is None else f"{scale * value:.{1 if classification else 3}f}"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def verdicts(arms: dict[str, Arm], classification: bool) -> list[str]:
     """The ROI lines: federated against centralized and against local-only."""
     fed, central, local = arms["federated"].quality, arms["centralized"].quality, arms["local-only"]
@@ -402,6 +437,7 @@ def compare(cfg: RunConfig, out: Path) -> dict[str, Any]:
     latency = comparison.latency(federated_state)
     classification = comparison.dataset.kind == "classification"
     table = markdown_table(list(arms.values()), classification)
+    per_site = site_table(list(arms.values()), comparison.groups(), classification)
     lines = verdicts(arms, classification)
     base_parameters = sum(p.numel() for p in comparison.host.base.model.parameters())
     result: dict[str, Any] = {
@@ -431,12 +467,14 @@ def compare(cfg: RunConfig, out: Path) -> dict[str, Any]:
             f"privacy {cfg.privacy.mode}",
             f"Global set: {result['global_set']} ({result['global_examples']} examples).",
             table,
+            f"Own held-out {'accuracy %' if classification else 'perplexity'} per site:",
+            per_site,
             latency_line,
             "\n".join(f"- {line}" for line in lines),
         ]
     )
     (out / "compare.md").write_text(markdown + "\n", encoding="utf-8")
-    print(f"\n{table}\n\n{latency_line}")
+    print(f"\n{table}\n\n{per_site}\n\n{latency_line}")
     for line in lines:
         print(f"- {line}")
     print(f"\nwrote {out / 'compare.json'} and {out / 'compare.md'}")

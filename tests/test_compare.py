@@ -42,9 +42,14 @@ def test_table_has_every_arm_and_column(compared: tuple[Path, dict[str, Any]]) -
     lines = (out / "compare.md").read_text().splitlines()
     header = next(line for line in lines if line.startswith("| arm"))
     assert [cell.strip() for cell in header.strip("|").split("|")] == COLUMNS
-    rows = [line for line in lines if line.startswith("| ") and line is not header]
+    start = lines.index(header) + 2
+    rows = lines[start : start + len(ARMS)]
     assert [row.split("|")[1].strip() for row in rows] == list(ARMS)
-    assert "Inference latency" in (out / "compare.md").read_text()
+    text = (out / "compare.md").read_text()
+    assert "Inference latency" in text and "per site" in text
+    # Per site (tiny.toml splits dolly by category): one row per site, a figure per arm.
+    site_rows = [line for line in lines if line.startswith("| site-")]
+    assert len(site_rows) == 3 and all(row.count("|") == 2 + 1 + len(ARMS) for row in site_rows)
 
 
 @pytest.mark.slow
@@ -58,6 +63,8 @@ def test_figures_are_measured_and_consistent(compared: tuple[Path, dict[str, Any
         # Every trained arm learned something about the held-out data of its sites.
         assert quality["site_loss"] < base["site_loss"], name
         assert arms[name]["trainable_parameters"] > 0
+        assert sorted(quality["sites"]) == ["site-0", "site-1", "site-2"], name
+        assert sorted(quality["sites"]) == ["site-0", "site-1", "site-2"], name
     assert arms["base"]["bytes_moved"] == arms["local-only"]["bytes_moved"] == 0
     rounds = read_metrics(out / "federated")
     assert arms["federated"]["bytes_moved"] == sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
