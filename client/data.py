@@ -408,6 +408,18 @@ def split_holdout(
     return SiteData(train=train, heldout=heldout)
 
 
+def eval_sample(examples: list[Example], limit: int, seed: int) -> list[Example]:
+    """At most ``limit`` examples, drawn at random (seeded), in their file order.
+
+    Evaluation files are often sorted by label (banking77's test split is): their first
+    ``limit`` rows would cover a few classes only.
+    """
+    if len(examples) <= limit:
+        return list(examples)
+    chosen = sorted(random.Random(_seed(seed, 1)).sample(range(len(examples)), limit))
+    return [examples[i] for i in chosen]
+
+
 def site_data(dataset: Dataset, site: int, num_sites: int, cfg: DataConfig) -> SiteData:
     """The examples of simulated site ``site`` (0-based): its partition, split and capped."""
     if not 0 <= site < num_sites:

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from client.data import Dataset, Example, SiteData, load_dataset, site_data
+from client.data import Dataset, Example, SiteData, eval_sample, load_dataset, site_data
 from client.site import EVAL_BATCH_SIZE, AdapterHost, SiteRuntime
 from client.tokens import encode_examples, eval_batches
 from client.train import EvalResult, adapter_state, load_adapter_state
@@ -206,7 +206,9 @@ class Comparison:
         ]
         if cfg.data.eval_path is not None:
             evaluation = load_dataset(cfg.data, cfg.data.eval_path, label_names=labels)
-            global_examples = evaluation.examples[: cfg.data.max_eval_examples]
+            global_examples = eval_sample(
+                evaluation.examples, cfg.data.max_eval_examples, cfg.data.seed
+            )
         else:
             global_examples = [e for split in self.splits for e in split.heldout]
         self.global_examples = global_examples

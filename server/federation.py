@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from client.data import Dataset, load_dataset, partition
+from client.data import Dataset, Example, eval_sample, load_dataset, partition
 from client.site import EVAL_BATCH_SIZE, AdapterHost
 from client.tokens import encode_examples, eval_batches
 from client.train import adapter_state, evaluate, load_adapter_state
@@ -25,7 +27,7 @@ from common.adapters import AdapterState, AggregationError, num_parameters, stat
 from common.atomic import write_json_atomic
 from common.config import RunConfig, config_to_dict, site_plan
 from common.dp import PrivacyBudgetExceeded
-from common.errors import ConfigError
+from common.errors import ConfigError, StorageError
 from common.models import peak_memory_bytes
 from common.progress import print_message, print_rule
 from common.secagg import SecAggError
@@ -74,6 +76,15 @@ class Coordinator:
     config_digest: str
     audit: AuditLog
     sealing: Sealing | None = None
+
+    @property
+    def eval_examples(self) -> list[Example]:
+        """The global eval sample: seeded, so the same examples every round and on resume."""
+        if self.eval_set is None:
+            return []
+        return eval_sample(
+            self.eval_set.examples, self.cfg.data.max_eval_examples, self.cfg.data.seed
+        )
 
 
 def run_labels(cfg: RunConfig, deployed: bool) -> tuple[list[str] | None, Dataset | None]:
@@ -142,7 +153,7 @@ def _global_eval(coord: Coordinator, state: AdapterState) -> dict[str, float]:
     if coord.eval_set is None:
         return {}
     load_adapter_state(coord.host.model, state)
-    examples = coord.eval_set.examples[: coord.cfg.data.max_eval_examples]
+    examples = coord.eval_examples
     items = encode_examples(
         examples, coord.eval_set.kind, coord.host.base.tokenizer, coord.cfg.train.max_length
     )
@@ -281,12 +292,40 @@ def _checkpoint_and_publish(
     strategy.version = _publish(coord, state, server_round, cohort, examples, epsilon)
 
 
+@contextmanager
+def _stop_if_unwritable(coord: Coordinator, server_round: int) -> Iterator[None]:
+    """A checkpoint or version that cannot be written (disk full) stops the run, on record.
+
+    Both are written to a temp name and renamed, so nothing half-written is visible, and the
+    checkpoint on disk is the last one written whole: ``--resume`` continues from it.
+    """
+    try:
+        yield
+    except OSError as exc:
+        try:
+            ckpt = load_checkpoint(coord.out_dir)
+            kept = "no checkpoint" if ckpt is None else f"the checkpoint holds round {ckpt.round}"
+        except CheckpointError as unreadable:
+            kept = str(unreadable)
+        reason = (
+            f"round {server_round}: writing its checkpoint or version failed ({exc}); nothing "
+            f"half-written is visible and {kept}: make room, then rerun with --resume"
+        )
+        print_message(f"[red]run stopped[/]: {reason}")
+        try:
+            coord.audit.append(EVENT_RUN_STOPPED, round=server_round, reason=clip_text(reason))
+        except OSError as audit_exc:  # the same full disk
+            logger.error("the audit log cannot record the stop either: %s", audit_exc)
+        raise StorageError(reason) from exc
+
+
 def _start_fresh(
     coord: Coordinator, strategy: FedLoraStrategy, grid: Grid
 ) -> tuple[int, ArrayRecord]:
     arrays = ArrayRecord(adapter_state(coord.host.model))
     started = time.perf_counter()
-    _checkpoint_and_publish(coord, strategy, 0, arrays)
+    with _stop_if_unwritable(coord, 0):
+        _checkpoint_and_publish(coord, strategy, 0, arrays)
     _evaluate_and_record(coord, strategy, grid, 0, arrays, StageLog(), started)
     return 1, arrays
 
@@ -310,7 +349,8 @@ def _resume(
         lineage = ckpt.extra["lineage"]
         cohort, examples = list(lineage["cohort"]), int(lineage["examples"])
         epsilon = strategy.aggregator.epsilon
-        _publish(coord, ckpt.global_state["shared"], ckpt.round, cohort, examples, epsilon)
+        with _stop_if_unwritable(coord, ckpt.round):
+            _publish(coord, ckpt.global_state["shared"], ckpt.round, cohort, examples, epsilon)
     elif latest.version > version:
         raise CheckpointError(
             f"registry holds v{latest.version:04d} but the checkpoint only v{version:04d}"
@@ -429,7 +469,8 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
             continue
         strategy.train_log.seconds = time.perf_counter() - t0
         _audit_stage(coord.audit, server_round, "train", strategy.train_log)
-        _checkpoint_and_publish(coord, strategy, server_round, arrays)
+        with _stop_if_unwritable(coord, server_round):
+            _checkpoint_and_publish(coord, strategy, server_round, arrays)
         _evaluate_and_record(coord, strategy, grid, server_round, arrays, strategy.train_log, t0)
     facts = _facts(coord, time.perf_counter() - started)
     facts["stopped"] = stopped

@@ -13,6 +13,7 @@ import pytest
 from client.data import (
     Dataset,
     Example,
+    eval_sample,
     load_dataset,
     partition,
     site_data,
@@ -436,3 +437,15 @@ def test_site_data_splits_the_sites_partition() -> None:
         assert {e.text for e in data.train + data.heldout} <= mine
     with pytest.raises(ConfigError):
         site_data(dataset, 4, 4, cfg)
+
+
+def test_eval_sample_is_seeded_and_spans_a_label_sorted_file() -> None:
+    test = load_dataset(
+        _cfg(EXAMPLES / "banking77-test.csv", label_column="category", format="classification")
+    )
+    assert len({e.label for e in test.examples[:64]}) < 5  # the file is sorted by label
+    sample = eval_sample(test.examples, 64, seed=0)
+    assert len(sample) == 64 and len({e.label for e in sample}) > 30
+    assert sample == eval_sample(test.examples, 64, seed=0)
+    assert sample != eval_sample(test.examples, 64, seed=1)
+    assert eval_sample(test.examples[:10], 64, seed=0) == test.examples[:10]
