@@ -41,3 +41,8 @@ class UpdateRejected(FedloraError):
 
 class RegistryError(FedloraError):
     """A registry folder is missing files, tampered with, or would be overwritten."""
+
+
+class StorageError(FedloraError):
+    """The run folder cannot be written (disk full, I/O error): the run stops; ``--resume``
+    continues from the last checkpoint once it can be written again."""
