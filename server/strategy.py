@@ -2,8 +2,9 @@
 aggregate the sites' deltas, collect evaluations.
 
 A bad reply (error, wrong base, wrong round, duplicate, malformed, oversized, non-finite or
-wrongly shaped delta, implausible example count) is logged with its reason and left out; the
-round aggregates the rest. ``AggregationError`` is raised only when too few replies remain.
+wrongly shaped delta, implausible example count), or none within the round timeout, is logged
+with its reason and left out; the round aggregates the rest. ``AggregationError`` is raised
+only when too few replies remain.
 """
 
 from __future__ import annotations
@@ -156,6 +157,10 @@ class FedLoraStrategy(Strategy):
         """The site a reply claims; for an error reply, the site its node last was."""
         if reply.has_content() and P.UPDATE_RECORD in reply.content.config_records:
             return str(reply.content.config_records[P.UPDATE_RECORD].get(P.KEY_SITE, "?"))
+        return self._node_name(node)
+
+    def _node_name(self, node: int) -> str:
+        """The site a node last was (signed train reply), else claimed to be, else its id."""
         if node in self.node_sites:
             return self.node_sites[node]
         if node in self.node_claims:
@@ -235,8 +240,10 @@ class FedLoraStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[AcceptedUpdate] = []
         sent = sent_nodes(self._sent)
+        answered: set[int] = set()
         for reply in replies:
             node = reply_node(reply, sent)
+            answered.add(node)
             site = self._site_of(reply, node)
             try:
                 update = self._open_update(server_round, reply)
@@ -251,6 +258,7 @@ class FedLoraStrategy(Strategy):
             self.node_sites[node] = update.site
             self.train_log.bytes_up += update.payload_bytes
             self.train_log.accepted[update.site] = update.metrics
+        self._note_silent(self.train_log, sent, answered)
         needed = self.cfg.federation.min_sites or len(self.node_ids)
         if len(accepted) < needed:
             raise AggregationError(
@@ -263,6 +271,18 @@ class FedLoraStrategy(Strategy):
         updates = [SiteDelta(a.site, a.examples, a.delta) for a in accepted]
         new_state = self.aggregator.aggregate(self._global, updates, server_round)
         return ArrayRecord(new_state), MetricRecord(_weighted(self.train_log.accepted))
+
+    def _note_silent(self, log: StageLog, sent: Mapping[str, int], answered: set[int]) -> None:
+        """Record the instructed nodes whose reply the grid stopped waiting for.
+
+        A late reply is never counted: the grid only collects replies to the current
+        instructions, so it stays unread at the SuperLink. Like a crash, no offence.
+        """
+        timeout = self.cfg.federation.round_timeout
+        for node in sorted(set(sent.values()) - answered):
+            log.reject(
+                self._node_name(node), f"no reply within federation.round-timeout = {timeout:g} s"
+            )
 
     def _count_offence(self, node: int, site: str) -> None:
         """Quarantine a node after ``federation.quarantine-after`` rejected replies.
@@ -281,8 +301,10 @@ class FedLoraStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         sent = sent_nodes(self._sent)
+        answered: set[int] = set()
         for reply in replies:
             node = reply_node(reply, sent)
+            answered.add(node)
             site = self._site_of(reply, node)
             if reply.has_content() and P.UPDATE_RECORD in reply.content.config_records:
                 self.node_claims[node] = site
@@ -296,6 +318,7 @@ class FedLoraStrategy(Strategy):
             self.eval_log.accepted[site] = {
                 k: float(v) for k, v in metrics.items() if isinstance(v, int | float)
             }
+        self._note_silent(self.eval_log, sent, answered)
         if not self.eval_log.accepted:
             return None
         return MetricRecord(_weighted(self.eval_log.accepted))

@@ -215,11 +215,31 @@ def test_superlink_error_reply_names_the_unreachable_site(strategy: FedLoraStrat
     with pytest.raises(AggregationError):
         strategy.aggregate_train(1, [dead])
     assert strategy.train_log.rejected == [
-        {"site": "s5", "reason": "site reported an error: Node Unavailable"}
-    ]
+        {"site": "s5", "reason": "site reported an error: Node Unavailable"},
+        {"site": "node-1", "reason": "no reply within federation.round-timeout = 3600 s"},
+    ]  # node 1 was instructed too (sent[0]) and did not answer
     assert strategy.offences == {}  # a crash is no offence: the site may rejoin
     stranger = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
     assert strategy._site_of(Message(Error(code=1), reply_to=stranger), 7) == "node-7"
     # A node known only from its (unsigned) evaluate reply is named as a claim.
     strategy.node_claims[7] = "s7"
     assert strategy._site_of(Message(Error(code=1), reply_to=stranger), 7) == "node-7 (claims s7)"
+
+
+def test_a_node_that_does_not_answer_in_time_is_recorded(strategy: FedLoraStrategy) -> None:
+    strategy.node_ids = [1, 5]
+    sent = list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
+    for number, message in enumerate(sent):
+        message.metadata.__dict__["_message_id"] = f"instruction-{number}"
+    strategy.node_sites[5] = "s5"
+    # The grid gave up waiting for node 5 (its instruction was sent[1]): only node 1 answered.
+    strategy.aggregate_train(1, [Message(reply("s1").content, reply_to=sent[0])])
+    assert list(strategy.train_log.accepted) == ["s1"]
+    timeout = strategy.cfg.federation.round_timeout
+    assert strategy.train_log.rejected == [
+        {"site": "s5", "reason": f"no reply within federation.round-timeout = {timeout:g} s"}
+    ]
+    assert strategy.offences == {}  # a slow site is no offender
+    list(strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
+    assert strategy.aggregate_evaluate(1, []) is None
+    assert [r["site"] for r in strategy.eval_log.rejected] == []  # no ids: nothing was sent
