@@ -1,6 +1,6 @@
 """``fedlora compare CONFIG --out DIR``: the pilot's ROI table on one data split and seed.
 
-Four arms, each evaluated on the same global set (``data.eval-path``, else every site's held-out
+Five arms, each evaluated on the same global set (``data.eval-path``, else every site's held-out
 examples pooled) and on every site's own held-out split:
 
 ``base``
@@ -17,6 +17,11 @@ examples pooled) and on every site's own held-out split:
     All sites' training splits pooled at one place, trained for rounds x (local steps x sites)
     steps: the same examples budget as the federation. Its "bytes" are the training data that
     had to move there.
+``centralized-equal-steps``
+    The same pooled data trained for only rounds x local steps: as many sequential optimizer
+    steps as the federation (whose averaging of the sites' steps does not chain them). Against
+    it, ``federated`` shows what the split of the data costs; against ``centralized``, what
+    the parallel steps cost too.
 
 Per arm: loss, perplexity (causal LM) or accuracy (classification), trainable parameters, bytes
 moved, wall seconds and peak resident memory of the training process (for ``federated``: the
@@ -57,7 +62,7 @@ from common.rules import all_sent_keys, ffa_sent_keys
 from server.metrics import read_metrics
 from server.registry import Registry
 
-ARMS = ("base", "local-only", "federated", "centralized")
+ARMS = ("base", "local-only", "federated", "centralized", "centralized-equal-steps")
 LATENCY_REPEATS = 5
 
 
@@ -259,19 +264,27 @@ class Comparison:
             rss.peak,
         )
 
-    def centralized(self) -> Arm:
+    def centralized(self, equal_steps: bool = False) -> Arm:
+        """Pooled data; ``equal_steps``: only a federation's sequential steps per round.
+
+        Plain: local steps x sites per round, the federation's examples budget. With
+        ``equal_steps``: local steps per round, as many optimizer steps one after the other as
+        the federation takes (FedAvg averages the sites' steps rather than chaining them), so
+        the difference to ``federated`` is what the data split costs, not the parallelism.
+        """
         pooled = [e for split in self.splits for e in split.train]
         runtime = SiteRuntime(self.host, SiteData(pooled, []), self.dataset.kind, "pooled", 0)
-        steps = self.plan.train.local_steps * len(self.sites)
+        steps = self.plan.train.local_steps * (1 if equal_steps else len(self.sites))
         plan = self.plain.model_copy(
             update={"train": self.plain.train.model_copy(update={"local_steps": steps})}
         )
-        print_message(f"centralized: {len(pooled)} pooled examples, {steps} steps per round")
+        name = "centralized-equal-steps" if equal_steps else "centralized"
+        print_message(f"{name}: {len(pooled)} pooled examples, {steps} steps per round")
         start = time.perf_counter()
         with PeakRSS() as rss:
             quality = self.evaluate(self.train(runtime, plan))
         return Arm(
-            "centralized",
+            name,
             quality,
             num_parameters(self.initial),
             _data_bytes(pooled),
@@ -435,6 +448,7 @@ def compare(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "local-only": comparison.local_only(),
         "federated": federated,
         "centralized": comparison.centralized(),
+        "centralized-equal-steps": comparison.centralized(equal_steps=True),
     }
     latency = comparison.latency(federated_state)
     classification = comparison.dataset.kind == "classification"
