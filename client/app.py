@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
@@ -24,9 +25,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.data import Dataset, load_dataset, site_data
-from client.secure_sum import continue_round, start_round
-from client.site import AdapterHost, SiteRuntime, SiteUpdate
+from client.site_api import Site, SiteUpdate
 from common import protocol as P
 from common.adapters import AdapterState
 from common.config import RunConfig, SitePlan
@@ -44,6 +43,10 @@ from common.keys import (
 )
 from common.progress import print_step
 
+if TYPE_CHECKING:  # the simulation's in-process sites: torch, transformers, peft, datasets
+    from client.data import Dataset
+    from client.site import AdapterHost, SiteRuntime
+
 logger = logging.getLogger(__name__)
 
 # Node-state record holding the tensors a rule keeps at the site (fedsa: B).
@@ -54,11 +57,15 @@ ERROR_REFUSED = 1001
 
 # Ray actors serve many rounds (and several virtual sites) in one process: loading a base model
 # costs 1-25 s and ~0.5 GB, so each process keeps one host per model and module, and the data.
+# Imported where used: a deployed site's per-message ClientApp process, a thin client of the
+# site's resident worker, never loads transformers, peft or datasets (seconds per message).
 _HOSTS: dict[str, AdapterHost] = {}
 _DATASETS: dict[str, Dataset] = {}
 
 
 def _dataset(cfg: RunConfig) -> Dataset:
+    from client.data import load_dataset
+
     key = str(cfg.data.path)
     if key not in _DATASETS:
         _DATASETS[key] = load_dataset(cfg.data)
@@ -66,6 +73,8 @@ def _dataset(cfg: RunConfig) -> Dataset:
 
 
 def _host(cfg: RunConfig, plan: SitePlan, num_labels: int | None) -> AdapterHost:
+    from client.site import AdapterHost
+
     module = plan.modules["shared"]
     key = f"{cfg.model.model_dump_json()}|{module.model_dump_json()}|{num_labels}"
     if key not in _HOSTS:
@@ -74,6 +83,9 @@ def _host(cfg: RunConfig, plan: SitePlan, num_labels: int | None) -> AdapterHost
 
 
 def _runtime(cfg: RunConfig, plan: SitePlan, context: Context) -> SiteRuntime:
+    from client.data import site_data
+    from client.site import SiteRuntime
+
     index = int(context.node_config.get("partition-id", 0))
     num_sites = int(context.node_config.get("num-partitions", cfg.federation.sites))
     dataset = _dataset(cfg)
@@ -92,14 +104,14 @@ def _global(msg: Message) -> AdapterState:
     return msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict()
 
 
-def _signing_key(keys: SiteKeys | None, site: SiteRuntime) -> Ed25519PrivateKey:
+def _signing_key(keys: SiteKeys | None, site: Site) -> Ed25519PrivateKey:
     if keys is None:
         raise KeyMaterialError("this privacy mode needs the site's signing key; none configured")
     return keys.load(site.site_id)[1]
 
 
 def _describe(
-    content: RecordDict, site: SiteRuntime, header: ConfigRecord, plan: SitePlan, update: SiteUpdate
+    content: RecordDict, site: Site, header: ConfigRecord, plan: SitePlan, update: SiteUpdate
 ) -> None:
     """Add who sent a train reply, for which round/version, and what training cost."""
     record = content.config_records.setdefault(P.UPDATE_RECORD, ConfigRecord())
@@ -145,7 +157,7 @@ def _wire_payload(
     update: SiteUpdate,
     plan: SitePlan,
     header: ConfigRecord,
-    site: SiteRuntime,
+    site: Site,
     keys: SiteKeys | None,
 ) -> bytes:
     """Encode the delta and, in sealed mode, seal it to the coordinator and sign it."""
@@ -166,15 +178,16 @@ def _wire_payload(
     return seal_delta(payload, coordinator, signing, context)
 
 
-# How the app finds the site a message is for: simulation partitions one data set, a deployed
-# site daemon loads its own data and model (``SiteRuntime`` either way).
-SiteProvider = Callable[[SitePlan, Context], SiteRuntime]
+# How the app finds the site a message is for: simulation partitions one data set in process;
+# a deployed site asks its daemon's resident worker (``RemoteSite``) or, without one, loads
+# its own data and model in process.
+SiteProvider = Callable[[SitePlan, Context], Site]
 
 
 def simulation_sites(cfg: RunConfig) -> SiteProvider:
     """Virtual sites: node ``partition-id`` i gets partition i of ``cfg.data``."""
 
-    def provide(plan: SitePlan, context: Context) -> SiteRuntime:
+    def provide(plan: SitePlan, context: Context) -> Site:
         return _runtime(cfg, plan, context)
 
     return provide
@@ -197,6 +210,8 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             stage = str(header.get(P.KEY_STAGE, P.STAGE_TRAIN))
             if stage != P.STAGE_TRAIN:  # secure-sum stages 2-4: no training, no adapter
+                from client.secure_sum import continue_round  # dp_accounting, scipy: ~2.5 s
+
                 payload = msg.content.config_records[P.SECAGG_RECORD]
                 content = continue_round(context, stage, payload, _signing_key(keys, site))
                 content.config_records[P.UPDATE_RECORD] = ConfigRecord({P.KEY_SITE: site.site_id})
@@ -210,6 +225,8 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
                 private=_private_state(context),
             )
             if plan.privacy_mode == "secure-sum":
+                from client.secure_sum import start_round
+
                 signing = _signing_key(keys, site)
                 content = start_round(
                     context, header, site.site_id, signing, update, plan.site_noise_std

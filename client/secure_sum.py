@@ -15,7 +15,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client.site import SiteUpdate
+from client.site_api import SiteUpdate
 from common import protocol as P
 from common.dp import add_gaussian_noise, secure_generator
 from common.fixedpoint import flatten

@@ -8,17 +8,16 @@ No Flower and no crypto here; ``client.app`` is the glue that carries these over
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
 
 from client.data import Kind, SiteData
+from client.site_api import SiteUpdate as SiteUpdate
 from client.tokens import encode_examples, eval_batches, iterate_batches
 from client.train import (
     EvalResult,
     StepCallback,
-    TrainResult,
     adapter_state,
     attach_adapter,
     evaluate,
@@ -40,22 +39,19 @@ logger = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 16
 
 
-@dataclass(frozen=True)
-class SiteUpdate:
-    delta: AdapterState  # only the keys the rule sends (clipped when the plan says so)
-    private: AdapterState  # the keys the rule keeps at the site (fedsa: B), never sent
-    examples: int  # training examples at this site (the aggregation weight it claims)
-    result: TrainResult
-    clip_scale: float = 1.0  # factor the DP clipping applied (1.0 = within the bound)
-
-
 class AdapterHost:
     """A frozen base model with one LoRA module attached; shared by sites in one process."""
 
     def __init__(
-        self, model_cfg: ModelConfig, module: ModuleConfig, num_labels: int | None
+        self,
+        model_cfg: ModelConfig,
+        module: ModuleConfig,
+        num_labels: int | None,
+        base: LoadedBase | None = None,
     ) -> None:
-        self.base: LoadedBase = load_base(model_cfg, num_labels=num_labels)
+        # ``base``: one already loaded from ``model_cfg`` with ``num_labels`` (the site daemon's
+        # start-up check), used instead of loading it again; LoRA is injected into it in place.
+        self.base: LoadedBase = base or load_base(model_cfg, num_labels=num_labels)
         self.task = model_cfg.task
         self.module = module
         self.lora = lora_config(module, model_cfg.task)

@@ -9,14 +9,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
+# The result types live with the Site protocol (no peft there); re-exported for callers.
+from client.site_api import EvalResult as EvalResult
+from client.site_api import StepCallback as StepCallback
+from client.site_api import TrainResult as TrainResult
 from common.adapters import AdapterState
 from common.config import ModuleConfig, Task, TrainConfig
 from common.errors import ModelError, UpdateRejected
@@ -25,8 +28,6 @@ from common.models import peak_memory_bytes
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-# Called after every optimizer step with (step, steps, loss): the app turns it into progress.
-StepCallback = Callable[[int, int, float], None]
 
 
 def lora_config(module: ModuleConfig, task: Task) -> LoraConfig:
@@ -92,16 +93,6 @@ def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
         raise UpdateRejected(f"peft did not accept keys {unexpected[:3]}")
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    loss: float  # mean training loss over the local steps (nats per token or per example)
-    first_loss: float
-    last_loss: float
-    steps: int
-    seconds: float
-    peak_memory_bytes: int
-
-
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -147,15 +138,6 @@ def train_local(
         seconds=time.perf_counter() - start,
         peak_memory_bytes=peak_memory_bytes(device),
     )
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float  # mean loss per target token (causal LM) or per example (classification)
-    perplexity: float
-    accuracy: float | None  # classification only
-    examples: int
-    tokens: int  # target tokens (causal LM) or examples (classification) the loss averages over
 
 
 @torch.no_grad()

@@ -1,0 +1,77 @@
+"""What a site is to the ClientApp: the ``Site`` protocol and the results a site returns.
+
+Two kinds of site satisfy ``Site``: ``client.site.SiteRuntime`` (model and data in this
+process) and ``client.remote_site.RemoteSite`` (a thin proxy of the site daemon's resident
+worker). This module imports neither torch-heavy libraries (transformers, peft) nor Flower, so
+the per-message ClientApp process of a deployed site stays cheap to start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from common.adapters import AdapterState
+from common.config import SitePlan
+
+# Called after every optimizer step with (step, steps, loss): the app turns it into progress.
+StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the local steps (nats per token or per example)
+    first_loss: float
+    last_loss: float
+    steps: int
+    seconds: float
+    peak_memory_bytes: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean loss per target token (causal LM) or per example (classification)
+    perplexity: float
+    accuracy: float | None  # classification only
+    examples: int
+    tokens: int  # target tokens (causal LM) or examples (classification) the loss averages over
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    delta: AdapterState  # only the keys the rule sends (clipped when the plan says so)
+    private: AdapterState  # the keys the rule keeps at the site (fedsa: B), never sent
+    examples: int  # training examples at this site (the aggregation weight it claims)
+    result: TrainResult
+    clip_scale: float = 1.0  # factor the DP clipping applied (1.0 = within the bound)
+
+
+class Site(Protocol):
+    """One site as the ClientApp uses it: who it is, its base model, train and evaluate."""
+
+    @property
+    def site_id(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def check_fingerprint(self, expected: str) -> None:
+        """Raise ``FingerprintMismatch`` unless the site's base model is ``expected``."""
+
+    def train(
+        self,
+        received: AdapterState,
+        plan: SitePlan,
+        server_round: int,
+        on_step: StepCallback | None = None,
+        private: AdapterState | None = None,
+    ) -> SiteUpdate:
+        """Train from ``received`` (+ the site's ``private`` tensors); the delta and metrics."""
+        ...
+
+    def evaluate(
+        self, received: AdapterState, plan: SitePlan, private: AdapterState | None = None
+    ) -> EvalResult:
+        """Evaluate ``received`` (+ ``private``) on the site's held-out split."""
+        ...
