@@ -1,27 +1,40 @@
 """The deployed site's ClientApp: ``client.app.client_app`` fed from the site's own config.
 
-A SuperNode started by ``fedlora site start`` carries ``site-config="/abs/site.toml"`` in its
-node config; each instruction's site is built from that file (the site's own data file, no
-partitioning, only the held-out split; its own model location and device; its keys bundle).
-Loading a base costs 1-25 s, so a process keeps each site runtime it built.
+A SuperNode started by ``fedlora site start`` carries ``site-config="/abs/site.toml"`` and
+``site-worker="/abs/worker.sock"`` in its node config. Flower starts a fresh ClientApp process
+for every message, so the site's model and data live in the site daemon's resident worker
+(``client.worker``) and each message's site is a ``RemoteSite`` of it; the ClientApp process
+itself only decodes, seals and signs (no transformers, peft or datasets imported).
+
+Without ``site-worker`` (a SuperNode started by hand), the site is built in the ClientApp
+process from the config file (the site's own data file, no partitioning, only the held-out
+split; its own model location and device), and the process keeps each runtime it built.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context
 
 from client.app import SiteKeys, client_app
-from client.data import Kind, SiteData, load_dataset, split_holdout
-from client.site import AdapterHost, SiteRuntime
+from client.remote_site import RemoteSite
+from client.site_api import Site
 from common.config import SitePlan
 from common.errors import ConfigError
 from common.keys import CoordinatorPublicKey, KeyMaterialError
 from common.site_config import SiteConfig, load_site_config
 
+if TYPE_CHECKING:  # torch, transformers, peft, datasets: imported where a site is built
+    from client.data import Kind, SiteData
+    from client.site import SiteRuntime
+    from common.models import LoadedBase
+
 NODE_CONFIG_KEY = "site-config"
+WORKER_CONFIG_KEY = "site-worker"
 
 # Per process: one runtime per (site config, module and task), and each site's keys bundle.
 _RUNTIMES: dict[str, SiteRuntime] = {}
@@ -43,6 +56,8 @@ def load_site_data(
     cfg: SiteConfig, max_eval_examples: int | None, label_names: list[str] | None = None
 ) -> tuple[SiteData, Kind, int]:
     """The site's examples split into train/held-out; also the data kind and label count."""
+    from client.data import load_dataset, split_holdout
+
     dataset = load_dataset(cfg.data.data_config(), label_names=label_names or cfg.data.labels)
     data = split_holdout(
         dataset.examples,
@@ -57,19 +72,42 @@ def load_site_data(
     return data, dataset.kind, labels
 
 
-def build_runtime(cfg: SiteConfig, plan: SitePlan) -> SiteRuntime:
-    """Load the site's data and base model, attach the plan's shared LoRA module."""
+@dataclass(frozen=True)
+class PreloadedBase:
+    """A base model already loaded from the site config (by the daemon's start-up check)."""
+
+    base: LoadedBase
+    num_labels: int | None  # the classes it was loaded with (None: causal LM)
+
+
+def build_runtime(
+    cfg: SiteConfig, plan: SitePlan, preloaded: PreloadedBase | None = None
+) -> SiteRuntime:
+    """Load the site's data and base model, attach the plan's shared LoRA module.
+
+    ``preloaded`` is used instead of loading the base again when its label count is the
+    run's; LoRA is then injected into it in place, so it serves one runtime only.
+    """
+    from client.site import AdapterHost, SiteRuntime
+
     if plan.task != cfg.model.task:
         raise ConfigError(
             f"model.task = {cfg.model.task!r} in the site config, but the run trains "
             f"{plan.task!r}; set model.task to match the coordinator's run"
         )
     data, kind, labels = load_site_data(cfg, plan.max_eval_examples, run_label_names(cfg, plan))
-    host = AdapterHost(cfg.model, plan.modules["shared"], labels or None)
+    reuse = preloaded.base if preloaded and preloaded.num_labels == (labels or None) else None
+    host = AdapterHost(cfg.model, plan.modules["shared"], labels or None, reuse)
     return SiteRuntime(host, data, kind, site_id=cfg.site.id, site_index=cfg.site.seed_index)
 
 
-def node_site(plan: SitePlan, context: Context) -> SiteRuntime:
+def runtime_key(plan: SitePlan) -> str:
+    """What a built runtime depends on besides the site config: task, module, labels, eval cap."""
+    module = plan.modules["shared"].model_dump_json()
+    return f"{plan.task}|{module}|{plan.labels}|{plan.max_eval_examples}"
+
+
+def node_site(plan: SitePlan, context: Context) -> Site:
     """The ``SiteProvider`` of a deployed SuperNode: its ``site-config`` file's site."""
     if NODE_CONFIG_KEY not in context.node_config:
         raise ConfigError(
@@ -77,7 +115,11 @@ def node_site(plan: SitePlan, context: Context) -> SiteRuntime:
             "`fedlora site start --config site.toml`"
         )
     path = str(context.node_config[NODE_CONFIG_KEY])
-    key = f"{path}|{plan.task}|{plan.modules['shared'].model_dump_json()}"
+    if WORKER_CONFIG_KEY in context.node_config:
+        cfg = load_site_config(Path(path))  # for the keys bundle: a TOML file, milliseconds
+        _BUNDLES[cfg.site.id] = cfg.site.keys
+        return RemoteSite(Path(str(context.node_config[WORKER_CONFIG_KEY])), plan)
+    key = f"{path}|{runtime_key(plan)}"
     if key not in _RUNTIMES:
         cfg = load_site_config(Path(path))
         _RUNTIMES[key] = build_runtime(cfg, plan)

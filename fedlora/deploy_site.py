@@ -1,13 +1,14 @@
-"""``fedlora site start``: check a site, then become its SuperNode (the fedlora ClientApp).
+"""``fedlora site start``: check a site, then run its worker and SuperNode (the ClientApp).
 
 fedlora site start --config site.toml [--expect-fingerprint HEX] [--check]
 
 Before anything connects, the site checks what would otherwise fail in round 1: the keys
 bundle (SuperNode auth key, envelope signing key, coordinator public key, CA certificate), the
 data file (read and split), and the base model (loaded and fingerprinted; with
-``--expect-fingerprint`` it must match). Then the process becomes ``flower-supernode`` (exec:
-the same PID, so a service manager's stop and restart act on the SuperNode itself), which
-keeps reconnecting when the coordinator restarts.
+``--expect-fingerprint`` it must match). Then the daemon serves the site's resident worker
+(model and data stay loaded) on a private Unix socket and runs ``flower-supernode`` as its
+child, which keeps reconnecting when the coordinator restarts; SIGTERM and SIGINT are passed
+on to it, and the daemon exits with its exit code.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,6 +41,9 @@ from common.progress import console, print_message
 from common.site_config import SiteConfig, load_site_config
 from fedlora.deploy_flower import executable, flower_env
 from fedlora.deploy_keys import NODE_KEY
+
+if TYPE_CHECKING:
+    from client.deploy_app import PreloadedBase
 
 
 class SiteCheckError(FedloraError):
@@ -84,7 +91,14 @@ def check_keys(cfg: SiteConfig) -> None:
 
 def check_site(cfg: SiteConfig, expect_fingerprint: str | None = None) -> SiteCheck:
     """Keys, then data, then the base model; a ``SiteCheckError`` names what is wrong."""
-    from client.deploy_app import load_site_data  # imports torch/transformers: only here
+    return inspect_site(cfg, expect_fingerprint)[0]
+
+
+def inspect_site(
+    cfg: SiteConfig, expect_fingerprint: str | None = None
+) -> tuple[SiteCheck, PreloadedBase]:
+    """``check_site``, also returning the base model it loaded (the worker's first runtime)."""
+    from client.deploy_app import PreloadedBase, load_site_data  # torch/transformers: only here
     from common.models import load_base
 
     check_keys(cfg)
@@ -99,12 +113,16 @@ def check_site(cfg: SiteConfig, expect_fingerprint: str | None = None) -> SiteCh
             f"{cfg.model.name!r} here is {base.fingerprint}; install the coordinator's base "
             "model (same weights, config and tokenizer)"
         )
-    return SiteCheck(len(data.train), len(data.heldout), base.fingerprint)
+    check = SiteCheck(len(data.train), len(data.heldout), base.fingerprint)
+    return check, PreloadedBase(base, labels or None)
 
 
-def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
-    """``flower-supernode`` with TLS, the SuperNode auth key and the site config path."""
+def supernode_command(cfg: SiteConfig, config_path: Path, worker: Path | None = None) -> list[str]:
+    """``flower-supernode`` with TLS, the SuperNode auth key, the site config and worker paths."""
     node = cfg.supernode
+    node_config = f"site-config={json.dumps(str(config_path.resolve()))}"
+    if worker is not None:
+        node_config += f" site-worker={json.dumps(str(worker))}"
     command = [
         executable("flower-supernode"),
         "--superlink",
@@ -114,7 +132,7 @@ def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
         "--auth-supernode-private-key",
         str(cfg.site.keys / NODE_KEY),
         "--node-config",
-        f"site-config={json.dumps(str(config_path.resolve()))}",
+        node_config,
         "--port",
         str(node.port),
     ]
@@ -137,20 +155,59 @@ def site_env(cfg: SiteConfig) -> dict[str, str]:
     return flower_env(extra=extra)
 
 
+def flwr_home() -> Path:
+    """Flower's home folder, as the SuperNode resolves it: ``$FLWR_HOME``, else ``~/.flwr``."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def _wait_forwarding_signals(child: subprocess.Popen[bytes]) -> int:
+    """Wait for ``child``, passing SIGTERM and SIGINT on; its exit code (128 + N if killed)."""
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code
+
+
+def run_daemon(cfg: SiteConfig, config_path: Path, preloaded: PreloadedBase) -> int:
+    """Serve the site's worker, run the SuperNode as a child until it exits; its exit code.
+
+    The SuperNode stays in the daemon's process group, so stopping the group (a service
+    manager, ``kill -- -PID``) stops both; the socket is removed when the daemon exits.
+    """
+    from client.worker import SiteWorker, serve_worker, worker_socket_path
+
+    socket_path = worker_socket_path(flwr_home(), cfg.site.id)
+    with serve_worker(SiteWorker(cfg, preloaded), socket_path):
+        print_message(f"site {cfg.site.id}: worker serving {socket_path}")
+        command = supernode_command(cfg, config_path, socket_path)
+        print_message(f"site {cfg.site.id}: starting the SuperNode → {cfg.coordinator.address}")
+        child = subprocess.Popen(command, env=site_env(cfg))
+        return _wait_forwarding_signals(child)
+
+
 def start_site(config_path: Path, expect_fingerprint: str | None, check_only: bool) -> int:
     cfg = load_site_config(config_path)
-    if cfg.resources.cuda_visible_devices is not None:  # before torch sees a GPU
+    # Before torch is imported: the worker trains in this process.
+    if cfg.resources.cuda_visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.resources.cuda_visible_devices
-    result = check_site(cfg, expect_fingerprint)
+    if cfg.resources.cpu_threads is not None:
+        threads = str(cfg.resources.cpu_threads)
+        os.environ |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    result, preloaded = inspect_site(cfg, expect_fingerprint)
     print_message(
         f"site {cfg.site.id}: {result.train_examples} training / {result.heldout_examples} "
         f"held-out examples, base {cfg.model.name} fingerprint {result.fingerprint}"
     )
     if check_only:
         return 0
-    command = supernode_command(cfg, config_path)
-    print_message(f"site {cfg.site.id}: starting the SuperNode → {cfg.coordinator.address}")
-    os.execve(command[0], command, site_env(cfg))  # replaces this process; never returns
+    return run_daemon(cfg, config_path, preloaded)
 
 
 def add_site_parser(subparsers: Any) -> None:

@@ -1,0 +1,149 @@
+"""``RemoteSite``: a site whose model and data live in the site daemon's resident worker.
+
+The ClientApp process Flower starts for each message uses it exactly like an in-process
+``SiteRuntime`` (the ``client.site_api.Site`` protocol): each call is one request over the
+worker's Unix socket (``client.worker_wire``). Training progress comes back as ``step`` frames
+and reaches ``on_step`` here, so the site's log reads as before.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from client.site_api import EvalResult, SiteUpdate, StepCallback, TrainResult
+from client.worker_wire import (
+    KIND_DESCRIBE,
+    KIND_ERROR,
+    KIND_EVAL,
+    KIND_EVALUATE,
+    KIND_SITE,
+    KIND_STEP,
+    KIND_TRAIN,
+    KIND_UPDATE,
+    Frame,
+    SiteWorkerError,
+    WorkerFrameError,
+    field_of,
+    raise_error,
+    recv_frame,
+    send_frame,
+)
+from common.adapters import AdapterState
+from common.config import SitePlan
+from common.errors import FingerprintMismatch
+
+# Seconds to wait for the worker to accept a connection (it serves one request at a time,
+# but accepts while busy; a full backlog means something is wrong).
+CONNECT_TIMEOUT = 30.0
+# The states a reply may carry.
+_REPLY_STATES = frozenset({"delta", "private"})
+
+
+class RemoteSite:
+    """A proxy of the site served at ``socket_path``, for one round plan."""
+
+    def __init__(self, socket_path: Path, plan: SitePlan) -> None:
+        self.socket_path = socket_path
+        # The worker builds (or finds) the plan's runtime now: a task or label mismatch is
+        # refused here, as building the site in process would.
+        reply = self._call({"kind": KIND_DESCRIBE, "plan": plan.model_dump_json()}, KIND_SITE)
+        self.site_id = field_of(reply, "site_id", str)
+        self._fingerprint = field_of(reply, "fingerprint", str)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def check_fingerprint(self, expected: str) -> None:
+        """Refuse to work for a coordinator whose base model differs from ours."""
+        if expected != self._fingerprint:
+            raise FingerprintMismatch(expected, self._fingerprint, where=self.site_id)
+
+    def train(
+        self,
+        received: AdapterState,
+        plan: SitePlan,
+        server_round: int,
+        on_step: StepCallback | None = None,
+        private: AdapterState | None = None,
+    ) -> SiteUpdate:
+        """``SiteRuntime.train`` in the worker; progress is reported to ``on_step``."""
+        request = {"kind": KIND_TRAIN, "plan": plan.model_dump_json(), "round": server_round}
+        states = {"received": received, "private": private or {}}
+        reply = self._call(request, KIND_UPDATE, states, on_step)
+        result = TrainResult(
+            loss=field_of(reply, "loss", float),
+            first_loss=field_of(reply, "first_loss", float),
+            last_loss=field_of(reply, "last_loss", float),
+            steps=field_of(reply, "steps", int),
+            seconds=field_of(reply, "seconds", float),
+            peak_memory_bytes=field_of(reply, "peak_memory_bytes", int),
+        )
+        return SiteUpdate(
+            delta=reply.states["delta"],
+            private=reply.states["private"],
+            examples=field_of(reply, "examples", int),
+            result=result,
+            clip_scale=field_of(reply, "clip_scale", float),
+        )
+
+    def evaluate(
+        self, received: AdapterState, plan: SitePlan, private: AdapterState | None = None
+    ) -> EvalResult:
+        """``SiteRuntime.evaluate`` in the worker."""
+        request = {"kind": KIND_EVALUATE, "plan": plan.model_dump_json()}
+        reply = self._call(request, KIND_EVAL, {"received": received, "private": private or {}})
+        accuracy = reply.header.get("accuracy")
+        return EvalResult(
+            loss=field_of(reply, "loss", float),
+            perplexity=field_of(reply, "perplexity", float),
+            accuracy=None if accuracy is None else field_of(reply, "accuracy", float),
+            examples=field_of(reply, "examples", int),
+            tokens=field_of(reply, "tokens", int),
+        )
+
+    def _call(
+        self,
+        request: Mapping[str, Any],
+        expect: str,
+        states: Mapping[str, AdapterState] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Frame:
+        """One request; its ``step`` frames go to ``on_step``; the reply of kind ``expect``."""
+        with self._connect() as sock:
+            try:
+                send_frame(sock, request, states)
+                while True:
+                    reply = recv_frame(sock, _REPLY_STATES)
+                    if reply.kind != KIND_STEP:
+                        break
+                    if on_step is not None:
+                        step, steps = field_of(reply, "step", int), field_of(reply, "steps", int)
+                        on_step(step, steps, field_of(reply, "loss", float))
+            except OSError as exc:
+                raise SiteWorkerError(
+                    f"the site worker at {self.socket_path} dropped the connection ({exc})"
+                ) from None
+        if reply.kind == KIND_ERROR:
+            raise_error(reply)
+        if reply.kind != expect:
+            raise WorkerFrameError(f"the site worker replied {reply.kind!r}, expected {expect!r}")
+        return reply
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError as exc:
+            sock.close()
+            raise SiteWorkerError(
+                f"the site worker at {self.socket_path} is not reachable ({exc}); it runs in "
+                "the site daemon: `fedlora site start --config site.toml`"
+            ) from None
+        # Training may take minutes to hours; the coordinator's round timeout bounds a reply.
+        sock.settimeout(None)
+        return sock
