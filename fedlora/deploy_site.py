@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -179,7 +180,8 @@ def run_daemon(cfg: SiteConfig, config_path: Path, preloaded: PreloadedBase) -> 
     """Serve the site's worker, run the SuperNode as a child until it exits; its exit code.
 
     The SuperNode stays in the daemon's process group, so stopping the group (a service
-    manager, ``kill -- -PID``) stops both; the socket is removed when the daemon exits.
+    manager, ``kill -- -PID``) stops both; it also gets SIGTERM if the daemon alone dies
+    (``fedlora.parent_watch``); the socket is removed when the daemon exits.
     """
     from client.worker import SiteWorker, serve_worker, worker_socket_path
 
@@ -188,7 +190,8 @@ def run_daemon(cfg: SiteConfig, config_path: Path, preloaded: PreloadedBase) -> 
         print_message(f"site {cfg.site.id}: worker serving {socket_path}")
         command = supernode_command(cfg, config_path, socket_path)
         print_message(f"site {cfg.site.id}: starting the SuperNode → {cfg.coordinator.address}")
-        child = subprocess.Popen(command, env=site_env(cfg))
+        watched = [sys.executable, "-m", "fedlora.parent_watch", str(os.getpid()), *command]
+        child = subprocess.Popen(watched, env=site_env(cfg))
         return _wait_forwarding_signals(child)
 
 

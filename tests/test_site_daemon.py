@@ -38,9 +38,8 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_daemon_serves_a_private_socket_and_passes_sigterm_to_its_supernode(
-    tmp_path: Path,
-) -> None:
+def _start_daemon(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A site daemon for site "a" against a dead coordinator port; once its SuperNode runs."""
     init_deployment(tmp_path / "keys", ["a"], ["localhost"])
     lines = (REPO / "examples/data/dolly-tiny.jsonl").read_text().splitlines()[:20]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
@@ -65,25 +64,78 @@ def test_daemon_serves_a_private_socket_and_passes_sigterm_to_its_supernode(
             start_new_session=True,
         )
     sock = tmp_path / "flwr" / "fedlora-site-a" / "worker.sock"
+    deadline = time.monotonic() + 120
+    while not (_supernode(daemon.pid) and sock.exists()):
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            _stop(daemon)
+            pytest.fail(log.read_text())
+        time.sleep(0.5)
+    return daemon, sock, log
+
+
+def _supernode(daemon: int) -> list[int]:
+    """The daemon's child once it runs flower-supernode (the launcher execs into it)."""
+    found = []
+    for pid in _children(daemon):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and b"flower-supernode" in argv[1]:
+            found.append(pid)
+    return found
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> None:
+    if daemon.poll() is None:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+
+
+def test_daemon_serves_a_private_socket_and_passes_sigterm_to_its_supernode(
+    tmp_path: Path,
+) -> None:
+    daemon, sock, log = _start_daemon(tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (_children(daemon.pid) and sock.exists()):
-            assert daemon.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
         assert stat.S_IMODE(sock.lstat().st_mode) == 0o600
         assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
-        supernode = _children(daemon.pid)
+        supernode = _supernode(daemon.pid)
         cmdline = Path(f"/proc/{supernode[0]}/cmdline").read_bytes().split(b"\0")
         assert any(f'site-worker="{sock.resolve()}"'.encode() in part for part in cmdline)
         daemon.send_signal(signal.SIGTERM)  # to the daemon only: it passes it on
         code = daemon.wait(timeout=60)
     finally:
-        if daemon.poll() is None:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        _stop(daemon)
     # The SuperNode's code: 0 once its handler stops it gracefully, 128 + 15 if SIGTERM came
     # while it was still starting. Either way it got the signal (else it retries forever).
     assert code in (0, 128 + signal.SIGTERM), log.read_text()
     assert not sock.exists()
     assert not any(Path(f"/proc/{pid}").exists() for pid in supernode)
+
+
+def test_supernode_stops_when_the_daemon_alone_is_killed(tmp_path: Path) -> None:
+    # The OOM killer takes the daemon only, not its process group: the SuperNode must not
+    # keep running without its worker (fedlora.parent_watch: PR_SET_PDEATHSIG).
+    daemon, _, log = _start_daemon(tmp_path)
+    supernode = _supernode(daemon.pid)
+    try:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in supernode):
+            assert time.monotonic() < deadline, f"SuperNode {supernode} outlived its daemon"
+            time.sleep(0.5)
+    finally:
+        for pid in supernode:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert "starting the SuperNode" in log.read_text()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, already dead, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
