@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from bench_output import machine, run_simulate, trained_rounds
+from bench_output import header, run_simulate, trained_rounds, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("none", "sealed", "secure-sum")
@@ -240,9 +240,7 @@ def main() -> int:
 
     results, lines = summarize(raw, delta_bytes)
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine(),
+        **header("bench_privacy"),
         "config": str(args.config),
         "overrides": [*QUICK_OVERRIDES, *args.overrides],
         "fp32_delta_bytes": delta_bytes,
@@ -256,9 +254,7 @@ def main() -> int:
         "verdicts": lines,
         "runs": raw,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.json}")
+    write_result(args.json.stem, report, args.json.parent)
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from bench_output import machine, run_simulate, trained_rounds
+from bench_output import header, run_simulate, trained_rounds, write_result
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -281,9 +281,7 @@ def main() -> int:
     for line in lines:
         print(line)
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine(),
+        **header("bench_rules"),
         "banking77_config": str(args.config),
         "dolly_config": str(args.dolly_config) if args.dolly else None,
         "total_wall_seconds": time.perf_counter() - started,
@@ -291,9 +289,7 @@ def main() -> int:
         "dolly": dolly or None,
         "verdicts": lines,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.json}")
+    write_result(args.json.stem, report, args.json.parent)
     return 0
 
 
