@@ -298,10 +298,11 @@ class Comparison:
         start = time.perf_counter()
         simulate(self.cfg, out)
         seconds = time.perf_counter() - start
-        latest = Registry(out / "registry").latest("shared")
+        registry = Registry(out / "registry")
+        latest = registry.latest("shared")
         if latest is None:
             raise ConfigError(f"{out}: the federated run published no adapter version")
-        state = Registry(out / "registry").load("shared", latest.version)
+        state = registry.load("shared", latest.version)
         rounds = read_metrics(out)
         moved = sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in rounds)
         peaks = [r["peak_memory_bytes"] for r in rounds if r.get("peak_memory_bytes")]
