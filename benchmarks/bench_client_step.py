@@ -33,7 +33,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from client.data import load_dataset, site_data
 from client.site import AdapterHost
 from client.tokens import encode_examples, iterate_batches
-from client.train import train_local
+from client.train import module_seed, train_local
 from common.config import RunConfig, load_config
 from common.models import load_base
 
@@ -61,8 +61,8 @@ def bare_model(cfg: RunConfig) -> PeftModel:
                       target_modules=list(module.targets), task_type=TaskType.CAUSAL_LM,
                       bias="none")  # fmt: skip
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.model.seed)  # attach_adapter's seeded initialisation
-        return get_peft_model(base, lora)
+        torch.manual_seed(module_seed(cfg.model.seed, "shared"))  # attach_adapters' seed
+        return get_peft_model(base, lora, adapter_name="shared")
 
 
 def bare_steps(model: PeftModel, batches: list[Batch], cfg: RunConfig, seed: int) -> list[float]:
@@ -102,7 +102,7 @@ def timed(call: Any) -> tuple[Clock, Any]:
 
 def run_blocks(cfg: RunConfig, steps: int, repeats: int) -> dict[str, Any]:
     """``WARMUP_BLOCKS`` untimed, then ``repeats`` interleaved blocks of ``steps`` steps each."""
-    host = AdapterHost(cfg.model, cfg.modules["shared"], num_labels=None)
+    host = AdapterHost(cfg.model, {"shared": cfg.modules["shared"]}, num_labels=None)
     bare = bare_model(cfg)
     count = repeats + WARMUP_BLOCKS
     batches = batches_for(cfg, host, steps * count)

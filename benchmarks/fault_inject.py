@@ -121,8 +121,10 @@ def _handle(inner: ClientApp, plan: FaultPlan, msg: Message, context: Context) -
     fault = plan.find(site, server_round, stage)
     reply = inner(msg, context) if fault is None else _misbehave(inner, plan, fault, msg, context)
     if stage == "train" and fault is None and plan.replays(site) and reply.has_content():
-        envelope = reply.content.config_records[P.UPDATE_RECORD][P.KEY_DELTA]
-        context.state.config_records[REPLAY_RECORD] = ConfigRecord({P.KEY_DELTA: envelope})
+        envelope = reply.content.config_records[P.UPDATE_RECORD][P.delta_key("shared")]
+        context.state.config_records[REPLAY_RECORD] = ConfigRecord(
+            {P.delta_key("shared"): envelope}
+        )
     return reply
 
 
@@ -168,7 +170,7 @@ def _reseal(msg: Message, reply: Message, keys: Path, site_id: str, payload: byt
     envelope = seal_delta(payload, public, signing, _envelope_context(msg, site_id))
     update = reply.content.config_records[P.UPDATE_RECORD]
     update[P.KEY_SITE] = site_id
-    update[P.KEY_DELTA] = envelope
+    update[P.delta_key("shared")] = envelope
 
 
 def _zeros(msg: Message) -> AdapterState:
@@ -203,8 +205,8 @@ def _inflated_count(plan: FaultPlan, _f: Fault, _m: Message, reply: Message, _: 
 
 
 def _replay(_p: FaultPlan, _f: Fault, _m: Message, reply: Message, context: Context) -> None:
-    stored = context.state.config_records[REPLAY_RECORD][P.KEY_DELTA]
-    reply.content.config_records[P.UPDATE_RECORD][P.KEY_DELTA] = stored
+    stored = context.state.config_records[REPLAY_RECORD][P.delta_key("shared")]
+    reply.content.config_records[P.UPDATE_RECORD][P.delta_key("shared")] = stored
 
 
 def _unenrolled(plan: FaultPlan, _f: Fault, msg: Message, reply: Message, _: Context) -> None:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -41,16 +40,15 @@ from common.keys import (
     load_site_private,
     public_path_for,
 )
+from common.modules import site_modules, split_modules
 from common.progress import print_step
 
 if TYPE_CHECKING:  # the simulation's in-process sites: torch, transformers, peft, datasets
     from client.data import Dataset
     from client.site import AdapterHost, SiteRuntime
+    from client.site_store import SiteStore
 
 logger = logging.getLogger(__name__)
-
-# Node-state record holding the tensors a rule keeps at the site (fedsa: B).
-PRIVATE_RECORD = "fedlora-private"
 
 # Error codes of refusal replies (Flower reserves small codes for its own errors).
 ERROR_REFUSED = 1001
@@ -61,6 +59,7 @@ ERROR_REFUSED = 1001
 # site's resident worker, never loads transformers, peft or datasets (seconds per message).
 _HOSTS: dict[str, AdapterHost] = {}
 _DATASETS: dict[str, Dataset] = {}
+_STORES: dict[str, SiteStore] = {}
 
 
 def _dataset(cfg: RunConfig) -> Dataset:
@@ -72,27 +71,37 @@ def _dataset(cfg: RunConfig) -> Dataset:
     return _DATASETS[key]
 
 
-def _host(cfg: RunConfig, plan: SitePlan, num_labels: int | None) -> AdapterHost:
+def _host(cfg: RunConfig, plan: SitePlan, site_id: str, num_labels: int | None) -> AdapterHost:
+    """The process's host for the modules ``site_id`` holds (sites of one group share one)."""
     from client.site import AdapterHost
 
-    module = plan.modules["shared"]
-    key = f"{cfg.model.model_dump_json()}|{module.model_dump_json()}|{num_labels}"
+    modules = site_modules(plan.modules, plan.groups, site_id)
+    held = ",".join(f"{name}={m.model_dump_json()}" for name, m in modules.items())
+    key = f"{cfg.model.model_dump_json()}|{held}|{num_labels}"
     if key not in _HOSTS:
-        _HOSTS[key] = AdapterHost(cfg.model, module, num_labels)
+        _HOSTS[key] = AdapterHost(cfg.model, modules, num_labels)
     return _HOSTS[key]
 
 
-def _runtime(cfg: RunConfig, plan: SitePlan, context: Context) -> SiteRuntime:
+def _runtime(
+    cfg: RunConfig, plan: SitePlan, context: Context, sites_dir: Path | None
+) -> SiteRuntime:
     from client.data import site_data
     from client.site import SiteRuntime
+    from client.site_store import SiteStore
 
     index = int(context.node_config.get("partition-id", 0))
     num_sites = int(context.node_config.get("num-partitions", cfg.federation.sites))
+    site_id = f"site-{index}"
     dataset = _dataset(cfg)
     labels = dataset.label_names
-    host = _host(cfg, plan, len(labels) if labels else None)
+    host = _host(cfg, plan, site_id, len(labels) if labels else None)
     data = site_data(dataset, index, num_sites, cfg.data)
-    return SiteRuntime(host, data, dataset.kind, site_id=f"site-{index}", site_index=index)
+    store = SiteStore(None if sites_dir is None else sites_dir / site_id)
+    key = f"{site_id}|{sites_dir}"
+    if key not in _STORES:  # memory-only stores must outlive one message
+        _STORES[key] = store
+    return SiteRuntime(host, data, dataset.kind, site_id, index, _STORES[key])
 
 
 def _header(msg: Message) -> tuple[ConfigRecord, SitePlan]:
@@ -148,34 +157,38 @@ class SiteKeys:
         return public, load_site_private(self.folder / f"{site_id}{PRIVATE_SUFFIX}")
 
 
-def _private_state(context: Context) -> AdapterState:
-    record = context.state.array_records.get(PRIVATE_RECORD)
-    return {} if record is None else record.to_torch_state_dict()
-
-
-def _wire_payload(
+def _wire_payloads(
     update: SiteUpdate,
     plan: SitePlan,
     header: ConfigRecord,
     site: Site,
     keys: SiteKeys | None,
-) -> bytes:
-    """Encode the delta and, in sealed mode, seal it to the coordinator and sign it."""
-    payload = encode_delta(update.delta, plan.encoding)
-    if plan.privacy_mode != "sealed":
-        return payload
-    if keys is None:
-        raise KeyMaterialError("privacy.mode = 'sealed' but this site has no keys configured")
-    coordinator, signing = keys.load(site.site_id)
-    context = EnvelopeContext(
-        run_id=str(header[P.KEY_RUN_ID]),
-        round=int(str(header[P.KEY_ROUND])),
-        site_id=site.site_id,
-        module=str(header[P.KEY_MODULE]),
-        version=int(str(header[P.KEY_VERSION])),
-        base_fingerprint=site.fingerprint,
-    )
-    return seal_delta(payload, coordinator, signing, context)
+) -> ConfigRecord:
+    """One payload per sent module: encoded and, in sealed mode, sealed and signed.
+
+    Each envelope is bound to its module, so one module's delta cannot be passed off as
+    another's.
+    """
+    record = ConfigRecord()
+    for module, delta in sorted(split_modules(update.delta).items()):
+        payload = encode_delta(delta, plan.encoding)
+        if plan.privacy_mode == "sealed":
+            if keys is None:
+                raise KeyMaterialError(
+                    "privacy.mode = 'sealed' but this site has no keys configured"
+                )
+            coordinator, signing = keys.load(site.site_id)
+            context = EnvelopeContext(
+                run_id=str(header[P.KEY_RUN_ID]),
+                round=int(str(header[P.KEY_ROUND])),
+                site_id=site.site_id,
+                module=module,
+                version=int(str(header[P.KEY_VERSION])),
+                base_fingerprint=site.fingerprint,
+            )
+            payload = seal_delta(payload, coordinator, signing, context)
+        record[P.delta_key(module)] = payload
+    return record
 
 
 # How the app finds the site a message is for: simulation partitions one data set in process;
@@ -184,18 +197,23 @@ def _wire_payload(
 SiteProvider = Callable[[SitePlan, Context], Site]
 
 
-def simulation_sites(cfg: RunConfig) -> SiteProvider:
-    """Virtual sites: node ``partition-id`` i gets partition i of ``cfg.data``."""
+def simulation_sites(cfg: RunConfig, sites_dir: Path | None = None) -> SiteProvider:
+    """Virtual sites: node ``partition-id`` i is ``site-<i>`` with partition i of ``cfg.data``.
+
+    ``sites_dir``: where each site's store lives (``<sites_dir>/site-<i>``); None: in memory.
+    """
 
     def provide(plan: SitePlan, context: Context) -> Site:
-        return _runtime(cfg, plan, context)
+        return _runtime(cfg, plan, context, sites_dir)
 
     return provide
 
 
-def make_client_app(cfg: RunConfig, keys: SiteKeys | None = None) -> ClientApp:
+def make_client_app(
+    cfg: RunConfig, keys: SiteKeys | None = None, sites_dir: Path | None = None
+) -> ClientApp:
     """A ClientApp whose virtual sites read their partition of ``cfg.data``."""
-    return client_app(simulation_sites(cfg), keys)
+    return client_app(simulation_sites(cfg, sites_dir), keys)
 
 
 def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
@@ -221,8 +239,8 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
                 _global(msg),
                 plan,
                 server_round,
+                int(str(header[P.KEY_VERSION])),
                 _progress(site.site_id, server_round),
-                private=_private_state(context),
             )
             if plan.privacy_mode == "secure-sum":
                 from client.secure_sum import start_round
@@ -232,12 +250,10 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
                     context, header, site.site_id, signing, update, plan.site_noise_std
                 )
             else:
-                delta = _wire_payload(update, plan, header, site, keys)
-                content = RecordDict({P.UPDATE_RECORD: ConfigRecord({P.KEY_DELTA: delta})})
+                payloads = _wire_payloads(update, plan, header, site, keys)
+                content = RecordDict({P.UPDATE_RECORD: payloads})
         except (FedloraError, KeyError) as exc:
             return _refuse(msg, exc)
-        if update.private:  # fedsa's B: stays in this site's node state, never sent
-            context.state.array_records[PRIVATE_RECORD] = ArrayRecord(update.private)
         _describe(content, site, header, plan, update)
         return Message(content, reply_to=msg)
 
@@ -247,7 +263,7 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
             header, plan = _header(msg)
             site = sites(plan, context)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
-            result = site.evaluate(_global(msg), plan, private=_private_state(context))
+            result = site.evaluate(_global(msg), plan, int(str(header[P.KEY_VERSION])))
         except FedloraError as exc:
             return _refuse(msg, exc)
         metrics: dict[str, MetricRecordValues] = {

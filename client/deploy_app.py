@@ -26,6 +26,7 @@ from client.site_api import Site
 from common.config import SitePlan
 from common.errors import ConfigError
 from common.keys import CoordinatorPublicKey, KeyMaterialError
+from common.modules import site_groups, site_modules
 from common.site_config import SiteConfig, load_site_config
 
 if TYPE_CHECKING:  # torch, transformers, peft, datasets: imported where a site is built
@@ -72,6 +73,16 @@ def load_site_data(
     return data, dataset.kind, labels
 
 
+def check_site_groups(cfg: SiteConfig, plan: SitePlan) -> None:
+    """Refuse a run that puts this site in other groups than its config declares."""
+    run = site_groups(plan.groups, cfg.site.id)
+    if cfg.site.groups is not None and sorted(cfg.site.groups) != run:
+        raise ConfigError(
+            f"site.groups = {sorted(cfg.site.groups)} in the site config, but the run's [groups] "
+            f"put {cfg.site.id} in {run}; ask the coordinator's operator, or change site.groups"
+        )
+
+
 @dataclass(frozen=True)
 class PreloadedBase:
     """A base model already loaded from the site config (by the daemon's start-up check)."""
@@ -83,12 +94,13 @@ class PreloadedBase:
 def build_runtime(
     cfg: SiteConfig, plan: SitePlan, preloaded: PreloadedBase | None = None
 ) -> SiteRuntime:
-    """Load the site's data and base model, attach the plan's shared LoRA module.
+    """Load the site's data and base model, attach the modules the plan gives this site.
 
     ``preloaded`` is used instead of loading the base again when its label count is the
     run's; LoRA is then injected into it in place, so it serves one runtime only.
     """
     from client.site import AdapterHost, SiteRuntime
+    from client.site_store import SiteStore
 
     if plan.task != cfg.model.task:
         raise ConfigError(
@@ -97,14 +109,17 @@ def build_runtime(
         )
     data, kind, labels = load_site_data(cfg, plan.max_eval_examples, run_label_names(cfg, plan))
     reuse = preloaded.base if preloaded and preloaded.num_labels == (labels or None) else None
-    host = AdapterHost(cfg.model, plan.modules["shared"], labels or None, reuse)
-    return SiteRuntime(host, data, kind, site_id=cfg.site.id, site_index=cfg.site.seed_index)
+    check_site_groups(cfg, plan)
+    modules = site_modules(plan.modules, plan.groups, cfg.site.id)
+    host = AdapterHost(cfg.model, modules, labels or None, reuse)
+    store = SiteStore(cfg.state_dir)
+    return SiteRuntime(host, data, kind, cfg.site.id, cfg.site.seed_index, store)
 
 
 def runtime_key(plan: SitePlan) -> str:
-    """What a built runtime depends on besides the site config: task, module, labels, eval cap."""
-    module = plan.modules["shared"].model_dump_json()
-    return f"{plan.task}|{module}|{plan.labels}|{plan.max_eval_examples}"
+    """What a built runtime depends on besides the site config: task, modules, labels, eval cap."""
+    modules = {name: m.model_dump(mode="json") for name, m in plan.modules.items()}
+    return f"{plan.task}|{modules}|{plan.groups}|{plan.labels}|{plan.max_eval_examples}"
 
 
 def node_site(plan: SitePlan, context: Context) -> Site:

@@ -39,7 +39,7 @@ from common.errors import FingerprintMismatch
 # but accepts while busy; a full backlog means something is wrong).
 CONNECT_TIMEOUT = 30.0
 # The states a reply may carry.
-_REPLY_STATES = frozenset({"delta", "private"})
+_REPLY_STATES = frozenset({"delta"})
 
 
 class RemoteSite:
@@ -67,13 +67,17 @@ class RemoteSite:
         received: AdapterState,
         plan: SitePlan,
         server_round: int,
+        version: int,
         on_step: StepCallback | None = None,
-        private: AdapterState | None = None,
     ) -> SiteUpdate:
         """``SiteRuntime.train`` in the worker; progress is reported to ``on_step``."""
-        request = {"kind": KIND_TRAIN, "plan": plan.model_dump_json(), "round": server_round}
-        states = {"received": received, "private": private or {}}
-        reply = self._call(request, KIND_UPDATE, states, on_step)
+        request = {
+            "kind": KIND_TRAIN,
+            "plan": plan.model_dump_json(),
+            "round": server_round,
+            "version": version,
+        }
+        reply = self._call(request, KIND_UPDATE, {"received": received}, on_step)
         result = TrainResult(
             loss=field_of(reply, "loss", float),
             first_loss=field_of(reply, "first_loss", float),
@@ -84,18 +88,15 @@ class RemoteSite:
         )
         return SiteUpdate(
             delta=reply.states["delta"],
-            private=reply.states["private"],
             examples=field_of(reply, "examples", int),
             result=result,
             clip_scale=field_of(reply, "clip_scale", float),
         )
 
-    def evaluate(
-        self, received: AdapterState, plan: SitePlan, private: AdapterState | None = None
-    ) -> EvalResult:
+    def evaluate(self, received: AdapterState, plan: SitePlan, version: int) -> EvalResult:
         """``SiteRuntime.evaluate`` in the worker."""
-        request = {"kind": KIND_EVALUATE, "plan": plan.model_dump_json()}
-        reply = self._call(request, KIND_EVAL, {"received": received, "private": private or {}})
+        request = {"kind": KIND_EVALUATE, "plan": plan.model_dump_json(), "version": version}
+        reply = self._call(request, KIND_EVAL, {"received": received})
         accuracy = reply.header.get("accuracy")
         return EvalResult(
             loss=field_of(reply, "loss", float),

@@ -1,25 +1,31 @@
 """One site's runtime: its base model, adapter and data, and the two things it does per round.
 
-``SiteRuntime.train`` turns a received global adapter into a *delta* (trained - received);
-``SiteRuntime.evaluate`` measures the received global adapter on the site's held-out split.
+``SiteRuntime.train`` turns the received global modules into a *delta* (trained - received)
+of each module the site sends; ``SiteRuntime.evaluate`` measures the received version (with
+the site's private modules) on its held-out split. What the site keeps between rounds, and
+the versions it holds, live in its ``SiteStore``.
 No Flower and no crypto here; ``client.app`` is the glue that carries these over messages.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from peft import PeftModel
 
 from client.data import Kind, SiteData
 from client.site_api import SiteUpdate as SiteUpdate
+from client.site_store import SiteStore
 from client.tokens import encode_examples, eval_batches, iterate_batches
 from client.train import (
     EvalResult,
     StepCallback,
+    activate,
     adapter_state,
-    attach_adapter,
+    attach_adapters,
     evaluate,
     freeze_lora_a,
     load_adapter_state,
@@ -29,8 +35,10 @@ from client.train import (
 from common.adapters import AdapterState, compute_delta
 from common.config import ModelConfig, ModuleConfig, SitePlan
 from common.dp import clip_delta
-from common.errors import FingerprintMismatch
+from common.errors import ConfigError, FingerprintMismatch, UpdateRejected
+from common.exact import factors_for_site_rank, rank_fill_seed
 from common.models import LoadedBase, load_base
+from common.modules import PRIVATE, join_modules, site_modules, split_modules
 from common.rules import get_rule
 
 logger = logging.getLogger(__name__)
@@ -40,12 +48,12 @@ EVAL_BATCH_SIZE = 16
 
 
 class AdapterHost:
-    """A frozen base model with one LoRA module attached; shared by sites in one process."""
+    """A frozen base model with named LoRA modules attached; shared by sites in one process."""
 
     def __init__(
         self,
         model_cfg: ModelConfig,
-        module: ModuleConfig,
+        modules: Mapping[str, ModuleConfig],
         num_labels: int | None,
         base: LoadedBase | None = None,
     ) -> None:
@@ -53,14 +61,28 @@ class AdapterHost:
         # start-up check), used instead of loading it again; LoRA is injected into it in place.
         self.base: LoadedBase = base or load_base(model_cfg, num_labels=num_labels)
         self.task = model_cfg.task
-        self.module = module
-        self.lora = lora_config(module, model_cfg.task)
-        self.model: PeftModel = attach_adapter(self.base.model, self.lora, seed=model_cfg.seed)
+        self.modules = {name: modules[name] for name in sorted(modules)}
+        self.loras = {name: lora_config(m, model_cfg.task) for name, m in self.modules.items()}
+        self.model: PeftModel = attach_adapters(self.base.model, self.loras, seed=model_cfg.seed)
+        # Each module's seeded initialisation: where a private module starts at every site.
+        self.initial = self.states()
 
     @property
     def pad_token_id(self) -> int:
         pad = self.base.tokenizer.pad_token_id
         return int(pad if pad is not None else self.base.tokenizer.eos_token_id)
+
+    def states(self) -> dict[str, AdapterState]:
+        """Every module's current tensors (float32 CPU copies)."""
+        return {name: adapter_state(self.model, name) for name in self.modules}
+
+    def load(self, states: Mapping[str, AdapterState], active: list[str] | None = None) -> None:
+        """Overwrite the modules in ``states`` and make ``active`` (default: those) active."""
+        for name, state in states.items():
+            if name not in self.modules:
+                raise UpdateRejected(f"module {name!r} is not attached here ({list(self.modules)})")
+            load_adapter_state(self.model, state, name)
+        activate(self.model, sorted(states) if active is None else active)
 
 
 def round_seed(seed: int, server_round: int, site_index: int) -> int:
@@ -68,17 +90,60 @@ def round_seed(seed: int, server_round: int, site_index: int) -> int:
     return (seed * 1_000_003 + server_round * 1_009 + site_index) % (2**31 - 1)
 
 
+def start_states(
+    received: AdapterState,
+    kept: AdapterState,
+    plan: SitePlan,
+    held: Mapping[str, ModuleConfig],
+    initial: Mapping[str, AdapterState],
+    version: int,
+) -> dict[str, AdapterState]:
+    """Where each module a site holds starts from at global ``version``.
+
+    A sent module starts from the received global (projected to the site's own rank when it
+    has one, ``factors_for_site_rank``) with the tensors the site keeps (fedsa's B) on top; a
+    private module from what the site kept, else its seeded initialisation.
+    """
+    received_by, kept_by = split_modules(received), split_modules(kept)
+    start: dict[str, AdapterState] = {}
+    for name, module in held.items():
+        if module.scope == PRIVATE:
+            start[name] = kept_by.get(name) or dict(initial[name])
+            continue
+        if name not in received_by:
+            raise UpdateRejected(f"the instruction carries no global state of module {name!r}")
+        state = received_by[name]
+        run_module = plan.modules[name]
+        if module.rank != run_module.rank:
+            state = factors_for_site_rank(
+                state,
+                module.rank,
+                run_module.alpha / run_module.rank,
+                module.alpha / module.rank,
+                fill_seed=rank_fill_seed(plan.train.seed, version, name),
+            )
+        start[name] = {**state, **kept_by.get(name, {})}
+    return start
+
+
 class SiteRuntime:
-    """A site's data plus the adapter host it trains on."""
+    """A site's data, the adapter host it trains on, and its store (what it keeps)."""
 
     def __init__(
-        self, host: AdapterHost, data: SiteData, kind: Kind, site_id: str, site_index: int
+        self,
+        host: AdapterHost,
+        data: SiteData,
+        kind: Kind,
+        site_id: str,
+        site_index: int,
+        store: SiteStore | None = None,
     ) -> None:
         self.host = host
         self.data = data
         self.kind = kind
         self.site_id = site_id
         self.site_index = site_index
+        self.store = store or SiteStore(None)
         self._encoded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
 
     @property
@@ -99,42 +164,75 @@ class SiteRuntime:
             )
         return self._encoded[key]
 
+    def _held(self, plan: SitePlan) -> dict[str, ModuleConfig]:
+        held = site_modules(plan.modules, plan.groups, self.site_id)
+        if held != self.host.modules:
+            raise ConfigError(
+                f"{self.site_id}: the run's modules for this site ({sorted(held)}) differ from "
+                f"the ones its adapter host was built with ({sorted(self.host.modules)})"
+            )
+        return held
+
+    def _start(self, received: AdapterState, plan: SitePlan, version: int) -> dict[str, Any]:
+        """Load where this version starts into the host; record it in the site registry."""
+        held = self._held(plan)
+        kept = self.store.load_kept(before=version)
+        start = start_states(received, kept, plan, held, self.host.initial, version)
+        self.host.load(start)
+        sources = {
+            name: "trained at this site"
+            if module.scope == PRIVATE
+            else "received" + (" + this site's B (fedsa)" if plan.rule == "fedsa" else "")
+            for name, module in held.items()
+        }
+        manifest = {"site": self.site_id, "base_fingerprint": self.fingerprint}
+        self.store.record(version, start, self.host.loras, manifest, sources)
+        return start
+
     def train(
         self,
         received: AdapterState,
         plan: SitePlan,
         server_round: int,
+        version: int,
         on_step: StepCallback | None = None,
-        private: AdapterState | None = None,
     ) -> SiteUpdate:
-        """Train from ``received`` (+ this site's ``private`` tensors) and return the delta.
+        """Train every module this site holds from global ``version``; return the delta.
 
-        The rule decides what trains and what leaves: ``ffa`` freezes A (identical at every
-        site) and sends B; ``fedsa`` sends A and keeps B here; the others send everything.
+        ``received`` is the global state of the sent modules (``<module>/<key>``). The rule
+        decides what trains and what leaves: ``ffa`` freezes A (identical at every site) and
+        sends B; ``fedsa`` sends A and keeps B here; private modules are kept whole.
         """
-        start = {**received, **(private or {})}
-        load_adapter_state(self.host.model, start)
+        start = self._start(received, plan, version)
         rule = get_rule(plan.rule)
-        freeze_lora_a(self.host.model, frozen=plan.rule == "ffa")
+        if plan.rule == "ffa":
+            freeze_lora_a(self.host.model)
         seed = round_seed(plan.train.seed, server_round, self.site_index)
         items = self._items("train", plan.train.max_length)
         batches = iterate_batches(items, plan.train.batch_size, seed, self.host.pad_token_id)
         result = train_local(self.host.model, batches, plan.train, seed, on_step)
-        trained = adapter_state(self.host.model)
-        delta = compute_delta(trained, start)
-        sent_keys = set(rule.sent_keys(delta))
-        sent = {k: v for k, v in delta.items() if k in sent_keys}
+        trained = self.host.states()
+        sent: dict[str, AdapterState] = {}
+        kept: dict[str, AdapterState] = {}
+        for name, module in self.host.modules.items():
+            if module.scope == PRIVATE:
+                kept[name] = trained[name]
+                continue
+            delta = compute_delta(trained[name], start[name])
+            keys = set(rule.sent_keys(delta))
+            sent[name] = {k: v for k, v in delta.items() if k in keys}
+            if plan.rule == "fedsa":
+                kept[name] = {k: v for k, v in trained[name].items() if k not in keys}
+        flat = join_modules(sent)
         scale = 1.0
         if plan.clip is not None:
-            sent, scale = clip_delta(sent, plan.clip)
-        kept = {k: v for k, v in trained.items() if k not in sent_keys and plan.rule == "fedsa"}
-        return SiteUpdate(sent, kept, len(self.data.train), result, scale)
+            flat, scale = clip_delta(flat, plan.clip)
+        self.store.save_kept(version, join_modules(kept))
+        return SiteUpdate(flat, len(self.data.train), result, scale)
 
-    def evaluate(
-        self, received: AdapterState, plan: SitePlan, private: AdapterState | None = None
-    ) -> EvalResult:
-        """Evaluate ``received`` (+ this site's ``private`` tensors) on the held-out split."""
-        load_adapter_state(self.host.model, {**received, **(private or {})})
+    def evaluate(self, received: AdapterState, plan: SitePlan, version: int) -> EvalResult:
+        """Evaluate global ``version`` (+ this site's private tensors) on the held-out split."""
+        self._start(received, plan, version)
         items = self._items("heldout", plan.train.max_length)
         batches = eval_batches(items, EVAL_BATCH_SIZE, self.host.pad_token_id)
         return evaluate(self.host.model, batches, self.host.task)

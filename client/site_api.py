@@ -40,8 +40,9 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class SiteUpdate:
-    delta: AdapterState  # only the keys the rule sends (clipped when the plan says so)
-    private: AdapterState  # the keys the rule keeps at the site (fedsa: B), never sent
+    # ``<module>/<key>`` of the sent modules, only the keys the rule sends (clipped when the
+    # plan says so); what the site keeps (private modules, fedsa's B) stays in its store.
+    delta: AdapterState
     examples: int  # training examples at this site (the aggregation weight it claims)
     result: TrainResult
     clip_scale: float = 1.0  # factor the DP clipping applied (1.0 = within the bound)
@@ -64,14 +65,12 @@ class Site(Protocol):
         received: AdapterState,
         plan: SitePlan,
         server_round: int,
+        version: int,
         on_step: StepCallback | None = None,
-        private: AdapterState | None = None,
     ) -> SiteUpdate:
-        """Train from ``received`` (+ the site's ``private`` tensors); the delta and metrics."""
+        """Train from global ``version`` (``received``, ``<module>/<key>``); delta, metrics."""
         ...
 
-    def evaluate(
-        self, received: AdapterState, plan: SitePlan, private: AdapterState | None = None
-    ) -> EvalResult:
-        """Evaluate ``received`` (+ ``private``) on the site's held-out split."""
+    def evaluate(self, received: AdapterState, plan: SitePlan, version: int) -> EvalResult:
+        """Evaluate global ``version`` (+ the site's private modules) on its held-out split."""
         ...

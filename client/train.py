@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -27,8 +29,6 @@ from common.models import peak_memory_bytes
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"
-
 
 def lora_config(module: ModuleConfig, task: Task) -> LoraConfig:
     """The peft ``LoraConfig`` of one module, for a causal LM or a sequence classifier."""
@@ -42,55 +42,88 @@ def lora_config(module: ModuleConfig, task: Task) -> LoraConfig:
     )
 
 
-def attach_adapter(model: PreTrainedModel, config: LoraConfig, seed: int) -> PeftModel:
-    """Inject LoRA layers into ``model`` (in place) with a seeded, reproducible initialisation.
+def module_seed(seed: int, module: str) -> int:
+    """The init seed of one module: the same wherever it is attached, whatever else is."""
+    return (seed * 1_000_003 + zlib.crc32(module.encode())) % (2**31 - 1)
 
-    The coordinator publishes this initialisation as version 0; sites overwrite it with the
-    global weights they receive, so only the coordinator's seed matters.
+
+def attach_adapters(
+    model: PreTrainedModel, configs: Mapping[str, LoraConfig], seed: int
+) -> PeftModel:
+    """Inject one named LoRA adapter per module into ``model`` (in place), all active.
+
+    Each module's initialisation is seeded by (``seed``, its name), so a module starts the
+    same at the coordinator and at every site, whichever other modules each one holds. The
+    coordinator publishes its initialisation as version 0; sites overwrite it with the global
+    weights they receive.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
-    missing = [m for m in config.target_modules or [] if not _has_module(peft_model, m)]
-    if missing:
-        raise ModelError(f"modules.shared.targets: no module named {missing} in the base model")
+    names = sorted(configs)
+    peft_model: PeftModel | None = None
+    for name in names:
+        config = configs[name]
+        missing = [m for m in config.target_modules or [] if not _has_module(model, m)]
+        if missing:
+            raise ModelError(f"modules.{name}.targets: no module named {missing} in the base model")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(module_seed(seed, name))
+            if peft_model is None:
+                peft_model = get_peft_model(model, config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
+    if peft_model is None:
+        raise ModelError("no adapter module to attach")
+    activate(peft_model, names)
     return peft_model
 
 
-def freeze_lora_a(model: PeftModel, frozen: bool) -> None:
-    """Freeze (FFA-LoRA) or unfreeze the A factors; B and saved modules stay trainable."""
+def activate(model: PeftModel, modules: list[str]) -> None:
+    """Make ``modules`` the active (and trainable) adapters; the others are left out."""
+    if len(modules) == 1:
+        model.set_adapter(modules[0])
+    else:  # peft's multi-adapter forward: the active adapters' products are summed
+        tuner: Any = model.base_model  # peft's LoraModel; typed as a Module attribute
+        tuner.set_adapter(list(modules))
+
+
+def freeze_lora_a(model: PeftModel) -> None:
+    """Freeze the A factors (FFA-LoRA); B and saved modules stay trainable.
+
+    ``activate`` makes every factor of the active modules trainable again.
+    """
     for name, param in model.named_parameters():
         if "lora_A" in name:
-            param.requires_grad_(not frozen)
+            param.requires_grad_(False)
 
 
 def _has_module(model: torch.nn.Module, suffix: str) -> bool:
     return any(name.split(".")[-1] == suffix for name, _ in model.named_modules())
 
 
-def adapter_state(model: PeftModel) -> AdapterState:
-    """The adapter's trainable tensors (peft's saved key names), as float32 CPU copies."""
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+def adapter_state(model: PeftModel, module: str) -> AdapterState:
+    """One module's trainable tensors (peft's saved key names), as float32 CPU copies."""
+    state = get_peft_model_state_dict(model, adapter_name=module)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
-def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
-    """Overwrite the adapter with ``state``; its keys and shapes must match exactly."""
-    current = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+def load_adapter_state(model: PeftModel, state: AdapterState, module: str) -> None:
+    """Overwrite one module with ``state``; its keys and shapes must match exactly."""
+    current = get_peft_model_state_dict(model, adapter_name=module)
     if set(current) != set(state):
         missing = sorted(set(current) - set(state))[:3]
         extra = sorted(set(state) - set(current))[:3]
-        raise UpdateRejected(f"adapter keys differ: missing {missing}, unexpected {extra}")
+        raise UpdateRejected(
+            f"module {module!r}: adapter keys differ: missing {missing}, unexpected {extra}"
+        )
     for key, tensor in state.items():
         if tuple(current[key].shape) != tuple(tensor.shape):
             raise UpdateRejected(
-                f"adapter tensor {key}: expected shape {tuple(current[key].shape)}, "
-                f"got {tuple(tensor.shape)}"
+                f"module {module!r}: adapter tensor {key}: expected shape "
+                f"{tuple(current[key].shape)}, got {tuple(tensor.shape)}"
             )
-    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    result = set_peft_model_state_dict(model, state, adapter_name=module)
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:
-        raise UpdateRejected(f"peft did not accept keys {unexpected[:3]}")
+        raise UpdateRejected(f"module {module!r}: peft did not accept keys {unexpected[:3]}")
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

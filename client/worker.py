@@ -57,7 +57,7 @@ SOCKET_NAME = "worker.sock"
 IO_TIMEOUT = 120.0
 # sun_path of a Unix socket address holds 108 bytes on Linux, 104 on macOS (with the NUL).
 _MAX_SOCKET_PATH_BYTES = 103
-_REQUEST_STATES = frozenset({"received", "private"})
+_REQUEST_STATES = frozenset({"received"})
 
 
 def worker_socket_path(flwr_home: Path, site_id: str) -> Path:
@@ -102,9 +102,8 @@ class SiteWorker:
             elif request.kind == KIND_TRAIN:
                 self._train(site, plan, request, conn)
             else:
-                result = site.evaluate(
-                    request.states["received"], plan, private=request.states["private"]
-                )
+                version = field_of(request, "version", int)
+                result = site.evaluate(request.states["received"], plan, version)
                 send_frame(conn, {"kind": KIND_EVAL, **asdict(result)})
 
     def _train(
@@ -117,12 +116,12 @@ class SiteWorker:
             request.states["received"],
             plan,
             field_of(request, "round", int),
+            field_of(request, "version", int),
             on_step,
-            private=request.states["private"],
         )
         header: dict[str, Any] = {"kind": KIND_UPDATE, **asdict(update.result)}
         header |= {"examples": update.examples, "clip_scale": update.clip_scale}
-        send_frame(conn, header, {"delta": update.delta, "private": update.private})
+        send_frame(conn, header, {"delta": update.delta})
 
 
 def _plan(request: Frame) -> SitePlan:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import ConfigError
+from common.modules import MODULE_NAME, PRIVATE, SHARED, module_group
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -124,12 +125,33 @@ class TrainConfig(Section):
 
 
 class ModuleConfig(Section):
-    """One named LoRA adapter module."""
+    """One named LoRA adapter module (a peft named adapter on the shared base)."""
 
     rank: PositiveInt = 8
     alpha: PositiveInt = 16
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    # shared: aggregated over all sites; group:<name>: over the sites [groups.<name>] lists;
+    # private: trained at every site, never sent (each site keeps its own).
+    scope: str = SHARED
+    # Per-site rank overrides, site id -> rank: a small site trains a smaller adapter. Mixed
+    # ranks of a sent module need aggregation.rule = 'exact' (the others average factors).
+    site_ranks: dict[str, PositiveInt] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModuleConfig:
+        group = module_group(self.scope)
+        if self.scope not in (SHARED, PRIVATE) and (group is None or not group):
+            raise ValueError(
+                f"scope = {self.scope!r}: expected 'shared', 'private' or 'group:<name>'"
+            )
+        return self
+
+    def for_site(self, site_id: str) -> ModuleConfig:
+        """This module as ``site_id`` trains it: its own rank, no override table."""
+        return self.model_copy(
+            update={"rank": self.site_ranks.get(site_id, self.rank), "site_ranks": {}}
+        )
 
 
 Rule = Literal["fedavg", "ffa", "fedsa", "exact"]
@@ -235,6 +257,10 @@ class RunConfig(Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     modules: dict[str, ModuleConfig] = Field(default_factory=lambda: {"shared": ModuleConfig()})
+    # Site groups for group-scoped modules: group name -> the site ids in it (simulation's
+    # sites are site-0 ... site-<N-1>). The coordinator accepts a group module's delta only
+    # from the sites listed here.
+    groups: dict[str, list[str]] = Field(default_factory=dict)
     aggregation: AggregationConfig = AggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     simulation: SimulationConfig = SimulationConfig()
@@ -262,11 +288,46 @@ class RunConfig(Section):
                 "privacy.mode = 'secure-sum' needs federation.sites >= 3 (a sum of two inputs "
                 "reveals each to the other site)"
             )
-        if set(self.modules) != {"shared"}:
-            raise ValueError(
-                f"modules: only [modules.shared] is supported so far, got {sorted(self.modules)}"
-            )
+        _check_modules(self)
         return self
+
+
+def _check_modules(cfg: RunConfig) -> None:
+    """Module names, scopes and groups, and what each privacy mode and rule supports."""
+    for name, module in cfg.modules.items():
+        if not MODULE_NAME.fullmatch(name):
+            raise ValueError(
+                f"modules.{name}: a module name is lowercase letters, digits, '-' or '_', "
+                "starting with a letter, at most 40 characters"
+            )
+        group = module_group(module.scope)
+        if group is not None and not cfg.groups.get(group):
+            raise ValueError(
+                f"modules.{name}.scope = {module.scope!r}: no [groups] entry {group!r} listing "
+                'its sites (e.g. groups.{0} = ["site-0", "site-1"])'.format(group)
+            )
+        mixed = any(rank != module.rank for rank in module.site_ranks.values())
+        if mixed and module.scope != PRIVATE and cfg.aggregation.rule != "exact":
+            raise ValueError(
+                f"modules.{name}.site-ranks: sites with other ranks than {module.rank} need "
+                f"aggregation.rule = 'exact' ({cfg.aggregation.rule!r} averages factors of "
+                "one shape)"
+            )
+    sent = [name for name, module in cfg.modules.items() if module.scope != PRIVATE]
+    if not sent:
+        raise ValueError("modules: every module is private; a federation needs one to share")
+    if len(cfg.modules) > 1 and cfg.model.task == "classification":
+        raise ValueError(
+            f"modules: {sorted(cfg.modules)}: a classification run has one module (peft keeps "
+            "one trainable copy of the classification head per active adapter, and allows "
+            "only one active); several modules need model.task = 'causal-lm'"
+        )
+    single = cfg.privacy.mode == "secure-sum" or cfg.privacy.dp.enabled
+    if single and (len(sent) > 1 or cfg.modules[sent[0]].scope != SHARED):
+        raise ValueError(
+            f"privacy.mode = 'secure-sum' and privacy.dp support one sent module of scope "
+            f"'shared' (plus private ones); got {sent}"
+        )
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -433,6 +494,8 @@ class SitePlan(Section):
     max_eval_examples: PositiveInt
     # Classification: the run's label names in id order; a site maps its labels to these ids.
     labels: list[str] | None = None
+    # Group name -> site ids: which group-scoped modules each site trains and sends.
+    groups: dict[str, list[str]] = Field(default_factory=dict)
 
 
 def _site_noise_std(cfg: RunConfig) -> float:
@@ -457,4 +520,5 @@ def site_plan(cfg: RunConfig, labels: list[str] | None = None) -> SitePlan:
         site_noise_std=_site_noise_std(cfg),
         max_eval_examples=cfg.data.max_eval_examples,
         labels=labels,
+        groups=cfg.groups,
     )

@@ -287,3 +287,13 @@ def factors_for_site_rank(
         new_b = torch.cat([b[:, :site_rank].double() * factor, pad_b], dim=1)
         result[a_key], result[b_key] = new_a.to(a.dtype), new_b.to(b.dtype)
     return result
+
+
+def rank_fill_seed(train_seed: int, version: int, module: str) -> int:
+    """The ``fill_seed`` of ``factors_for_site_rank`` for one module at one global version.
+
+    Site and coordinator both derive it, so the coordinator reconstructs exactly the factors a
+    site with its own rank started from.
+    """
+    digest = sum((i + 1) * b for i, b in enumerate(module.encode()))
+    return (train_seed * 1_000_003 + version * 7_919 + digest) % (2**31 - 1)

@@ -8,15 +8,17 @@ A train instruction (coordinator -> site) carries:
   ``fedlora`` (ConfigRecord)     protocol version, run id, round, module version, base
                                  fingerprint, and the site plan (training config, JSON)
 A train reply (site -> coordinator) carries:
-  ``update`` (ConfigRecord)      the site's base fingerprint, module version it trained on,
-                                 and the encoded delta bytes (see ``common.encoding``)
+  ``update`` (ConfigRecord)      the site's base fingerprint, the version it trained on,
+                                 and per sent module ``delta:<module>``: the encoded delta
+                                 (``common.encoding``), sealed to that module when sealed
+  Global state travels as one ArrayRecord keyed ``<module>/<peft key>`` (``common.modules``).
   ``metrics`` (MetricRecord)     examples, train loss, seconds, peak memory (bytes)
 An evaluate instruction carries ``global`` + ``fedlora``; its reply carries ``metrics``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 PROTOCOL_VERSION = "fedlora/1"
@@ -47,10 +49,22 @@ STAGE_SHARE = "secagg-share"
 STAGE_MASK = "secagg-mask"
 STAGE_UNMASK = "secagg-unmask"
 
-# Keys of the update ConfigRecord (site -> coordinator).
+# Keys of the update ConfigRecord (site -> coordinator): one payload per sent module.
 KEY_SITE = "site"
 KEY_DELTA = "delta"
 KEY_ENCODING = "encoding"
+_DELTA_PREFIX = KEY_DELTA + ":"
+
+
+def delta_key(module: str) -> str:
+    """The update-record key of one module's delta payload: ``delta:<module>``."""
+    return _DELTA_PREFIX + module
+
+
+def delta_modules(keys: Iterable[str]) -> list[str]:
+    """The modules a reply's update-record keys carry payloads for, sorted."""
+    return sorted(key[len(_DELTA_PREFIX) :] for key in keys if key.startswith(_DELTA_PREFIX))
+
 
 # Keys of the metrics MetricRecord (site -> coordinator).
 METRIC_EXAMPLES = "num-examples"

@@ -42,6 +42,12 @@ class SiteSection(Section):
     index: Annotated[int, Field(ge=0)] | None = None
     # Refuse to start unless the local base model has exactly this fingerprint.
     expect_fingerprint: str | None = None
+    # The site's own store: the adapter versions it received, its private modules, and what
+    # it keeps between rounds (``client.site_store``). Default: <keys>/../<id>-state.
+    state: Path | None = None
+    # The groups this site expects to be in (the run's [groups] decide; a site whose groups
+    # differ refuses to train, naming both). None: whatever the run says.
+    groups: list[str] | None = None
 
     @property
     def seed_index(self) -> int:
@@ -116,6 +122,10 @@ class SiteConfig(Section):
     def root_certificates(self) -> Path:
         return self.coordinator.root_certificates or self.site.keys / "ca.crt"
 
+    @property
+    def state_dir(self) -> Path:
+        return self.site.state or self.site.keys.parent / f"{self.site.id}-state"
+
 
 class CoordinatorSection(Section):
     keys: Path = Field(description="the coordinator folder from `fedlora keys init`")
@@ -139,7 +149,7 @@ class CoordinatorConfig(Section):
 
 
 _PATHS: dict[str, tuple[str, ...]] = {
-    "site": ("keys",),
+    "site": ("keys", "state"),
     "coordinator": ("root-certificates", "keys", "state", "runs"),
     "data": ("path",),
 }

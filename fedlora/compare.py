@@ -52,11 +52,12 @@ import torch
 from client.data import Dataset, Example, SiteData, eval_sample, load_dataset, site_data
 from client.site import EVAL_BATCH_SIZE, AdapterHost, SiteRuntime
 from client.tokens import encode_examples, eval_batches
-from client.train import EvalResult, adapter_state, load_adapter_state
+from client.train import EvalResult, load_adapter_state
 from common.adapters import AdapterState, apply_delta, num_parameters
 from common.atomic import write_json_atomic
 from common.config import RunConfig, SitePlan, load_config, site_plan
 from common.errors import ConfigError
+from common.modules import join_modules, split_modules
 from common.progress import print_message, print_rule
 from common.rules import all_sent_keys, ffa_sent_keys
 from server.metrics import read_metrics
@@ -194,13 +195,20 @@ class Comparison:
             )
         if cfg.data.path is None:
             raise ConfigError("data.path: compare needs the examples it splits among sites")
+        if len(cfg.modules) != 1:
+            raise ConfigError(
+                f"fedlora compare: modules {sorted(cfg.modules)}: compare runs one module (the "
+                "arms train the same adapter); compare a run of several modules per module"
+            )
+        (self.module,) = cfg.modules
         self.cfg = cfg
         self.dataset: Dataset = load_dataset(cfg.data, label_names=cfg.data.labels)
         labels = self.dataset.label_names
         sites = cfg.federation.sites
         self.splits = [site_data(self.dataset, i, sites, cfg.data) for i in range(sites)]
-        self.host = AdapterHost(cfg.model, cfg.modules["shared"], len(labels) if labels else None)
-        self.initial: AdapterState = adapter_state(self.host.model)
+        modules = {self.module: cfg.modules[self.module].for_site("")}
+        self.host = AdapterHost(cfg.model, modules, len(labels) if labels else None)
+        self.initial: AdapterState = self.host.initial[self.module]
         self.plan: SitePlan = site_plan(cfg, labels)
         # Local-only and centralized train every adapter tensor, with no privacy mechanism.
         self.plain = self.plan.model_copy(update={"rule": "fedavg", "clip": None})
@@ -232,15 +240,17 @@ class Comparison:
     def evaluate(self, state: AdapterState, site: int | None = None) -> Quality:
         """``state`` on the global set and on every site's (or only ``site``'s) held-out."""
         own = self.sites if site is None else [self.sites[site]]
-        global_result = self.global_site.evaluate(state, self.plain)
-        return _quality(global_result, {s.site_id: s.evaluate(state, self.plain) for s in own})
+        flat = join_modules({self.module: state})
+        global_result = self.global_site.evaluate(flat, self.plain, 0)
+        return _quality(global_result, {s.site_id: s.evaluate(flat, self.plain, 0) for s in own})
 
     def train(self, runtime: SiteRuntime, plan: SitePlan) -> AdapterState:
         """``runtime`` alone for ``federation.rounds`` rounds from the initial adapter."""
         state = {k: v.clone() for k, v in self.initial.items()}
         for server_round in range(1, self.cfg.federation.rounds + 1):
-            update = runtime.train(state, plan, server_round)
-            state = apply_delta(state, update.delta)
+            flat = join_modules({self.module: state})
+            update = runtime.train(flat, plan, server_round, server_round - 1)
+            state = apply_delta(state, split_modules(update.delta)[self.module])
         return state
 
     def base(self) -> Arm:
@@ -299,10 +309,10 @@ class Comparison:
         simulate(self.cfg, out)
         seconds = time.perf_counter() - start
         registry = Registry(out / "registry")
-        latest = registry.latest("shared")
+        latest = registry.latest(self.module)
         if latest is None:
             raise ConfigError(f"{out}: the federated run published no adapter version")
-        state = registry.load("shared", latest.version)
+        state = registry.load(self.module, latest.version)
         rounds = read_metrics(out)
         moved = sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in rounds)
         peaks = [r["peak_memory_bytes"] for r in rounds if r.get("peak_memory_bytes")]
@@ -330,7 +340,7 @@ class Comparison:
         device = next(self.host.model.parameters()).device
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         model = self.host.model
-        load_adapter_state(model, adapter)
+        load_adapter_state(model, adapter, self.module)
         merged = copy.deepcopy(model).merge_and_unload()
 
         def timed(forward: Callable[[], object]) -> float:

@@ -62,6 +62,10 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+# Each virtual site's own store (what a deployed site keeps on its machine): <out>/sites/<id>.
+SITES_FOLDER = "sites"
+
+
 def provision_keys(cfg: RunConfig, out_dir: Path) -> tuple[Sealing | None, SiteKeys | None]:
     """Sealed mode in simulation: the coordinator key and one signing key per virtual site.
 
@@ -103,7 +107,7 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, A
         coord = prepare(cfg, out_dir, sealing)
         run_simulation(
             server_app=make_server_app(coord, resume=resume),
-            client_app=make_client_app(cfg, site_keys),
+            client_app=make_client_app(cfg, site_keys, out_dir / SITES_FOLDER),
             num_supernodes=cfg.federation.sites,
             backend_config=backend_config(cfg),
         )

@@ -1,6 +1,7 @@
 """The coordinator's aggregation step: rule, optional DP, server optimizer, and their state.
 
-One round: validated per-site deltas (only the keys the rule sends) -> the rule's aggregate
+One round, per sent module: validated per-site deltas of the sites that sent it (only the keys
+the rule sends) -> the rule's aggregate
 (or, with DP, the noisy fixed-denominator mean of clipped deltas) -> the server optimizer's
 step on those keys -> the new global adapter. Everything that must survive a restart is in
 ``state_tensors`` / ``state_meta`` so that a resumed run continues bit for bit.
@@ -25,7 +26,9 @@ from common.dp import (
     dp_aggregate_mean,
     secure_generator,
 )
-from common.exact import aggregate_exact
+from common.errors import ConfigError
+from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
+from common.modules import PRIVATE, join_modules, split_modules
 from common.robust import aggregate_median, aggregate_trimmed_mean
 from common.rules import get_rule, sum_only_aggregate
 from common.server_opt import make_server_optimizer
@@ -37,26 +40,33 @@ OPTIMIZER_PREFIX = "optimizer/"
 class SiteDelta:
     site: str
     examples: int
-    delta: AdapterState  # the keys the rule sends
+    delta: AdapterState  # ``<module>/<key>``: the keys the rule sends, of the site's modules
 
 
 class Aggregator:
-    """Turns one round's accepted deltas into the next global adapter state."""
+    """Turns one round's accepted deltas into the next global state of every sent module.
+
+    Each sent module aggregates over the sites that sent it (all sites for a shared module,
+    its group's for a group module) and has its own server optimizer state; the privacy
+    accountant is one per run.
+    """
 
     def __init__(self, cfg: RunConfig) -> None:
         agg, dp = cfg.aggregation, cfg.privacy.dp
         self.cfg = cfg
         self.rule = get_rule(agg.rule)
-        self.optimizer = make_server_optimizer(
-            agg.server_optimizer,
-            agg.server_lr,
-            agg.server_momentum,
-            agg.server_beta1,
-            agg.server_beta2,
-            agg.server_tau,
-        )
-        module = cfg.modules["shared"]
-        self.scaling = module.alpha / module.rank  # peft's default (not rsLoRA)
+        self.modules = {n: m for n, m in sorted(cfg.modules.items()) if m.scope != PRIVATE}
+        self.optimizers = {
+            name: make_server_optimizer(
+                agg.server_optimizer,
+                agg.server_lr,
+                agg.server_momentum,
+                agg.server_beta1,
+                agg.server_beta2,
+                agg.server_tau,
+            )
+            for name in self.modules
+        }
         self.accountant: PrivacyAccountant | None = None
         self.noise = torch.Generator()
         if dp.enabled:
@@ -76,27 +86,79 @@ class Aggregator:
     def epsilon(self) -> float | None:
         return None if self.accountant is None else self.accountant.epsilon()
 
-    # -- one round --------------------------------------------------------------------------
+    # -- what a site sends --------------------------------------------------------------------
     def sent_keys(self, global_state: AdapterState) -> list[str]:
-        return self.rule.sent_keys(global_state)
+        """The ``<module>/<key>`` keys of ``global_state`` that sites send, in order."""
+        return [
+            key
+            for name, state in split_modules(global_state).items()
+            for key in join_modules({name: {k: state[k] for k in self.rule.sent_keys(state)}})
+        ]
 
-    def aggregate(
-        self, global_state: AdapterState, updates: Sequence[SiteDelta], server_round: int
+    def site_start(
+        self, module: str, site: str, global_module: AdapterState, version: int
     ) -> AdapterState:
-        """The new global state from the round's accepted updates (already validated)."""
+        """The state ``site`` started module ``module`` from: the global, or its rank's part."""
+        run_module = self.modules[module]
+        mine = run_module.for_site(site)
+        if mine.rank == run_module.rank:
+            return global_module
+        return factors_for_site_rank(
+            global_module,
+            mine.rank,
+            run_module.alpha / run_module.rank,
+            mine.alpha / mine.rank,
+            fill_seed=rank_fill_seed(self.cfg.train.seed, version, module),
+        )
+
+    # -- one round --------------------------------------------------------------------------
+    def aggregate(
+        self,
+        global_state: AdapterState,
+        updates: Sequence[SiteDelta],
+        server_round: int,
+        version: int,
+    ) -> AdapterState:
+        """The new global state from the round's accepted updates (already validated).
+
+        A module no accepted update carries (a group whose sites all failed) stays as it is.
+        """
         if not updates:
             raise AggregationError("no accepted updates to aggregate")
-        if self.rule.name == "exact":
-            return self._aggregate_exact(global_state, updates, server_round)
-        return self.apply_mean(global_state, self._mean_delta(updates))
+        by_module = split_modules(global_state)
+        per_site = [split_modules(u.delta) for u in updates]
+        new: dict[str, AdapterState] = {}
+        means: dict[str, AdapterState] = {}
+        for name, state in by_module.items():
+            members = [
+                SiteDelta(u.site, u.examples, deltas[name])
+                for u, deltas in zip(updates, per_site, strict=True)
+                if name in deltas
+            ]
+            if not members:
+                new[name] = state
+            elif self.rule.name == "exact":
+                new[name] = self._aggregate_exact(name, state, members, server_round, version)
+            else:
+                means[name] = self._mean_delta(members)
+        if means:
+            stepped = self.apply_mean(join_modules(by_module), join_modules(means))
+            new.update({n: s for n, s in split_modules(stepped).items() if n in means})
+        return join_modules({name: new[name] for name in by_module})
 
     def apply_mean(self, global_state: AdapterState, mean: AdapterState) -> AdapterState:
-        """The server optimizer's step on the rule's keys; the other keys stay as they are."""
-        subset = {k: global_state[k] for k in self.sent_keys(global_state)}
-        stepped = self.optimizer.step(subset, mean)
+        """Each module's server-optimizer step on the rule's keys; other keys stay as they are.
+
+        ``mean`` holds the ``<module>/<key>`` mean deltas of the modules that moved this round.
+        """
+        by_module, moved = split_modules(global_state), split_modules(mean)
+        for name, delta in moved.items():
+            state = by_module[name]
+            subset = {k: state[k] for k in self.rule.sent_keys(state)}
+            by_module[name] = {**state, **self.optimizers[name].step(subset, delta)}
         if self.accountant is not None:
             self.accountant.step()
-        return {**global_state, **stepped}
+        return join_modules(by_module)
 
     def mean_from_sum(self, weighted_sum: AdapterState, total_weight: float) -> AdapterState:
         """Secure-sum: the mean delta from the unmasked ``sum w_i x_i`` and ``sum w_i``."""
@@ -129,40 +191,65 @@ class Aggregator:
         return dp_aggregate_mean(total, std, self.cfg.federation.sites, self.noise)
 
     def _aggregate_exact(
-        self, global_state: AdapterState, updates: Sequence[SiteDelta], server_round: int
+        self,
+        module: str,
+        global_module: AdapterState,
+        updates: Sequence[SiteDelta],
+        server_round: int,
+        version: int,
     ) -> AdapterState:
-        # Each site trained global + delta_i; exact needs those full factors.
-        states = [{k: global_state[k] + u.delta[k] for k in global_state} for u in updates]
-        rank = self.cfg.modules["shared"].rank
+        # Each site trained (its rank's part of) the global + delta_i: exact needs those.
+        run_module = self.modules[module]
+        states, scalings = [], []
+        for u in updates:
+            start = self.site_start(module, u.site, global_module, version)
+            states.append({k: start[k] + u.delta[k] for k in start})
+            mine = run_module.for_site(u.site)
+            scalings.append(mine.alpha / mine.rank)  # peft's default (not rsLoRA)
         return aggregate_exact(
             states,
             [u.examples for u in updates],
-            [self.scaling] * len(updates),
-            rank,
-            self.scaling,
+            scalings,
+            run_module.rank,
+            run_module.alpha / run_module.rank,
             fill_seed=self.cfg.train.seed * 100_003 + server_round,
         )
 
     # -- checkpoint -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        state = self.optimizer.state_dict()
-        return {OPTIMIZER_PREFIX + k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        """The optimizers' tensors, keyed ``<module>/<slot>/<key>``."""
+        out: dict[str, torch.Tensor] = {}
+        for name, optimizer in self.optimizers.items():
+            for key, value in optimizer.state_dict().items():
+                if isinstance(value, torch.Tensor):
+                    out[f"{OPTIMIZER_PREFIX}{name}/{key}"] = value
+        return out
 
     def state_meta(self) -> dict[str, Any]:
-        state = self.optimizer.state_dict()
-        scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        scalars = {
+            name: {k: v for k, v in opt.state_dict().items() if not isinstance(v, torch.Tensor)}
+            for name, opt in self.optimizers.items()
+        }
         return {
-            "optimizer": scalars,
+            "optimizers": scalars,
             "accountant": None if self.accountant is None else self.accountant.state(),
             "noise_rng": base64.b64encode(self.noise.get_state().numpy().tobytes()).decode(),
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        optimizer: dict[str, torch.Tensor | float | int] = dict(meta["optimizer"])
-        for key, value in tensors.items():
-            if key.startswith(OPTIMIZER_PREFIX):
-                optimizer[key[len(OPTIMIZER_PREFIX) :]] = value
-        self.optimizer.load_state_dict(optimizer)
+        scalars = meta["optimizers"]
+        if set(scalars) != set(self.optimizers):
+            raise ConfigError(
+                f"the checkpoint holds server optimizer state of modules {sorted(scalars)}, "
+                f"the config sends {sorted(self.optimizers)}"
+            )
+        for name, optimizer in self.optimizers.items():
+            state: dict[str, torch.Tensor | float | int] = dict(scalars[name])
+            prefix = f"{OPTIMIZER_PREFIX}{name}/"
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    state[key[len(prefix) :]] = value
+            optimizer.load_state_dict(state)
         if meta["accountant"] is not None:
             self.accountant = PrivacyAccountant.from_state(meta["accountant"])
         rng = bytearray(base64.b64decode(meta["noise_rng"]))

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from client.data import Dataset, Example, eval_sample, load_dataset, partition
 from client.site import EVAL_BATCH_SIZE, AdapterHost
 from client.tokens import encode_examples, eval_batches
-from client.train import adapter_state, evaluate, load_adapter_state
+from client.train import evaluate
 from common import protocol as P
 from common.adapters import AdapterState, AggregationError, num_parameters, state_num_bytes
 from common.atomic import write_json_atomic
@@ -29,6 +29,7 @@ from common.config import RunConfig, config_to_dict, site_plan
 from common.dp import PrivacyBudgetExceeded
 from common.errors import ConfigError, StorageError
 from common.models import peak_memory_bytes
+from common.modules import PRIVATE, SHARED, join_modules, module_members, split_modules
 from common.progress import print_message, print_rule
 from common.secagg import SecAggError
 from server.audit import (
@@ -101,6 +102,7 @@ def run_labels(cfg: RunConfig, deployed: bool) -> tuple[list[str] | None, Datase
             raise ConfigError("data.path: a simulation needs the examples it splits among sites")
         dataset = load_dataset(cfg.data, label_names=labels)
         partition(dataset, cfg.federation.sites, cfg.data)  # ConfigError now, not in round 1
+        _check_simulated_groups(cfg)
         labels = dataset.label_names
     eval_set = None
     if cfg.data.eval_path is not None:
@@ -114,6 +116,18 @@ def run_labels(cfg: RunConfig, deployed: bool) -> tuple[list[str] | None, Datase
     return labels, eval_set
 
 
+def _check_simulated_groups(cfg: RunConfig) -> None:
+    """Simulation's sites are site-0 ... site-<N-1>: a group naming another is a typo."""
+    sites = {f"site-{i}" for i in range(cfg.federation.sites)}
+    for group, members in sorted(cfg.groups.items()):
+        unknown = sorted(set(members) - sites)
+        if unknown:
+            raise ConfigError(
+                f"groups.{group}: {unknown} are not sites of this simulation (site-0 ... "
+                f"site-{cfg.federation.sites - 1})"
+            )
+
+
 def prepare(
     cfg: RunConfig, out_dir: Path, sealing: Sealing | None = None, *, deployed: bool = False
 ) -> Coordinator:
@@ -122,7 +136,8 @@ def prepare(
     ``deployed``: the sites hold the data, ``data.path`` is not read (see ``run_labels``).
     """
     labels, eval_set = run_labels(cfg, deployed)
-    host = AdapterHost(cfg.model, cfg.modules["shared"], len(labels) if labels else None)
+    sent = {name: m for name, m in cfg.modules.items() if m.scope != PRIVATE}
+    host = AdapterHost(cfg.model, sent, len(labels) if labels else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", config_to_dict(cfg))  # the latest start's
     config_json = config_to_dict(cfg)
@@ -149,10 +164,15 @@ def _open_audit(out_dir: Path) -> AuditLog:
 
 
 def _global_eval(coord: Coordinator, state: AdapterState) -> dict[str, float]:
-    """Evaluate the global adapter on the optional global eval file (coordinator side)."""
-    if coord.eval_set is None:
+    """Evaluate the shared modules on the optional global eval file (coordinator side).
+
+    Group and private modules belong to some sites only; the global figure is the base with
+    the modules every site shares.
+    """
+    shared = [name for name, m in coord.host.modules.items() if m.scope == SHARED]
+    if coord.eval_set is None or not shared:
         return {}
-    load_adapter_state(coord.host.model, state)
+    coord.host.load(split_modules(state), active=shared)
     examples = coord.eval_examples
     items = encode_examples(
         examples, coord.eval_set.kind, coord.host.base.tokenizer, coord.cfg.train.max_length
@@ -170,15 +190,47 @@ def _publish(
     state: AdapterState,
     server_round: int,
     cohort: list[str],
-    examples: int,
+    examples: dict[str, int],
+    epsilon: float | None,
+    version: int,
+) -> int:
+    """Publish every sent module as ``version`` (one number for all); return it.
+
+    A module already at ``version`` is skipped: a crash part-way through publishing leaves
+    some modules published, and resume publishes the others.
+    """
+    for module, module_state in split_modules(state).items():
+        latest = coord.registry.latest(module)
+        if latest is not None and latest.version >= version:
+            continue
+        members = module_members(coord.cfg.modules[module], coord.cfg.groups, cohort)
+        published = _publish_module(
+            coord, module, module_state, server_round, members, examples, epsilon
+        )
+        if published != version:
+            raise CheckpointError(
+                f"registry: {module} was published as v{published:04d}, expected v{version:04d}"
+            )
+    return version
+
+
+def _publish_module(
+    coord: Coordinator,
+    module: str,
+    state: AdapterState,
+    server_round: int,
+    cohort: list[str],
+    examples: dict[str, int],
     epsilon: float | None,
 ) -> int:
     dp = coord.cfg.privacy.dp
+    config = coord.cfg.modules[module]
     version = coord.registry.publish(
-        "shared",
+        module,
         state,
-        coord.host.lora,
+        coord.host.loras[module],
         {
+            "scope": config.scope,
             "round": server_round,
             "run_id": coord.run_id,
             "base_model": coord.cfg.model.name,
@@ -193,13 +245,14 @@ def _publish(
             if dp.enabled
             else None,
             "cohort": cohort,
-            "examples": examples,
+            "examples": sum(examples.get(site, 0) for site in cohort),
+            "site_ranks": {site: config.for_site(site).rank for site in cohort},
             "labels": coord.labels,
         },
     )
     coord.audit.append(
         EVENT_VERSION_PUBLISHED,
-        module="shared",
+        module=module,
         version=version.version,
         round=server_round,
         sha256=version.manifest["sha256"][ADAPTER_FILE],
@@ -270,17 +323,18 @@ def _checkpoint_and_publish(
     """Checkpoint first, then publish: a crash in between is finished on resume."""
     log = strategy.train_log
     cohort = sorted(log.accepted)
-    examples = int(sum(m.get(P.METRIC_EXAMPLES, 0) for m in log.accepted.values()))
+    examples = {site: int(m.get(P.METRIC_EXAMPLES, 0)) for site, m in log.accepted.items()}
     state = arrays.to_torch_state_dict()
     version = 0 if server_round == 0 else strategy.version + 1
+    modules = split_modules(state)
     save_checkpoint(
         coord.out_dir,
         Checkpoint(
             round=server_round,
             run_id=coord.run_id,
             config_digest=coord.config_digest,
-            versions={"shared": version},
-            global_state={"shared": state},
+            versions={module: version for module in modules},
+            global_state=modules,
             optimizer_tensors=strategy.aggregator.state_tensors(),
             extra={
                 "lineage": {"cohort": cohort, "examples": examples},
@@ -289,7 +343,7 @@ def _checkpoint_and_publish(
         ),
     )
     epsilon = strategy.aggregator.epsilon
-    strategy.version = _publish(coord, state, server_round, cohort, examples, epsilon)
+    strategy.version = _publish(coord, state, server_round, cohort, examples, epsilon, version)
 
 
 @contextmanager
@@ -322,7 +376,7 @@ def _stop_if_unwritable(coord: Coordinator, server_round: int) -> Iterator[None]
 def _start_fresh(
     coord: Coordinator, strategy: FedLoraStrategy, grid: Grid
 ) -> tuple[int, ArrayRecord]:
-    arrays = ArrayRecord(adapter_state(coord.host.model))
+    arrays = ArrayRecord(join_modules(coord.host.states()))
     started = time.perf_counter()
     with _stop_if_unwritable(coord, 0):
         _checkpoint_and_publish(coord, strategy, 0, arrays)
@@ -342,21 +396,23 @@ def _resume(
     coord.run_id = strategy.run_id = ckpt.run_id
     coord.audit.append(EVENT_RUN_RESUMED, run_id=ckpt.run_id, after_round=ckpt.round)
     strategy.aggregator.load_state(ckpt.optimizer_tensors, ckpt.extra["aggregator"])
-    arrays = ArrayRecord(ckpt.global_state["shared"])
-    version = ckpt.versions["shared"]
-    latest = coord.registry.latest("shared")
-    if latest is None or latest.version < version:  # crashed between checkpoint and publish
+    state = join_modules(ckpt.global_state)
+    arrays = ArrayRecord(state)
+    version = max(ckpt.versions.values())
+    latest = [coord.registry.latest(module) for module in ckpt.global_state]
+    if any(v is None or v.version < version for v in latest):  # crash before publishing all
         lineage = ckpt.extra["lineage"]
-        cohort, examples = list(lineage["cohort"]), int(lineage["examples"])
+        cohort, examples = list(lineage["cohort"]), dict(lineage["examples"])
         epsilon = strategy.aggregator.epsilon
         with _stop_if_unwritable(coord, ckpt.round):
-            _publish(coord, ckpt.global_state["shared"], ckpt.round, cohort, examples, epsilon)
-    elif latest.version > version:
-        raise CheckpointError(
-            f"registry holds v{latest.version:04d} but the checkpoint only v{version:04d}"
-        )
-    else:
-        _audit_recovered_publish(coord, latest)
+            _publish(coord, state, ckpt.round, cohort, examples, epsilon, version)
+    for entry in latest:
+        if entry is not None and entry.version > version:
+            raise CheckpointError(
+                f"registry holds {entry.name} but the checkpoint only v{version:04d}"
+            )
+        if entry is not None and entry.version == version:
+            _audit_recovered_publish(coord, entry)
     strategy.version = version
     history = truncate_metrics(coord.out_dir, ckpt.round)
     print_message(f"resuming run {coord.run_id[:8]} after round {ckpt.round} (v{version:04d})")
@@ -374,10 +430,10 @@ def _audit_recovered_publish(coord: Coordinator, latest: RegistryVersion) -> Non
         for e in read_entries(coord.audit.path)
         if e.get("event") == EVENT_VERSION_PUBLISHED
     }
-    if ("shared", latest.version) not in logged:
+    if (latest.module, latest.version) not in logged:
         coord.audit.append(
             EVENT_VERSION_PUBLISHED,
-            module="shared",
+            module=latest.module,
             version=latest.version,
             round=latest.manifest["round"],
             sha256=latest.manifest["sha256"][ADAPTER_FILE],
@@ -426,7 +482,7 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
     strategy.node_ids = wait_for_nodes(grid, cfg.federation.sites, cfg.federation.round_timeout)
     for node in strategy.node_ids:
         coord.audit.append(EVENT_SITE_SEEN, node_id=int(node))
-    state = adapter_state(coord.host.model)
+    state = join_modules(coord.host.states())
     print_rule(f"fedlora run {coord.run_id[:8]}: {cfg.federation.sites} sites")
     print_message(
         f"base {cfg.model.name} fingerprint {coord.host.base.fingerprint[:16]}…, "
@@ -482,17 +538,24 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
 
 def _facts(coord: Coordinator, seconds: float) -> dict[str, Any]:
     frozen = [p for p in coord.host.model.parameters() if not p.requires_grad]
-    latest = coord.registry.latest("shared")
+    first = next(iter(coord.host.modules))
+    latest = coord.registry.latest(first)
     assert latest is not None  # published before any round ran
+    adapters = {m: coord.registry.latest(m) for m in coord.host.modules}
     return {
         "run_id": coord.run_id,
         "sites": coord.cfg.federation.sites,
         "base_model": coord.cfg.model.name,
         "base_fingerprint": coord.host.base.fingerprint,
         "adapter_dir": str(latest.path),
+        "adapter_dirs": {m: str(v.path) for m, v in adapters.items() if v is not None},
         "base_parameters": sum(p.numel() for p in frozen),
         "base_bytes": sum(p.numel() * p.element_size() for p in frozen),
-        "adapter_parameters": num_parameters(coord.registry.load("shared", latest.version)),
+        "adapter_parameters": sum(
+            num_parameters(coord.registry.load(m, v.version))
+            for m, v in adapters.items()
+            if v is not None
+        ),
         "coordinator_peak_memory_bytes": peak_memory_bytes(coord.host.base.placement.device),
         "seconds": seconds,
     }

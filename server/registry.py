@@ -112,11 +112,24 @@ class Registry:
         raise RegistryError(f"{module}: no version {version} (versions: {numbers})")
 
     def publish(
-        self, module: str, state: AdapterState, lora: LoraConfig, manifest: dict[str, Any]
+        self,
+        module: str,
+        state: AdapterState,
+        lora: LoraConfig,
+        manifest: dict[str, Any],
+        number: int | None = None,
     ) -> RegistryVersion:
-        """Write the next version of ``module`` atomically and return it."""
+        """Write the next version of ``module`` (or version ``number``) atomically; return it.
+
+        ``number`` is for a site's registry, which holds the coordinator's version numbers
+        (with gaps where it missed a round); its parent is ``number - 1``.
+        """
         latest = self.latest(module)
-        number = 0 if latest is None else latest.version + 1
+        if number is None:
+            number = 0 if latest is None else latest.version + 1
+            parent = None if latest is None else latest.version
+        else:
+            parent = None if number == 0 else number - 1
         final = self.module_dir(module) / f"v{number:04d}"
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".v{number:04d}.", dir=final.parent))
@@ -128,7 +141,7 @@ class Registry:
                 **manifest,
                 "module": module,
                 "version": number,
-                "parent": None if latest is None else latest.version,
+                "parent": parent,
                 "created": utc_stamp(),
                 "sha256": {ADAPTER_FILE: sha256_file(tmp / ADAPTER_FILE)},
             }

@@ -35,6 +35,7 @@ from common.encoding import decode_delta
 from common.envelope import EnvelopeContext, max_envelope_bytes, open_delta
 from common.errors import FedloraError, UpdateRejected
 from common.keys import CoordinatorPrivateKey, KeyMaterialError
+from common.modules import PRIVATE, join_modules, sent_modules, split_modules
 from server.aggregate import Aggregator, SiteDelta
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class FedLoraStrategy(Strategy):
                 P.KEY_PROTOCOL: P.PROTOCOL_VERSION,
                 P.KEY_RUN_ID: self.run_id,
                 P.KEY_ROUND: server_round,
-                P.KEY_MODULE: "shared",
+                P.KEY_MODULE: ",".join(self.aggregator.modules),
                 P.KEY_VERSION: self.version,
                 P.KEY_FINGERPRINT: self.fingerprint,
                 P.KEY_PLAN: self.plan.model_dump_json(by_alias=True),
@@ -191,32 +192,68 @@ class FedLoraStrategy(Strategy):
                 f"example count {examples!r} outside 1..{self.cfg.aggregation.max_examples} "
                 "(aggregation.max-examples)"
             )
-        payload = update.get(P.KEY_DELTA)
+        site = self._site_of(reply, reply.metadata.src_node_id)
+        modules = self._check_modules(site, P.delta_modules(update.keys()))
+        payloads = [update.get(P.delta_key(m)) for m in modules]
+        wire_bytes = sum(len(x) for x in payloads if isinstance(x, bytes))
+        delta: AdapterState = {}
+        for module, payload in zip(modules, payloads, strict=True):
+            opened = self._open_module(module, payload, site, server_round)
+            delta.update(join_modules({module: opened}))
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        return AcceptedUpdate(site, examples, delta, values, wire_bytes)
+
+    def _check_modules(self, site: str, got: list[str]) -> list[str]:
+        """The modules ``site`` must send; a reply carrying others or lacking one is rejected."""
+        expected = sent_modules(self.cfg.modules, self.cfg.groups, site)
+        for module in got:
+            if module in expected:
+                continue
+            config = self.cfg.modules.get(module)
+            if config is None:
+                raise UpdateRejected(f"reply carries a delta of unknown module {module[:64]!r}")
+            if config.scope == PRIVATE:
+                raise UpdateRejected(f"module {module!r} is private and must never leave a site")
+            raise UpdateRejected(
+                f"module {module!r} ({config.scope}) aggregates over its group, and {site} "
+                "is not in it (see [groups] in the run config)"
+            )
+        missing = sorted(set(expected) - set(got))
+        if missing:
+            raise UpdateRejected(f"reply lacks the delta of module(s) {missing}")
+        return expected
+
+    def _open_module(
+        self, module: str, payload: object, site: str, server_round: int
+    ) -> AdapterState:
+        """Open, decode and validate one module's payload against what the site started from."""
         if not isinstance(payload, bytes):
-            raise UpdateRejected("delta payload is missing or not bytes")
+            raise UpdateRejected(f"module {module!r}: delta payload is not bytes")
         bound = self.cfg.privacy.max_payload_bytes
         sealed = self.cfg.privacy.mode == "sealed"
         if sealed:
             bound = max_envelope_bytes(bound)
         if len(payload) > bound:
             raise UpdateRejected(
-                f"delta payload of {len(payload):,} bytes exceeds privacy.max-payload-bytes "
-                f"= {bound:,}"
+                f"module {module!r}: delta payload of {len(payload):,} bytes exceeds "
+                f"privacy.max-payload-bytes = {bound:,}"
             )
-        site = self._site_of(reply, reply.metadata.src_node_id)
-        wire_bytes = len(payload)
         if sealed:
-            payload = self._open(payload, site, server_round)
-        sent = set(self.aggregator.sent_keys(self._global))
-        reference = {k: v for k, v in self._global.items() if k in sent}
+            payload = self._open(payload, site, server_round, module)
+        start = self.aggregator.site_start(
+            module, site, split_modules(self._global)[module], self.version
+        )
+        reference = {k: start[k] for k in self.aggregator.rule.sent_keys(start)}
         shapes = {k: tuple(v.shape) for k, v in reference.items()}
         delta = decode_delta(payload, self.cfg.privacy.max_payload_bytes, expected=shapes)
-        check_delta(delta, reference, max_norm=self.cfg.aggregation.max_delta_norm)
-        self.aggregator.rule.check_payload(delta)
-        values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        return AcceptedUpdate(site, examples, delta, values, wire_bytes)
+        try:
+            check_delta(delta, reference, max_norm=self.cfg.aggregation.max_delta_norm)
+            self.aggregator.rule.check_payload(delta)
+        except UpdateRejected as exc:
+            raise UpdateRejected(f"module {module!r}: {exc}") from None
+        return delta
 
-    def _open(self, envelope: bytes, site: str, server_round: int) -> bytes:
+    def _open(self, envelope: bytes, site: str, server_round: int, module: str) -> bytes:
         """Verify the site's signature and decrypt, in memory only, for this exact context."""
         assert self.sealing is not None
         try:
@@ -224,7 +261,7 @@ class FedLoraStrategy(Strategy):
                 run_id=self.run_id,
                 round=server_round,
                 site_id=site,
-                module="shared",
+                module=module,
                 version=self.version,
                 base_fingerprint=self.fingerprint,
             )
@@ -269,7 +306,7 @@ class FedLoraStrategy(Strategy):
         # bit for bit (floating-point addition is not associative).
         accepted.sort(key=lambda a: a.site)
         updates = [SiteDelta(a.site, a.examples, a.delta) for a in accepted]
-        new_state = self.aggregator.aggregate(self._global, updates, server_round)
+        new_state = self.aggregator.aggregate(self._global, updates, server_round, self.version)
         return ArrayRecord(new_state), MetricRecord(_weighted(self.train_log.accepted))
 
     def _note_silent(self, log: StageLog, sent: Mapping[str, int], answered: set[int]) -> None:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from client.site import AdapterHost
-from client.train import adapter_state
 from common.config import ModelConfig, ModuleConfig
 from common.errors import FingerprintMismatch
 from fedlora.inference import generate, load_with_adapters, predict
@@ -22,12 +21,16 @@ REPO = Path(__file__).resolve().parent.parent
 def _publish(tmp_path: Path, task: str, labels: list[str] | None = None) -> Path:
     cfg = ModelConfig(name="tiny-llama", task=task)
     module = ModuleConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"])
-    host = AdapterHost(cfg, module, len(labels) if labels else None)
-    state = adapter_state(host.model)
+    host = AdapterHost(cfg, {"shared": module}, len(labels) if labels else None)
+    state = host.initial["shared"]
     torch.manual_seed(1)
     trained = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}
     manifest = {"base_fingerprint": host.base.fingerprint, "labels": labels}
-    return Registry(tmp_path / "registry").publish("shared", trained, host.lora, manifest).path
+    return (
+        Registry(tmp_path / "registry")
+        .publish("shared", trained, host.loras["shared"], manifest)
+        .path
+    )
 
 
 def test_generate_with_a_registry_version(tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""Crash and resume: SIGKILL the whole simulation mid-run, resume, and compare bit for bit."""
+"""Crash and resume: SIGKILL the whole simulation mid-run, resume, and compare bit for bit.
+
+The run has a shared, a group and a private module, so what the sites keep between rounds
+(``<out>/sites/<id>``) must resume exactly too.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,14 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 4
-ARGS = ["examples/tiny.toml", "--set", f"federation.rounds={ROUNDS}"]
+SETTINGS = [
+    f"federation.rounds={ROUNDS}",
+    "modules.style.scope='private'",
+    "modules.style.rank=2",
+    "modules.qa.scope='group:qa'",
+    "groups.qa=['site-0', 'site-2']",
+]
+ARGS = ["examples/tiny.toml", *(arg for item in SETTINGS for arg in ("--set", item))]
 
 
 def _env(ray_dir: Path) -> dict[str, str]:
@@ -62,11 +73,17 @@ def _versions(out: Path) -> list[int]:
     return [v.version for v in Registry(out / "registry").versions("shared")]
 
 
-def _digests(out: Path) -> list[str]:
-    return [
-        hashlib.sha256((v.path / ADAPTER_FILE).read_bytes()).hexdigest()
-        for v in Registry(out / "registry").versions("shared")
-    ]
+def _digests(out: Path) -> dict[str, str]:
+    """SHA-256 of every version of every module, at the coordinator and in each site store."""
+    registries = [out / "registry", *sorted((out / "sites").glob("*/registry"))]
+    digests = {}
+    for root in registries:
+        registry = Registry(root)
+        for module in registry.modules():
+            for v in registry.versions(module):
+                name = f"{root.relative_to(out)}/{v.name}"
+                digests[name] = hashlib.sha256((v.path / ADAPTER_FILE).read_bytes()).hexdigest()
+    return digests
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +121,10 @@ def test_sigkill_then_resume_is_bit_identical(
     assert resumed.wait(timeout=600) == 0
 
     assert _versions(out) == list(range(ROUNDS + 1))  # none lost, none duplicated
-    assert _digests(out) == _digests(reference)  # every version bit-identical
+    digests = _digests(out)
+    assert digests == _digests(reference)  # every version, every module and site: identical
+    assert "sites/site-1/registry/style/v0004" in digests  # the private module resumed too
+    assert "sites/site-1/registry/qa/v0000" not in digests  # site-1 is not in group qa
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(ROUNDS + 1))
     assert not [p for p in (out / "registry" / "shared").iterdir() if p.name.startswith(".")]

@@ -130,9 +130,10 @@ def test_training_loss_falls(run: dict[str, Any]) -> None:
 def test_bytes_are_counted(run: dict[str, Any]) -> None:
     grid: RecordingGrid = run["grid"]
     up = sum(
-        len(m.content.config_records[P.UPDATE_RECORD][P.KEY_DELTA])  # type: ignore[arg-type]
+        len(m.content.config_records[P.UPDATE_RECORD][P.delta_key("shared")])  # type: ignore[arg-type]
         for m in grid.received
-        if m.has_content() and P.KEY_DELTA in m.content.config_records.get(P.UPDATE_RECORD, {})
+        if m.has_content()
+        and P.delta_key("shared") in m.content.config_records.get(P.UPDATE_RECORD, {})
     )
     assert up == sum(m["bytes_up"] for m in run["metrics"]) > 0
 
@@ -141,7 +142,7 @@ def _open(run: dict[str, Any], reply: Message) -> bytes:
     """Open a captured envelope as the coordinator does (the test holds its key)."""
     coord = run["coord"]
     update = reply.content.config_records[P.UPDATE_RECORD]
-    envelope = update[P.KEY_DELTA]
+    envelope = update[P.delta_key("shared")]
     assert isinstance(envelope, bytes)
     context = EnvelopeContext(
         run_id=coord.run_id,
@@ -161,11 +162,12 @@ def test_no_plaintext_delta_on_the_wire(run: dict[str, Any]) -> None:
     replies = [
         m
         for m in grid.received
-        if m.has_content() and P.KEY_DELTA in m.content.config_records.get(P.UPDATE_RECORD, {})
+        if m.has_content()
+        and P.delta_key("shared") in m.content.config_records.get(P.UPDATE_RECORD, {})
     ]
     assert len(replies) == 3 * run["cfg"].federation.rounds
     for reply in replies:
-        envelope = reply.content.config_records[P.UPDATE_RECORD][P.KEY_DELTA]
+        envelope = reply.content.config_records[P.UPDATE_RECORD][P.delta_key("shared")]
         assert isinstance(envelope, bytes)
         with pytest.raises(UpdateRejected):
             decode_delta(envelope, 1 << 30)  # not a readable delta without the key
@@ -187,7 +189,7 @@ def test_delta_not_state_travels_and_aggregate_is_fedavg(run: dict[str, Any]) ->
         if m.has_content()
         and P.UPDATE_RECORD in m.content.config_records
         and m.content.config_records[P.UPDATE_RECORD].get(P.KEY_ROUND) == 1
-        and P.KEY_DELTA in m.content.config_records[P.UPDATE_RECORD]
+        and P.delta_key("shared") in m.content.config_records[P.UPDATE_RECORD]
     ]
     assert len(round1) == 3
     deltas: list[AdapterState] = []
@@ -224,7 +226,9 @@ def test_registry_loads_in_peft_with_identical_logits(run: dict[str, Any]) -> No
     coord = run["coord"]
     from client.train import load_adapter_state
 
-    load_adapter_state(coord.host.model, Registry(out / "registry").load("shared", last.version))
+    load_adapter_state(
+        coord.host.model, Registry(out / "registry").load("shared", last.version), "shared"
+    )
     ours = coord.host.model(input_ids=ids).logits
     # a fresh base + stock peft loading of the registry folder
     base = load_base(cfg.model).model

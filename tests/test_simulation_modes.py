@@ -68,8 +68,8 @@ def test_fedadam_state_is_checkpointed(tmp_path: Path) -> None:
     run_tiny(out, "aggregation.server-optimizer='fedadam'", "aggregation.server-lr=0.01")
     ckpt = load_checkpoint(out)
     assert ckpt is not None
-    assert any(k.startswith("optimizer/m/") for k in ckpt.optimizer_tensors)
-    assert ckpt.extra["aggregator"]["optimizer"]["steps"] == 2
+    assert any(k.startswith("optimizer/shared/m/") for k in ckpt.optimizer_tensors)
+    assert ckpt.extra["aggregator"]["optimizers"]["shared"]["steps"] == 2
 
 
 def test_dp_records_epsilon_and_stops_at_the_budget(tmp_path: Path) -> None:

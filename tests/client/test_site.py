@@ -9,11 +9,11 @@ import torch
 
 from client.data import load_dataset, site_data
 from client.site import AdapterHost, SiteRuntime
-from client.train import adapter_state
 from common.adapters import apply_delta
 from common.config import RunConfig, load_config, site_plan
 from common.errors import FingerprintMismatch
 from common.fingerprint import fingerprint
+from common.modules import join_modules
 
 
 @pytest.fixture
@@ -23,17 +23,17 @@ def cfg(examples_dir: Path) -> RunConfig:
 
 def _runtime(cfg: RunConfig, site: int = 0) -> SiteRuntime:
     dataset = load_dataset(cfg.data)
-    host = AdapterHost(cfg.model, cfg.modules["shared"], None)
+    host = AdapterHost(cfg.model, cfg.modules, None)
     data = site_data(dataset, site, cfg.federation.sites, cfg.data)
     return SiteRuntime(host, data, dataset.kind, f"site-{site}", site)
 
 
 def test_delta_is_trained_minus_received_and_base_is_untouched(cfg: RunConfig) -> None:
     site = _runtime(cfg)
-    received = adapter_state(site.host.model)
+    received = join_modules(site.host.initial)
     before = site.fingerprint
-    update = site.train(received, site_plan(cfg), server_round=1)
-    trained = adapter_state(site.host.model)
+    update = site.train(received, site_plan(cfg), server_round=1, version=0)
+    trained = join_modules(site.host.states())
     for key, value in apply_delta(received, update.delta).items():
         torch.testing.assert_close(value, trained[key])
     assert any(float(d.abs().max()) > 0 for d in update.delta.values())
@@ -44,11 +44,11 @@ def test_delta_is_trained_minus_received_and_base_is_untouched(cfg: RunConfig) -
 
 def test_training_is_deterministic_for_a_seed(cfg: RunConfig) -> None:
     site = _runtime(cfg)
-    received = adapter_state(site.host.model)
+    received = join_modules(site.host.initial)
     plan = site_plan(cfg)
-    first = site.train(received, plan, server_round=1).delta
-    second = site.train(received, plan, server_round=1).delta
-    other_round = site.train(received, plan, server_round=2).delta
+    first = site.train(received, plan, server_round=1, version=0).delta
+    second = site.train(received, plan, server_round=1, version=0).delta
+    other_round = site.train(received, plan, server_round=2, version=0).delta
     for key in first:
         assert torch.equal(first[key], second[key]), key
     assert any(not torch.equal(first[k], other_round[k]) for k in first)
@@ -56,7 +56,7 @@ def test_training_is_deterministic_for_a_seed(cfg: RunConfig) -> None:
 
 def test_evaluate_gives_finite_loss(cfg: RunConfig) -> None:
     site = _runtime(cfg)
-    result = site.evaluate(adapter_state(site.host.model), site_plan(cfg))
+    result = site.evaluate(join_modules(site.host.initial), site_plan(cfg), 0)
     assert result.examples == len(site.data.heldout) > 0
     assert 0 < result.loss < 20 and result.tokens > 0
     assert result.accuracy is None
@@ -83,12 +83,12 @@ def test_classification_site_reports_accuracy(examples_dir: Path) -> None:
     )
     dataset = load_dataset(cfg.data)
     assert dataset.label_names is not None and len(dataset.label_names) == 77
-    host = AdapterHost(cfg.model, cfg.modules["shared"], len(dataset.label_names))
+    host = AdapterHost(cfg.model, cfg.modules, len(dataset.label_names))
     site = SiteRuntime(host, site_data(dataset, 1, 3, cfg.data), dataset.kind, "site-1", 1)
-    received = adapter_state(host.model)
+    received = join_modules(host.initial)
     assert any("score" in k for k in received), "the new classification head must be trained"
-    update = site.train(received, site_plan(cfg), server_round=1)
+    update = site.train(received, site_plan(cfg), server_round=1, version=0)
     assert set(update.delta) == set(received)
-    result = site.evaluate(received, site_plan(cfg))
+    result = site.evaluate(received, site_plan(cfg), 0)
     assert result.accuracy is not None and 0.0 <= result.accuracy <= 1.0
     assert result.examples == 16

@@ -2,7 +2,7 @@
 
 The worker runs in a thread of the test process on a temporary socket, with
 ``examples/tiny.toml``'s tiny model and a 40-example site file; ``RemoteSite`` must give the
-very same deltas, private tensors and losses as a ``SiteRuntime`` built in process.
+very same deltas and losses as a ``SiteRuntime`` built in process (each with its own store).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from client.deploy_app import build_runtime
 from client.remote_site import RemoteSite
 from client.site import SiteRuntime
-from client.train import adapter_state
+from client.site_store import SiteStore
 from client.worker import SiteWorker, WorkerServer, bind_worker, serve_worker
 from client.worker_wire import (
     MAGIC,
@@ -35,6 +35,7 @@ from client.worker_wire import (
 )
 from common.config import SitePlan, load_config, site_plan
 from common.errors import ConfigError, FingerprintMismatch
+from common.modules import join_modules
 from common.site_config import SiteConfig, load_site_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,8 +71,12 @@ def worker(
 
 
 @pytest.fixture(scope="module")
-def local(site_cfg: SiteConfig, plan: SitePlan) -> SiteRuntime:
-    return build_runtime(site_cfg, plan)
+def local(
+    site_cfg: SiteConfig, plan: SitePlan, tmp_path_factory: pytest.TempPathFactory
+) -> SiteRuntime:
+    runtime = build_runtime(site_cfg, plan)
+    runtime.store = SiteStore(tmp_path_factory.mktemp("local-store"))  # not the worker's
+    return runtime
 
 
 def _assert_same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
@@ -95,21 +100,21 @@ def test_remote_site_trains_and_evaluates_bit_identically(
     plan = plan.model_copy(update={"rule": rule})
     remote = RemoteSite(worker.path, plan)
     assert (remote.site_id, remote.fingerprint) == (local.site_id, local.fingerprint)
-    received = {k: v + 0.01 for k, v in adapter_state(local.host.model).items()}
-    private: dict[str, torch.Tensor] = {}
-    for server_round in (1, 2):  # round 2 starts from round 1's private tensors (fedsa: B)
-        steps = _Steps()
-        mine = local.train(received, plan, server_round, private=private)
-        theirs = remote.train(received, plan, server_round, steps, private=private)
+    received = {k: v + 0.01 for k, v in join_modules(local.host.initial).items()}
+    for version in (10 * len(rule), 10 * len(rule) + 1):  # the second starts from the first's
+        steps = _Steps()  # kept tensors (fedsa: B), each side from its own store
+        mine = local.train(received, plan, version + 1, version)
+        theirs = remote.train(received, plan, version + 1, version, steps)
         _assert_same(mine.delta, theirs.delta)
-        _assert_same(mine.private, theirs.private)
         assert (mine.examples, mine.clip_scale) == (theirs.examples, theirs.clip_scale)
         assert (mine.result.loss, mine.result.steps) == (theirs.result.loss, theirs.result.steps)
         assert [s[0] for s in steps] == list(range(1, plan.train.local_steps + 1))
         assert steps[-1][2] == theirs.result.last_loss
-        private = mine.private
-    assert bool(private) == (rule == "fedsa")
-    assert local.evaluate(received, plan, private) == remote.evaluate(received, plan, private)
+    kept = local.store.load_kept(before=version + 1)
+    assert bool(kept) == (rule == "fedsa")
+    assert local.evaluate(received, plan, version + 1) == remote.evaluate(
+        received, plan, version + 1
+    )
 
 
 def test_socket_is_private_to_the_site_user(worker: WorkerServer) -> None:

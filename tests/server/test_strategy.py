@@ -29,7 +29,8 @@ from common.encoding import encode_delta
 from server.strategy import FedLoraStrategy
 
 FINGERPRINT = "f" * 64
-GLOBAL = {"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.zeros(4, 2)}
+# The global state travels as ``<module>/<key>``; each module's delta payload is un-prefixed.
+GLOBAL = {"shared/a.lora_A.weight": torch.ones(2, 4), "shared/a.lora_B.weight": torch.zeros(4, 2)}
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +77,7 @@ def reply(
         P.KEY_ROUND: 1,
         P.KEY_VERSION: 0,
         P.KEY_ENCODING: "fp32",
-        P.KEY_DELTA: payload,
+        P.delta_key("shared"): payload,
     }
     update.update(overrides)
     content = RecordDict(
@@ -94,7 +95,7 @@ def test_good_replies_are_weighted_by_examples(strategy: FedLoraStrategy) -> Non
     )
     assert arrays is not None and metrics is not None
     new = arrays.to_torch_state_dict()
-    torch.testing.assert_close(new["a.lora_A.weight"], torch.full((2, 4), 1.0 + 3.25))
+    torch.testing.assert_close(new["shared/a.lora_A.weight"], torch.full((2, 4), 1.0 + 3.25))
     assert strategy.train_log.rejected == []
     assert strategy.train_log.bytes_up > 0
 
@@ -122,7 +123,7 @@ def _nan_delta() -> dict[str, torch.Tensor]:
             "shape",
         ),
         (lambda: reply("x", {"a.lora_A.weight": torch.ones(2, 4)}), "a.lora_B.weight"),
-        (lambda: reply("x", **{P.KEY_DELTA: "not bytes"}), "not bytes"),
+        (lambda: reply("x", **{P.delta_key("shared"): "not bytes"}), "not bytes"),
         (lambda: reply("x", b"\x00" * (300 * 1024 * 1024)), "privacy.max-payload-bytes"),
     ],
 )
@@ -132,7 +133,7 @@ def test_bad_reply_is_rejected_and_round_goes_on(
     arrays, _ = strategy.aggregate_train(1, [reply("good", _delta(2.0)), bad()])  # type: ignore[operator]
     assert arrays is not None
     torch.testing.assert_close(
-        arrays.to_torch_state_dict()["a.lora_A.weight"], torch.full((2, 4), 3.0)
+        arrays.to_torch_state_dict()["shared/a.lora_A.weight"], torch.full((2, 4), 3.0)
     )
     assert len(strategy.train_log.rejected) == 1
     assert reason in strategy.train_log.rejected[0]["reason"]
@@ -243,3 +244,59 @@ def test_a_node_that_does_not_answer_in_time_is_recorded(strategy: FedLoraStrate
     list(strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
     assert strategy.aggregate_evaluate(1, []) is None
     assert [r["site"] for r in strategy.eval_log.rejected] == []  # no ids: nothing was sent
+
+
+@pytest.fixture
+def modular(examples_dir: Path) -> FedLoraStrategy:
+    """Modules shared, qa (group of s1 and s2) and style (private)."""
+    cfg = load_config(
+        examples_dir / "tiny.toml",
+        [
+            "federation.min-sites=1",
+            "privacy.mode=none",
+            "modules.style.scope='private'",
+            "modules.qa.scope='group:qa'",
+            "groups.qa=['s1', 's2']",
+        ],
+    )
+    strategy = FedLoraStrategy(cfg, site_plan(cfg), FINGERPRINT, run_id="run")
+    strategy.node_ids = list(range(1, 20))
+    qa = {f"qa/{k.split('/', 1)[1]}": v for k, v in GLOBAL.items()}
+    list(strategy.configure_train(1, ArrayRecord({**GLOBAL, **qa}), ConfigRecord(), None))  # type: ignore[arg-type]
+    return strategy
+
+
+@pytest.mark.parametrize(
+    ("site", "modules", "reason"),
+    [
+        ("s1", ["shared"], "lacks the delta of module(s) ['qa']"),
+        ("s3", ["qa", "shared"], "'qa' (group:qa) aggregates over its group, and s3 is not in it"),
+        ("s1", ["qa", "shared", "style"], "'style' is private and must never leave a site"),
+        ("s1", ["qa", "shared", "nope"], "unknown module 'nope'"),
+    ],
+)
+def test_a_reply_with_the_wrong_modules_is_rejected(
+    modular: FedLoraStrategy, site: str, modules: list[str], reason: str
+) -> None:
+    payloads = {P.delta_key(m): encode_delta(_delta(1.0)) for m in modules}
+    good = {P.delta_key(m): encode_delta(_delta(2.0)) for m in ("qa", "shared")}
+    bad = reply(site, **{P.delta_key("shared"): b"", **payloads})
+    if "shared" not in modules:
+        del bad.content.config_records[P.UPDATE_RECORD][P.delta_key("shared")]
+    arrays, _ = modular.aggregate_train(1, [reply("s2", **good), bad])
+    assert arrays is not None
+    (rejected,) = modular.train_log.rejected
+    assert reason in rejected["reason"]
+    new = arrays.to_torch_state_dict()
+    for module in ("qa", "shared"):  # the honest site alone moved both
+        torch.testing.assert_close(new[f"{module}/a.lora_A.weight"], torch.full((2, 4), 3.0))
+
+
+def test_a_group_module_moves_with_its_group_only(modular: FedLoraStrategy) -> None:
+    s1 = {P.delta_key(m): encode_delta(_delta(1.0)) for m in ("qa", "shared")}
+    s3 = {P.delta_key("shared"): encode_delta(_delta(4.0))}  # not in group qa
+    arrays, _ = modular.aggregate_train(1, [reply("s1", **s1), reply("s3", **s3)])
+    assert arrays is not None and modular.train_log.rejected == []
+    new = arrays.to_torch_state_dict()
+    torch.testing.assert_close(new["shared/a.lora_A.weight"], torch.full((2, 4), 1.0 + 2.5))
+    torch.testing.assert_close(new["qa/a.lora_A.weight"], torch.full((2, 4), 2.0))
