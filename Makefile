@@ -47,7 +47,7 @@ unit: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/bench_communication.py

@@ -27,6 +27,7 @@ from common import protocol as P
 from common.adapters import AdapterState
 from common.encoding import encode_delta
 from common.envelope import EnvelopeContext, seal_delta
+from common.modules import split_modules
 
 # What a faulty site does. The first two are failures, the rest hostile train replies.
 CRASH = "crash"  # the ClientApp raises: Flower answers with an error reply
@@ -51,6 +52,7 @@ HOSTILE_KINDS = (
 ROGUE_SITE = "site-rogue"  # the name the unenrolled key signs as
 MAX_STALL_SECONDS = 300.0  # a stalled site gives up waiting for ``Fault.after`` (seconds)
 REPLAY_RECORD = "fault-replay"  # node state: the site's last sent envelope
+MODULE = "shared"  # the fault cases run examples/tiny.toml: one shared module
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,8 @@ def _handle(inner: ClientApp, plan: FaultPlan, msg: Message, context: Context) -
     fault = plan.find(site, server_round, stage)
     reply = inner(msg, context) if fault is None else _misbehave(inner, plan, fault, msg, context)
     if stage == "train" and fault is None and plan.replays(site) and reply.has_content():
-        envelope = reply.content.config_records[P.UPDATE_RECORD][P.delta_key("shared")]
-        context.state.config_records[REPLAY_RECORD] = ConfigRecord(
-            {P.delta_key("shared"): envelope}
-        )
+        envelope = reply.content.config_records[P.UPDATE_RECORD][P.delta_key(MODULE)]
+        context.state.config_records[REPLAY_RECORD] = ConfigRecord({P.delta_key(MODULE): envelope})
     return reply
 
 
@@ -158,7 +158,7 @@ def _envelope_context(msg: Message, site_id: str) -> EnvelopeContext:
         run_id=str(header[P.KEY_RUN_ID]),
         round=int(str(header[P.KEY_ROUND])),
         site_id=site_id,
-        module=str(header[P.KEY_MODULE]),
+        module=MODULE,
         version=int(str(header[P.KEY_VERSION])),
         base_fingerprint=str(header[P.KEY_FINGERPRINT]),
     )
@@ -170,13 +170,13 @@ def _reseal(msg: Message, reply: Message, keys: Path, site_id: str, payload: byt
     envelope = seal_delta(payload, public, signing, _envelope_context(msg, site_id))
     update = reply.content.config_records[P.UPDATE_RECORD]
     update[P.KEY_SITE] = site_id
-    update[P.delta_key("shared")] = envelope
+    update[P.delta_key(MODULE)] = envelope
 
 
 def _zeros(msg: Message) -> AdapterState:
-    """A delta of the right keys and shapes (all the global tensors: the fedavg rule)."""
-    state = msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict()
-    return {key: torch.zeros_like(value) for key, value in state.items()}
+    """A delta of the right keys and shapes (the module's global tensors: the fedavg rule)."""
+    state = split_modules(msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict())
+    return {key: torch.zeros_like(value) for key, value in state[MODULE].items()}
 
 
 def _nan_delta(plan: FaultPlan, fault: Fault, msg: Message, reply: Message, _: Context) -> None:
@@ -205,8 +205,8 @@ def _inflated_count(plan: FaultPlan, _f: Fault, _m: Message, reply: Message, _: 
 
 
 def _replay(_p: FaultPlan, _f: Fault, _m: Message, reply: Message, context: Context) -> None:
-    stored = context.state.config_records[REPLAY_RECORD][P.delta_key("shared")]
-    reply.content.config_records[P.UPDATE_RECORD][P.delta_key("shared")] = stored
+    stored = context.state.config_records[REPLAY_RECORD][P.delta_key(MODULE)]
+    reply.content.config_records[P.UPDATE_RECORD][P.delta_key(MODULE)] = stored
 
 
 def _unenrolled(plan: FaultPlan, _f: Fault, msg: Message, reply: Message, _: Context) -> None:

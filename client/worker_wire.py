@@ -3,7 +3,7 @@
 A frame is ``MAGIC`` (4 bytes), the header length (u32, big-endian), the body length (u64,
 big-endian), then a UTF-8 JSON object (the header) and the body: safetensors bytes holding
 named adapter states, each tensor stored as ``<state>:<key>`` (``received:...``,
-``private:...``, ``delta:...``), or nothing; the header's ``states`` field lists each state's
+``delta:...``; keys are ``<module>/<peft key>``), or nothing; the header's ``states`` field lists each state's
 keys in order (safetensors sorts them). No pickle, so reading a frame runs no code; both
 lengths are checked against their bounds before anything is read.
 
@@ -41,7 +41,7 @@ MAGIC = b"FLW1"
 _PREFIX = struct.Struct(">4sIQ")
 # Largest JSON header (bytes): a site plan with a few thousand label names fits many times.
 MAX_FRAME_HEADER_BYTES = 1 * 2**20
-# Largest body (bytes): two fp32 adapter states (received + private), 1 GiB each; far above
+# Largest body (bytes): 2 GiB of fp32 adapter state (the received modules); far above
 # privacy.max-payload-bytes (256 MiB by default), the most a site may send in one round.
 MAX_FRAME_BODY_BYTES = 2 * 2**30
 _STATE_SEPARATOR = ":"

@@ -538,8 +538,8 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
 
 def _facts(coord: Coordinator, seconds: float) -> dict[str, Any]:
     frozen = [p for p in coord.host.model.parameters() if not p.requires_grad]
-    first = next(iter(coord.host.modules))
-    latest = coord.registry.latest(first)
+    main = "shared" if "shared" in coord.host.modules else next(iter(coord.host.modules))
+    latest = coord.registry.latest(main)
     assert latest is not None  # published before any round ran
     adapters = {m: coord.registry.latest(m) for m in coord.host.modules}
     return {

@@ -162,6 +162,7 @@ def site_toml(site: str, index: int, port: int, coordinator_port: int, model_see
 id = "{site}"
 keys = "keys/sites/{site}"
 index = {index}
+groups = {'["ab"]' if site in ("a", "b") else "[]"}
 
 [coordinator]
 address = "127.0.0.1:{coordinator_port}"
@@ -197,6 +198,12 @@ def _write_files(root: Path, port: int) -> None:
     # A deployed coordinator reads no training data: each site names its own in site.toml.
     run = run.replace('path = "data/dolly-tiny.jsonl"\n', "")
     assert "dolly-tiny" not in run
+    # Three modules: shared, one for group "ab" (sites a and b), one each site keeps.
+    run += (
+        '\n[modules.ab]\nscope = "group:ab"\nrank = 2\nalpha = 4\ntargets = ["q_proj"]\n'
+        '\n[modules.style]\nscope = "private"\nrank = 2\nalpha = 4\ntargets = ["v_proj"]\n'
+        '\n[groups]\nab = ["a", "b"]\n'
+    )
     (root / "run.toml").write_text(run.replace("rounds = 3", "rounds = 2"))
 
 
@@ -263,6 +270,15 @@ def test_sealed_run_over_tls_with_site_auth(deployment: Deployment) -> None:
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2]
     assert "a round 1 step" in (deployment.root / "site-a.log").read_text()  # logs each round
+    registry = Registry(out / "registry")
+    assert registry.modules() == ["ab", "shared"]  # the private module never reached it
+    assert registry.get("ab", 2).manifest["cohort"] == ["a", "b"]
+    for site in SITES:  # each site's own store: what it received, its private module
+        store = Registry(deployment.root / "keys" / "sites" / f"{site}-state" / "registry")
+        expected = ["ab", "shared", "style"] if site in ("a", "b") else ["shared", "style"]
+        assert store.modules() == expected, site
+        assert [v.version for v in store.versions("style")] == [0, 1, 2]
+        assert store.verify() == []
 
 
 def _supernode(dep: Deployment, name: str, *args: str) -> tuple[int, str]:
