@@ -4,8 +4,8 @@ A frame is ``MAGIC`` (4 bytes), the header length (u32, big-endian), the body le
 big-endian), then a UTF-8 JSON object (the header) and the body: safetensors bytes holding
 named adapter states, each tensor stored as ``<state>:<key>`` (``received:...``,
 ``delta:...``; keys are ``<module>/<peft key>``), or nothing; the header's ``states`` field
-lists each state's keys in order (safetensors sorts them). No pickle, so reading a frame runs no code; both
-lengths are checked against their bounds before anything is read.
+lists each state's keys in order (safetensors sorts them). No pickle, so reading a frame runs
+no code; both lengths are checked against their bounds before anything is read.
 
 One connection carries one request and its replies: ``step`` frames while training (progress),
 then one result frame or one ``error`` frame. An error frame names the exception type and
