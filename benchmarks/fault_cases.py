@@ -137,7 +137,7 @@ def run_faulty(out: Path, overrides: list[str], faults: tuple[Fault, ...]) -> No
     shutil.copy(public, rogue / public.name)
     plan = FaultPlan(faults, out / "keys", rogue, out, cfg.aggregation.max_examples)
     plan.marks.mkdir()
-    app = faulty_app(make_client_app(cfg, SiteKeys(out / "keys")), plan)
+    app = faulty_app(make_client_app(cfg, SiteKeys(out / "keys"), out / "sites"), plan)
     with RunDirLock(out):
         coord = prepare(cfg, out, sealing)
         run_simulation(

@@ -46,7 +46,6 @@ from common.progress import print_step
 if TYPE_CHECKING:  # the simulation's in-process sites: torch, transformers, peft, datasets
     from client.data import Dataset
     from client.site import AdapterHost, SiteRuntime
-    from client.site_store import SiteStore
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ ERROR_REFUSED = 1001
 # site's resident worker, never loads transformers, peft or datasets (seconds per message).
 _HOSTS: dict[str, AdapterHost] = {}
 _DATASETS: dict[str, Dataset] = {}
-_STORES: dict[str, SiteStore] = {}
 
 
 def _dataset(cfg: RunConfig) -> Dataset:
@@ -83,9 +81,7 @@ def _host(cfg: RunConfig, plan: SitePlan, site_id: str, num_labels: int | None) 
     return _HOSTS[key]
 
 
-def _runtime(
-    cfg: RunConfig, plan: SitePlan, context: Context, sites_dir: Path | None
-) -> SiteRuntime:
+def _runtime(cfg: RunConfig, plan: SitePlan, context: Context, sites_dir: Path) -> SiteRuntime:
     from client.data import site_data
     from client.site import SiteRuntime
     from client.site_store import SiteStore
@@ -97,11 +93,8 @@ def _runtime(
     labels = dataset.label_names
     host = _host(cfg, plan, site_id, len(labels) if labels else None)
     data = site_data(dataset, index, num_sites, cfg.data)
-    store = SiteStore(None if sites_dir is None else sites_dir / site_id)
-    key = f"{site_id}|{sites_dir}"
-    if key not in _STORES:  # memory-only stores must outlive one message
-        _STORES[key] = store
-    return SiteRuntime(host, data, dataset.kind, site_id, index, _STORES[key])
+    store = SiteStore(sites_dir / site_id)
+    return SiteRuntime(host, data, dataset.kind, site_id, index, store)
 
 
 def _header(msg: Message) -> tuple[ConfigRecord, SitePlan]:
@@ -197,10 +190,11 @@ def _wire_payloads(
 SiteProvider = Callable[[SitePlan, Context], Site]
 
 
-def simulation_sites(cfg: RunConfig, sites_dir: Path | None = None) -> SiteProvider:
+def simulation_sites(cfg: RunConfig, sites_dir: Path) -> SiteProvider:
     """Virtual sites: node ``partition-id`` i is ``site-<i>`` with partition i of ``cfg.data``.
 
-    ``sites_dir``: where each site's store lives (``<sites_dir>/site-<i>``); None: in memory.
+    ``sites_dir``: where each site's store lives (``<sites_dir>/site-<i>``). On disk, not in
+    memory: Ray may serve a site's next message from another worker process.
     """
 
     def provide(plan: SitePlan, context: Context) -> Site:
@@ -209,9 +203,7 @@ def simulation_sites(cfg: RunConfig, sites_dir: Path | None = None) -> SiteProvi
     return provide
 
 
-def make_client_app(
-    cfg: RunConfig, keys: SiteKeys | None = None, sites_dir: Path | None = None
-) -> ClientApp:
+def make_client_app(cfg: RunConfig, keys: SiteKeys | None, sites_dir: Path) -> ClientApp:
     """A ClientApp whose virtual sites read their partition of ``cfg.data``."""
     return client_app(simulation_sites(cfg, sites_dir), keys)
 

@@ -54,7 +54,7 @@ def run(
     cfg = load_config(TINY, [*ONE_ROUND, f"federation.sites={sites}", *overrides])
     sealing, _ = provision_keys(cfg, out)
     coord = prepare(cfg, out, sealing)
-    app = dropping(make_client_app(cfg, SiteKeys(out / "keys")), drop, stage)
+    app = dropping(make_client_app(cfg, SiteKeys(out / "keys"), out / "sites"), drop, stage)
     run_simulation(make_server_app(coord), app, sites, backend_config=backend_config(cfg))
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"metrics": metrics, "registry": Registry(out / "registry")}

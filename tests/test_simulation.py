@@ -99,7 +99,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     run_simulation(
         app,
-        make_client_app(cfg, site_keys),
+        make_client_app(cfg, site_keys, out / "sites"),
         cfg.federation.sites,
         backend_config=backend_config(cfg),
     )
@@ -255,7 +255,8 @@ def test_site_with_foreign_base_refuses_and_round_goes_on(tmp_path: Path) -> Non
     foreign = load_config(repo / "examples" / "tiny.toml", [*overrides, "model.seed=1"])
     sealing, _ = provision_keys(cfg, tmp_path)
     keys = SiteKeys(tmp_path / "keys")
-    honest, impostor = make_client_app(cfg, keys), make_client_app(foreign, keys)
+    sites = tmp_path / "sites"
+    honest, impostor = make_client_app(cfg, keys, sites), make_client_app(foreign, keys, sites)
     app = ClientApp()
 
     @app.train()
