@@ -59,10 +59,10 @@ def arm_figures(out: Path, wall: float) -> dict[str, Any]:
         }
 
     params: dict[str, int] = {}
-    for store in sorted((out / "sites").iterdir()):
-        modules = sorted(p for p in (store / "registry").iterdir() if p.is_dir())
+    for store in sorted((out / "sites").glob("*/*/registry")):  # <site>/<run id>/registry
+        modules = sorted(p for p in store.iterdir() if p.is_dir())
         latest = [sorted(v for v in m.iterdir() if v.name.startswith("v"))[-1] for m in modules]
-        params[store.name] = sum(_count(version) for version in latest)
+        params[store.parent.parent.name] = sum(_count(version) for version in latest)
     return {
         "wall_seconds": wall,
         "rounds": last["round"],

@@ -233,6 +233,7 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
                 server_round,
                 int(str(header[P.KEY_VERSION])),
                 _progress(site.site_id, server_round),
+                str(header[P.KEY_RUN_ID]),
             )
             if plan.privacy_mode == "secure-sum":
                 from client.secure_sum import start_round
@@ -255,7 +256,8 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
             header, plan = _header(msg)
             site = sites(plan, context)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
-            result = site.evaluate(_global(msg), plan, int(str(header[P.KEY_VERSION])))
+            version, run_id = int(str(header[P.KEY_VERSION])), str(header[P.KEY_RUN_ID])
+            result = site.evaluate(_global(msg), plan, version, run_id)
         except FedloraError as exc:
             return _refuse(msg, exc)
         metrics: dict[str, MetricRecordValues] = {

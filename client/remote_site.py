@@ -35,6 +35,9 @@ from common.adapters import AdapterState
 from common.config import SitePlan
 from common.errors import FingerprintMismatch
 
+# As ``client.site.LOCAL_RUN`` (not imported: that module loads transformers and peft).
+LOCAL_RUN = "local"
+
 # Seconds to wait for the worker to accept a connection (it serves one request at a time,
 # but accepts while busy; a full backlog means something is wrong).
 CONNECT_TIMEOUT = 30.0
@@ -69,6 +72,7 @@ class RemoteSite:
         server_round: int,
         version: int,
         on_step: StepCallback | None = None,
+        run_id: str = LOCAL_RUN,
     ) -> SiteUpdate:
         """``SiteRuntime.train`` in the worker; progress is reported to ``on_step``."""
         request = {
@@ -76,6 +80,7 @@ class RemoteSite:
             "plan": plan.model_dump_json(),
             "round": server_round,
             "version": version,
+            "run_id": run_id,
         }
         reply = self._call(request, KIND_UPDATE, {"received": received}, on_step)
         result = TrainResult(
@@ -93,9 +98,16 @@ class RemoteSite:
             clip_scale=field_of(reply, "clip_scale", float),
         )
 
-    def evaluate(self, received: AdapterState, plan: SitePlan, version: int) -> EvalResult:
+    def evaluate(
+        self, received: AdapterState, plan: SitePlan, version: int, run_id: str = LOCAL_RUN
+    ) -> EvalResult:
         """``SiteRuntime.evaluate`` in the worker."""
-        request = {"kind": KIND_EVALUATE, "plan": plan.model_dump_json(), "version": version}
+        request = {
+            "kind": KIND_EVALUATE,
+            "plan": plan.model_dump_json(),
+            "version": version,
+            "run_id": run_id,
+        }
         reply = self._call(request, KIND_EVAL, {"received": received})
         accuracy = reply.header.get("accuracy")
         return EvalResult(

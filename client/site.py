@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 # Eval batches are forward-only, so they can be larger than training batches.
 EVAL_BATCH_SIZE = 16
+# The run id of in-process use without a coordinator (compare's arms, tests).
+LOCAL_RUN = "local"
 
 
 class AdapterHost:
@@ -173,10 +175,12 @@ class SiteRuntime:
             )
         return held
 
-    def _start(self, received: AdapterState, plan: SitePlan, version: int) -> dict[str, Any]:
+    def _start(
+        self, received: AdapterState, plan: SitePlan, version: int, store: SiteStore
+    ) -> dict[str, Any]:
         """Load where this version starts into the host; record it in the site registry."""
         held = self._held(plan)
-        kept = self.store.load_kept(before=version)
+        kept = store.load_kept(before=version)
         start = start_states(received, kept, plan, held, self.host.initial, version)
         self.host.load(start)
         sources = {
@@ -186,7 +190,7 @@ class SiteRuntime:
             for name, module in held.items()
         }
         manifest = {"site": self.site_id, "base_fingerprint": self.fingerprint}
-        self.store.record(version, start, self.host.loras, manifest, sources)
+        store.record(version, start, self.host.loras, manifest, sources)
         return start
 
     def train(
@@ -196,14 +200,17 @@ class SiteRuntime:
         server_round: int,
         version: int,
         on_step: StepCallback | None = None,
+        run_id: str = LOCAL_RUN,
     ) -> SiteUpdate:
         """Train every module this site holds from global ``version``; return the delta.
 
         ``received`` is the global state of the sent modules (``<module>/<key>``). The rule
         decides what trains and what leaves: ``ffa`` freezes A (identical at every site) and
-        sends B; ``fedsa`` sends A and keeps B here; private modules are kept whole.
+        sends B; ``fedsa`` sends A and keeps B here; private modules are kept whole, in the
+        store's part for ``run_id``.
         """
-        start = self._start(received, plan, version)
+        store = self.store.for_run(run_id)
+        start = self._start(received, plan, version, store)
         rule = get_rule(plan.rule)
         if plan.rule == "ffa":
             freeze_lora_a(self.host.model)
@@ -227,12 +234,14 @@ class SiteRuntime:
         scale = 1.0
         if plan.clip is not None:
             flat, scale = clip_delta(flat, plan.clip)
-        self.store.save_kept(version, join_modules(kept))
+        store.save_kept(version, join_modules(kept))
         return SiteUpdate(flat, len(self.data.train), result, scale)
 
-    def evaluate(self, received: AdapterState, plan: SitePlan, version: int) -> EvalResult:
+    def evaluate(
+        self, received: AdapterState, plan: SitePlan, version: int, run_id: str = LOCAL_RUN
+    ) -> EvalResult:
         """Evaluate global ``version`` (+ this site's private tensors) on the held-out split."""
-        self._start(received, plan, version)
+        self._start(received, plan, version, self.store.for_run(run_id))
         items = self._items("heldout", plan.train.max_length)
         batches = eval_batches(items, EVAL_BATCH_SIZE, self.host.pad_token_id)
         return evaluate(self.host.model, batches, self.host.task)

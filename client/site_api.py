@@ -67,10 +67,13 @@ class Site(Protocol):
         server_round: int,
         version: int,
         on_step: StepCallback | None = None,
+        run_id: str = ...,
     ) -> SiteUpdate:
-        """Train from global ``version`` (``received``, ``<module>/<key>``); delta, metrics."""
+        """Train from global ``version`` of run ``run_id`` (``received``: ``<module>/<key>``)."""
         ...
 
-    def evaluate(self, received: AdapterState, plan: SitePlan, version: int) -> EvalResult:
+    def evaluate(
+        self, received: AdapterState, plan: SitePlan, version: int, run_id: str = ...
+    ) -> EvalResult:
         """Evaluate global ``version`` (+ the site's private modules) on its held-out split."""
         ...

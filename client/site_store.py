@@ -1,12 +1,14 @@
 """A site's own store: the adapter versions it holds, and the tensors it keeps between rounds.
 
-``<root>/registry/<module>/v<NNNN>/`` is the site-side registry (the same PEFT folder +
+Each run has its own part, ``<root>/<run-id>/`` (``SiteStore.for_run``): two runs never share
+kept tensors or version numbers, and a resumed run keeps its run id. Within it,
+``registry/<module>/v<NNNN>/`` is the site-side registry (the same PEFT folder +
 manifest layout as the coordinator's, so ``fedlora registry list|verify|export`` and
 ``fedlora generate --adapters`` read it): for every global version ``NNNN`` the site saw, each
 module as this site uses it at that version: the shared and group modules it received, and
 its private modules as it trained them. Versions the site missed are gaps.
 
-``<root>/kept/after-v<NNNN>.safetensors`` holds what never leaves the site (private modules,
+``kept/after-v<NNNN>.safetensors`` holds what never leaves the site (private modules,
 fedsa's B factors) after training on global version ``NNNN``. Training on, or evaluating,
 version v starts from the file with the largest ``NNNN < v``: a round redone after a
 coordinator crash starts from exactly what the first attempt started from, so a resumed run
@@ -27,7 +29,7 @@ from safetensors.torch import load, save
 
 from common.adapters import AdapterState
 from common.atomic import write_bytes_atomic
-from common.errors import StorageError
+from common.errors import StorageError, UpdateRejected
 from server.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ REGISTRY_FOLDER = "registry"
 _KEPT_NAME = re.compile(r"after-v(\d{4,})\.safetensors")
 # Kept files beyond the newest few are history the registry already holds (private modules).
 KEEP_LAST = 3
+# A run id names a folder: the coordinator's are 32 hex digits; nothing that could climb out.
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class SiteStore:
@@ -45,7 +49,16 @@ class SiteStore:
     def __init__(self, root: Path | None) -> None:
         self.root = root
         self._memory: dict[int, AdapterState] = {}
+        self._runs: dict[str, SiteStore] = {}
         self.registry = None if root is None else Registry(root / REGISTRY_FOLDER)
+
+    def for_run(self, run_id: str) -> SiteStore:
+        """The part of this store that belongs to run ``run_id``: ``<root>/<run-id>/``."""
+        if not _RUN_ID.fullmatch(run_id):
+            raise UpdateRejected(f"run id {run_id[:80]!r} is not a plain name (A-Z a-z 0-9 _ -)")
+        if run_id not in self._runs:
+            self._runs[run_id] = SiteStore(None if self.root is None else self.root / run_id)
+        return self._runs[run_id]
 
     def _kept_path(self, version: int) -> Path:
         assert self.root is not None

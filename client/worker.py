@@ -103,7 +103,8 @@ class SiteWorker:
                 self._train(site, plan, request, conn)
             else:
                 version = field_of(request, "version", int)
-                result = site.evaluate(request.states["received"], plan, version)
+                run_id = field_of(request, "run_id", str)
+                result = site.evaluate(request.states["received"], plan, version, run_id)
                 send_frame(conn, {"kind": KIND_EVAL, **asdict(result)})
 
     def _train(
@@ -118,6 +119,7 @@ class SiteWorker:
             field_of(request, "round", int),
             field_of(request, "version", int),
             on_step,
+            field_of(request, "run_id", str),
         )
         header: dict[str, Any] = {"kind": KIND_UPDATE, **asdict(update.result)}
         header |= {"examples": update.examples, "clip_scale": update.clip_scale}

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from client.deploy_app import run_label_names
+from client.deploy_app import check_site_groups, run_label_names
 from common.allow_list import load_allow_list
 from common.config import (
     RunConfig,
@@ -246,3 +246,14 @@ def test_site_uses_the_runs_label_ids_and_refuses_different_ones(tmp_path: Path)
     assert run_label_names(without, site_plan(cfg, ["p", "q"])) == ["p", "q"]
     with pytest.raises(ConfigError, match="differ from the run's"):
         run_label_names(with_labels, site_plan(cfg, ["y", "x"]))
+
+
+def test_site_refuses_a_run_that_puts_it_in_other_groups(tmp_path: Path, layout: Layout) -> None:
+    path = _site_toml(tmp_path, layout)
+    path.write_text(path.read_text().replace('id = "a"\n', 'id = "a"\ngroups = ["emea"]\n', 1))
+    cfg = load_site_config(path)
+    assert cfg.state_dir == layout.site("a").parent / "a-state"  # the default store, per site
+    base = config_from_dict({"model": {"name": "tiny-llama"}, "data": {}})
+    check_site_groups(cfg, site_plan(base.model_copy(update={"groups": {"emea": ["a"]}})))
+    with pytest.raises(ConfigError, match=r"site.groups = \['emea'\].*put a in \['apac'\]"):
+        check_site_groups(cfg, site_plan(base.model_copy(update={"groups": {"apac": ["a"]}})))

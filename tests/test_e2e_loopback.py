@@ -156,14 +156,21 @@ class Deployment:
         self.named.clear()
 
 
-def site_toml(site: str, index: int, port: int, coordinator_port: int, model_seed: int = 0) -> str:
+def site_toml(
+    site: str,
+    index: int,
+    port: int,
+    coordinator_port: int,
+    model_seed: int = 0,
+    groups: list[str] | None = None,
+) -> str:
+    declared = "" if groups is None else f"groups = {json.dumps(groups)}\n"
     return f"""\
 [site]
 id = "{site}"
 keys = "keys/sites/{site}"
 index = {index}
-groups = {'["ab"]' if site in ("a", "b") else "[]"}
-
+{declared}
 [coordinator]
 address = "127.0.0.1:{coordinator_port}"
 
@@ -189,7 +196,10 @@ def _write_files(root: Path, port: int) -> None:
     lines = (REPO / "examples/data/dolly-tiny.jsonl").read_text().splitlines()
     for index, site in enumerate(SITES):  # each site its own file: no partitioning at a site
         (root / f"{site}.jsonl").write_text("\n".join(lines[index :: len(SITES)]) + "\n")
-        (root / f"site-{site}.toml").write_text(site_toml(site, index, free_port(), port))
+        groups = ["ab"] if site in ("a", "b") else []  # as the run's [groups] has them
+        (root / f"site-{site}.toml").write_text(
+            site_toml(site, index, free_port(), port, groups=groups)
+        )
     (root / "coordinator.toml").write_text(
         f'[coordinator]\nkeys = "keys/coordinator"\nstate = "state"\nruns = "runs"\n'
         f'host = "127.0.0.1"\nport = {port}\n'
@@ -271,10 +281,12 @@ def test_sealed_run_over_tls_with_site_auth(deployment: Deployment) -> None:
     assert rounds == [0, 1, 2]
     assert "a round 1 step" in (deployment.root / "site-a.log").read_text()  # logs each round
     registry = Registry(out / "registry")
+    summary = json.loads((out / "summary.json").read_text())
     assert registry.modules() == ["ab", "shared"]  # the private module never reached it
     assert registry.get("ab", 2).manifest["cohort"] == ["a", "b"]
     for site in SITES:  # each site's own store: what it received, its private module
-        store = Registry(deployment.root / "keys" / "sites" / f"{site}-state" / "registry")
+        state = deployment.root / "keys" / "sites" / f"{site}-state"
+        store = Registry(state / summary["run_id"] / "registry")
         expected = ["ab", "shared", "style"] if site in ("a", "b") else ["shared", "style"]
         assert store.modules() == expected, site
         assert [v.version for v in store.versions("style")] == [0, 1, 2]

@@ -128,6 +128,7 @@ def test_each_site_sends_its_shared_and_group_modules_only(modules_run: dict[str
 
 
 def test_the_private_module_never_travels(modules_run: dict[str, Any]) -> None:
+    run_id = modules_run["coord"].run_id
     grid: RecordingGrid = modules_run["grid"]
     out: Path = modules_run["out"]
     for message in grid.sent:  # instructions carry the sent modules' global state only
@@ -136,7 +137,7 @@ def test_the_private_module_never_travels(modules_run: dict[str, Any]) -> None:
             assert modules == {"creative", "qa", "shared"}
     kept = []  # every private state a site trained: no 16-byte window of it crosses the grid
     for site in ("site-0", "site-1", "site-2"):
-        registry = Registry(out / "sites" / site / "registry")
+        registry = Registry(out / "sites" / site / run_id / "registry")
         for version in registry.versions("style")[1:]:
             trained = registry.load("style", version.version)
             kept.append(b"".join(t.numpy().tobytes() for t in trained.values()))
@@ -172,7 +173,9 @@ def test_group_modules_aggregate_over_their_group(modules_run: dict[str, Any]) -
 
 def test_sites_keep_what_they_hold_and_load_it_for_inference(modules_run: dict[str, Any]) -> None:
     out: Path = modules_run["out"]
-    stores = {s: Registry(out / "sites" / s / "registry") for s in ("site-0", "site-1", "site-2")}
+    run_id = modules_run["coord"].run_id  # each run has its own part of a site's store
+    sites = ("site-0", "site-1", "site-2")
+    stores = {s: Registry(out / "sites" / s / run_id / "registry") for s in sites}
     assert stores["site-0"].modules() == ["qa", "shared", "style"]
     assert stores["site-2"].modules() == ["creative", "shared", "style"]
     for store in stores.values():

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 
 from client.site_store import KEEP_LAST, SiteStore
+from common.errors import UpdateRejected
 
 
 @pytest.mark.parametrize("on_disk", [True, False])
@@ -38,3 +39,15 @@ def test_registry_records_each_version_once_with_its_number(tmp_path: Path) -> N
     assert store.registry.get("style", 2).manifest["parent"] == 1
     assert store.registry.verify() == ["style/v0001: missing (gap in the lineage)"]
     SiteStore(None).record(0, {"style": state}, {"style": lora}, {}, {"style": "x"})  # no-op
+
+
+def test_runs_never_share_kept_tensors_or_versions(tmp_path: Path) -> None:
+    store = SiteStore(tmp_path)
+    first, second = store.for_run("a" * 32), store.for_run("b" * 32)
+    first.save_kept(0, {"style/x": torch.ones(1)})
+    assert second.load_kept(before=1) == {}  # another run starts from its own initialisation
+    assert store.for_run("a" * 32).load_kept(before=1)["style/x"].item() == 1.0
+    assert first.root == tmp_path / ("a" * 32)
+    for hostile in ("../escape", "", "a/b", "x" * 65):
+        with pytest.raises(UpdateRejected, match="not a plain name"):
+            store.for_run(hostile)

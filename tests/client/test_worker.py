@@ -110,7 +110,7 @@ def test_remote_site_trains_and_evaluates_bit_identically(
         assert (mine.result.loss, mine.result.steps) == (theirs.result.loss, theirs.result.steps)
         assert [s[0] for s in steps] == list(range(1, plan.train.local_steps + 1))
         assert steps[-1][2] == theirs.result.last_loss
-    kept = local.store.load_kept(before=version + 1)
+    kept = local.store.for_run("local").load_kept(before=version + 1)
     assert bool(kept) == (rule == "fedsa")
     assert local.evaluate(received, plan, version + 1) == remote.evaluate(
         received, plan, version + 1
