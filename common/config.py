@@ -304,7 +304,7 @@ def _check_modules(cfg: RunConfig) -> None:
         if group is not None and not cfg.groups.get(group):
             raise ValueError(
                 f"modules.{name}.scope = {module.scope!r}: no [groups] entry {group!r} listing "
-                'its sites (e.g. groups.{0} = ["site-0", "site-1"])'.format(group)
+                f'its sites (e.g. groups.{group} = ["site-0", "site-1"])'
             )
         mixed = any(rank != module.rank for rank in module.site_ranks.values())
         if mixed and module.scope != PRIVATE and cfg.aggregation.rule != "exact":
@@ -337,7 +337,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; keys are kebab-case, e.g. local-steps)"
-        elif "input" in item and item["type"] != "missing":
+        elif "input" in item and item["type"] != "missing" and item["loc"]:
+            # (a check across sections names its keys itself; echoing the input would print
+            # the whole config)
             msg = f"{msg} (got {item['input']!r})"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
