@@ -115,6 +115,7 @@ class FedLoraStrategy(Strategy):
         self.train_log = StageLog()
         self.eval_log = StageLog()
         self._global: AdapterState = {}
+        self._global_modules: dict[str, AdapterState] = {}  # the same, split once per round
 
     # -- instructions ------------------------------------------------------------------------
     def _header(self, server_round: int) -> ConfigRecord:
@@ -144,6 +145,7 @@ class FedLoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
+        self._global_modules = split_modules(self._global)
         self.train_log = StageLog()
         return self._instructions(server_round, arrays, MessageType.TRAIN, self.train_log)
 
@@ -240,9 +242,7 @@ class FedLoraStrategy(Strategy):
             )
         if sealed:
             payload = self._open(payload, site, server_round, module)
-        start = self.aggregator.site_start(
-            module, site, split_modules(self._global)[module], self.version
-        )
+        start = self.aggregator.site_start(module, site, self._global_modules[module], self.version)
         reference = {k: start[k] for k in self.aggregator.rule.sent_keys(start)}
         shapes = {k: tuple(v.shape) for k, v in reference.items()}
         delta = decode_delta(payload, self.cfg.privacy.max_payload_bytes, expected=shapes)
