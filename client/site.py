@@ -17,6 +17,7 @@ import torch
 from peft import PeftModel
 
 from client.data import Kind, SiteData
+from client.losses import label_counts
 from client.site_api import SiteUpdate as SiteUpdate
 from client.site_store import SiteStore
 from client.tokens import encode_examples, eval_batches, iterate_batches
@@ -27,6 +28,7 @@ from client.train import (
     adapter_state,
     attach_adapters,
     evaluate,
+    freeze_head,
     freeze_lora_a,
     load_adapter_state,
     lora_config,
@@ -166,6 +168,13 @@ class SiteRuntime:
             )
         return self._encoded[key]
 
+    def _label_counts(self, plan: SitePlan) -> torch.Tensor | None:
+        """Examples per label id in this site's training split (classification; stays here)."""
+        if self.host.task != "classification" or not plan.labels:
+            return None
+        labels = [e.label for e in self.data.train if e.label is not None]
+        return label_counts(labels, len(plan.labels))
+
     def _held(self, plan: SitePlan) -> dict[str, ModuleConfig]:
         held = site_modules(plan.modules, plan.groups, self.site_id)
         if held != self.host.modules:
@@ -214,10 +223,14 @@ class SiteRuntime:
         rule = get_rule(plan.rule)
         if plan.rule == "ffa":
             freeze_lora_a(self.host.model)
+        if plan.train.head == "frozen":
+            freeze_head(self.host.model)
         seed = round_seed(plan.train.seed, server_round, self.site_index)
         items = self._items("train", plan.train.max_length)
         batches = iterate_batches(items, plan.train.batch_size, seed, self.host.pad_token_id)
-        result = train_local(self.host.model, batches, plan.train, seed, on_step)
+        result = train_local(
+            self.host.model, batches, plan.train, seed, on_step, self._label_counts(plan)
+        )
         trained = self.host.states()
         sent: dict[str, AdapterState] = {}
         kept: dict[str, AdapterState] = {}

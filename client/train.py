@@ -19,6 +19,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
 # The result types live with the Site protocol (no peft there); re-exported for callers.
+from client.losses import calibrated_cross_entropy, proximal_penalty, restricted_cross_entropy
 from client.site_api import EvalResult as EvalResult
 from client.site_api import StepCallback as StepCallback
 from client.site_api import TrainResult as TrainResult
@@ -95,6 +96,13 @@ def freeze_lora_a(model: PeftModel) -> None:
             param.requires_grad_(False)
 
 
+def freeze_head(model: PeftModel) -> None:
+    """Freeze the classification head (peft's ``modules_to_save`` copy); LoRA stays trainable."""
+    for name, param in model.named_parameters():
+        if "modules_to_save" in name:
+            param.requires_grad_(False)
+
+
 def _has_module(model: torch.nn.Module, suffix: str) -> bool:
     return any(name.split(".")[-1] == suffix for name, _ in model.named_modules())
 
@@ -130,21 +138,50 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def local_loss(
+    model: PeftModel,
+    batch: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    counts: torch.Tensor | None,
+) -> torch.Tensor:
+    """The site's training loss on one batch: the model's own, or a skew-robust one.
+
+    ``counts`` (examples per label at this site) selects the classification objective of
+    ``cfg.classifier_loss``; None (causal LM) keeps the model's own loss.
+    """
+    if counts is None or cfg.classifier_loss == "plain":
+        return model(**batch).loss
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    if cfg.classifier_loss == "restricted":
+        return restricted_cross_entropy(logits, batch["labels"], counts, cfg.restricted_alpha)
+    return calibrated_cross_entropy(logits, batch["labels"], counts, cfg.calibration_tau)
+
+
 def train_local(
     model: PeftModel,
     batches: Iterator[dict[str, torch.Tensor]],
     cfg: TrainConfig,
     seed: int,
     on_step: StepCallback | None = None,
+    counts: torch.Tensor | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` AdamW steps (each of ``cfg.grad_accum`` micro-batches).
 
     The optimizer state starts fresh every round, as in FedIT: only the adapter travels.
+    ``counts``: a classification site's examples per label (``local_loss``). With
+    ``cfg.proximal_mu`` the loss adds FedProx's pull toward the received (starting) tensors.
     Deterministic on CPU for a fixed ``seed`` (dropout RNG and batch order are seeded).
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    anchors = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else []
+    optimizer: torch.optim.Optimizer
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     torch.manual_seed(seed)
     model.train()
     losses: list[float] = []
@@ -153,9 +190,11 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            out = model(**_to_device(next(batches), device))
-            (out.loss / cfg.grad_accum).backward()
-            step_loss += float(out.loss.detach()) / cfg.grad_accum
+            loss = local_loss(model, _to_device(next(batches), device), cfg, counts)
+            (loss / cfg.grad_accum).backward()
+            step_loss += float(loss.detach()) / cfg.grad_accum
+        if anchors:  # the data loss is what is reported; the penalty only steers the step
+            proximal_penalty(params, anchors, cfg.proximal_mu).backward()
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss became {step_loss} at step {step}")
         optimizer.step()
