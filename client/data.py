@@ -348,12 +348,45 @@ def _partition_by_column(keys: list[str], num_sites: int, cfg: DataConfig) -> li
     return parts
 
 
+def _partition_pathological(keys: list[str], num_sites: int, cfg: DataConfig) -> list[list[int]]:
+    """Each site holds ``data.labels-per-site`` values; every value is held by some site.
+
+    The values, in a seeded random order and cycled, fill ``sites x k`` slots; site ``i``
+    takes slots ``[i*k, (i+1)*k)``. A value held by several sites has its examples dealt
+    among them in a seeded random order, so that no example is lost or duplicated.
+    """
+    k = cfg.labels_per_site or 1
+    values = sorted(set(keys))
+    if k > len(values) or num_sites * k < len(values):
+        raise ConfigError(
+            f"data.partition = 'pathological': data.labels-per-site = {k} with "
+            f"federation.sites = {num_sites} cannot cover the {len(values)} distinct values "
+            f"once each; expected {-(-len(values) // num_sites)} <= k <= {len(values)}"
+        )
+    rng = np.random.default_rng(_seed(cfg.seed))
+    order = [values[i] for i in rng.permutation(len(values))]
+    holders: dict[str, list[int]] = {value: [] for value in values}
+    for slot in range(num_sites * k):
+        holders[order[slot % len(values)]].append(slot // k)
+    by_value: dict[str, list[int]] = {value: [] for value in values}
+    for index, key in enumerate(keys):
+        by_value[key].append(index)
+    parts: list[list[int]] = [[] for _ in range(num_sites)]
+    for value in values:
+        indices = [by_value[value][i] for i in rng.permutation(len(by_value[value]))]
+        sites = holders[value]
+        for position, index in enumerate(indices):
+            parts[sites[position % len(sites)]].append(index)
+    return parts
+
+
 def partition(dataset: Dataset, num_sites: int, cfg: DataConfig) -> list[list[int]]:
     """Indices of ``dataset.examples`` for each of ``num_sites`` sites, fixed by ``cfg.seed``.
 
     ``iid`` deals shuffled examples evenly; ``dirichlet`` draws each site's share of every
     ``data.by`` value (or label) from Dirichlet(``data.alpha``): small alpha, skewed sites;
-    ``by-column`` gives every value of ``data.by`` to one site. One site gets everything.
+    ``by-column`` gives every value of ``data.by`` to one site; ``pathological`` gives each
+    site ``data.labels-per-site`` values (``_partition_pathological``). One site gets everything.
     """
     total = len(dataset.examples)
     if num_sites < 1 or num_sites > total:
@@ -367,6 +400,8 @@ def partition(dataset: Dataset, num_sites: int, cfg: DataConfig) -> list[list[in
         parts = _partition_iid(total, num_sites, cfg.seed)
     elif cfg.partition == "dirichlet":
         parts = _partition_dirichlet(_partition_keys(dataset, cfg), num_sites, cfg)
+    elif cfg.partition == "pathological":
+        parts = _partition_pathological(_partition_keys(dataset, cfg), num_sites, cfg)
     else:
         parts = _partition_by_column(_partition_keys(dataset, cfg), num_sites, cfg)
     for site, indices in enumerate(parts):

@@ -28,7 +28,6 @@ from client.train import (
     adapter_state,
     attach_adapters,
     evaluate,
-    freeze_head,
     freeze_lora_a,
     load_adapter_state,
     lora_config,
@@ -223,8 +222,6 @@ class SiteRuntime:
         rule = get_rule(plan.rule)
         if plan.rule == "ffa":
             freeze_lora_a(self.host.model)
-        if plan.train.head == "frozen":
-            freeze_head(self.host.model)
         seed = round_seed(plan.train.seed, server_round, self.site_index)
         items = self._items("train", plan.train.max_length)
         batches = iterate_batches(items, plan.train.batch_size, seed, self.host.pad_token_id)

@@ -96,13 +96,6 @@ def freeze_lora_a(model: PeftModel) -> None:
             param.requires_grad_(False)
 
 
-def freeze_head(model: PeftModel) -> None:
-    """Freeze the classification head (peft's ``modules_to_save`` copy); LoRA stays trainable."""
-    for name, param in model.named_parameters():
-        if "modules_to_save" in name:
-            param.requires_grad_(False)
-
-
 def _has_module(model: torch.nn.Module, suffix: str) -> bool:
     return any(name.split(".")[-1] == suffix for name, _ in model.named_modules())
 

@@ -23,7 +23,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 Task = Literal["causal-lm", "classification"]
 DataFormat = Literal["auto", "instruction", "classification", "text"]
-Partition = Literal["iid", "dirichlet", "by-column"]
+Partition = Literal["iid", "dirichlet", "by-column", "pathological"]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
@@ -76,6 +76,8 @@ class DataConfig(Section):
     partition: Partition = "iid"
     alpha: Annotated[float, Field(gt=0)] = 0.5
     by: str | None = None
+    # partition = 'pathological': how many distinct values of data.by (or labels) each site holds.
+    labels_per_site: PositiveInt | None = None
     # Fraction of each site's examples kept back for its local evaluation.
     holdout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # Cap on each site's training examples (after the held-out split); None = all.
@@ -88,6 +90,8 @@ class DataConfig(Section):
     def _check(self) -> DataConfig:
         if self.partition == "by-column" and not self.by:
             raise ValueError("data.partition = 'by-column' needs data.by = '<column name>'")
+        if self.partition == "pathological" and self.labels_per_site is None:
+            raise ValueError("data.partition = 'pathological' needs data.labels-per-site = <k>")
         if self.labels is not None and (
             len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)
         ):
@@ -122,6 +126,23 @@ class TrainConfig(Section):
     lr: Annotated[float, Field(gt=0)] = 2e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     seed: int = 0
+    # Classification under label skew (client/losses.py): 'plain' = the standard
+    # cross-entropy over every label; 'restricted' = softmax over the labels the site holds
+    # (FedRS); 'calibrated' = FedLC logit calibration by the site's label counts. A site's
+    # labels never leave it. Ignored by causal-lm runs.
+    classifier_loss: Literal["plain", "restricted", "calibrated"] = "plain"
+    calibration_tau: Annotated[float, Field(ge=0)] = 1.0
+    # FedRS: the logits of labels the site lacks are scaled by this in [0, 1]; 0 drops them.
+    restricted_alpha: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # The local optimizer, fresh each round. 'adamw' (the causal-LM default, as in FedIT);
+    # 'sgd' (with momentum) for label skew: its steps are linear in the gradients, so the
+    # sites' steps add up to the pooled gradient, where AdamW turns each site's tiny push on a
+    # label it lacks into a full-size step. Pair it with aggregation.server-optimizer =
+    # 'fedadam' for Adam's per-coordinate step size at the coordinator (Reddi et al. 2021).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    # FedProx: mu / 2 * ||w - w_global||^2 added to the local loss; 0 = off.
+    proximal_mu: Annotated[float, Field(ge=0)] = 0.0
 
 
 class ModuleConfig(Section):

@@ -379,6 +379,43 @@ def test_by_column_needs_as_many_values_as_sites() -> None:
         partition(dataset, 3, _cfg(partition="by-column", by="g"))
 
 
+def test_pathological_gives_each_site_k_labels_and_covers_every_label() -> None:
+    labels = [f"l{i % 7}" for i in range(70)]  # 7 labels x 10 examples
+    dataset = _classification(labels)
+    cfg = _cfg(partition="pathological", labels_per_site=2)
+    parts = partition(dataset, 4, cfg)
+    _check_partition(parts, 70)
+    held = [{labels[i] for i in part} for part in parts]
+    assert [len(h) for h in held] == [2, 2, 2, 2]
+    assert set().union(*held) == set(labels)
+    assert partition(dataset, 4, cfg) == parts  # seeded
+    assert partition(dataset, 4, _cfg(partition="pathological", labels_per_site=2, seed=1)) != parts
+
+
+def test_pathological_shares_a_label_held_by_two_sites() -> None:
+    labels = ["a"] * 10 + ["b"] * 10 + ["c"] * 10
+    dataset = _classification(labels)
+    parts = partition(dataset, 2, _cfg(partition="pathological", labels_per_site=2))
+    _check_partition(parts, 30)
+    # 4 slots over 3 labels: one label is held by both sites and its 10 examples split 5/5.
+    shared = set.intersection(*({labels[i] for i in part} for part in parts))
+    assert len(shared) == 1
+    label = shared.pop()
+    assert [sum(labels[i] == label for i in part) for part in parts] == [5, 5]
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_pathological_that_cannot_cover_every_label_is_a_config_error(k: int) -> None:
+    dataset = _classification([f"l{i % 7}" for i in range(70)])
+    with pytest.raises(ConfigError, match=r"data\.labels-per-site = \d+.*expected 4 <= k <= 7"):
+        partition(dataset, 2, _cfg(partition="pathological", labels_per_site=k))
+
+
+def test_pathological_needs_labels_per_site() -> None:
+    with pytest.raises(ValueError, match=r"labels-per-site"):
+        _cfg(partition="pathological")
+
+
 def test_more_sites_than_examples_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"federation\.sites = 5"):
         partition(_classification(["a", "b", "a"]), 5, _cfg())
