@@ -108,7 +108,7 @@ def banking_overrides(args: argparse.Namespace, rule: str, alpha: float | None) 
         f"privacy.mode='{args.privacy_mode}'",
     ]
     if alpha is not None:
-        items.append(f"data.alpha={alpha}")
+        items += ["data.partition='dirichlet'", f"data.alpha={alpha}"]
     extra: list[str] = args.overrides
     return items + extra
 

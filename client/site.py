@@ -167,12 +167,13 @@ class SiteRuntime:
             )
         return self._encoded[key]
 
-    def _label_counts(self, plan: SitePlan) -> torch.Tensor | None:
+    def _label_counts(self) -> torch.Tensor | None:
         """Examples per label id in this site's training split (classification; stays here)."""
-        if self.host.task != "classification" or not plan.labels:
+        num_labels = self.host.base.model.config.num_labels
+        if self.host.task != "classification" or num_labels is None:
             return None
         labels = [e.label for e in self.data.train if e.label is not None]
-        return label_counts(labels, len(plan.labels))
+        return label_counts(labels, int(num_labels))
 
     def _held(self, plan: SitePlan) -> dict[str, ModuleConfig]:
         held = site_modules(plan.modules, plan.groups, self.site_id)
@@ -226,7 +227,7 @@ class SiteRuntime:
         items = self._items("train", plan.train.max_length)
         batches = iterate_batches(items, plan.train.batch_size, seed, self.host.pad_token_id)
         result = train_local(
-            self.host.model, batches, plan.train, seed, on_step, self._label_counts(plan)
+            self.host.model, batches, plan.train, seed, on_step, self._label_counts()
         )
         trained = self.host.states()
         sent: dict[str, AdapterState] = {}

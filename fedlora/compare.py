@@ -13,6 +13,10 @@ examples pooled) and on every site's own held-out split:
 ``federated``
     ``fedlora simulate`` of the config (its rule and privacy mode, real Flower), the last
     registry version evaluated here.
+``personalized``
+    Each site fine-tunes the federated adapter on its own data for ``--personalize-steps``
+    steps (default: one round's local steps) with the plain objective: the model a site
+    deploys for itself. Own held-out and global as for ``local-only``.
 ``centralized``
     All sites' training splits pooled at one place, trained for rounds x (local steps x sites)
     steps: the same examples budget as the federation. Its "bytes" are the training data that
@@ -27,6 +31,11 @@ Per arm: loss, perplexity (causal LM) or accuracy (classification), trainable pa
 moved, wall seconds and peak resident memory of the training process (for ``federated``: the
 largest site process). Inference latency is measured on one batch of the global set for the
 base model, base + the federated adapter unmerged, and merged into the weights.
+
+Curves: every arm's global and own held-out figure against rounds and against bytes moved
+(``curves-round.png``, ``curves-bytes.png``, and in ``compare.json``), and the round at which
+the federation reaches 90 % and 95 % of centralized. The federated arm is evaluated every
+round; the in-process arms about ``--curve-points`` times.
 
 Writes ``DIR/compare.json``, ``DIR/compare.md`` and the federated run under ``DIR/federated``.
 Centralized full fine-tuning is not an arm yet.
@@ -55,16 +64,43 @@ from client.tokens import encode_examples, eval_batches
 from client.train import EvalResult, load_adapter_state
 from common.adapters import AdapterState, apply_delta, num_parameters
 from common.atomic import write_json_atomic
-from common.config import RunConfig, SitePlan, load_config, site_plan
+from common.config import (
+    RunConfig,
+    SitePlan,
+    TrainConfig,
+    load_config,
+    parse_override,
+    site_plan,
+    validate_config,
+)
 from common.errors import ConfigError
 from common.modules import join_modules, split_modules
 from common.progress import print_message, print_rule
 from common.rules import all_sent_keys, ffa_sent_keys
+from fedlora.compare_curves import (
+    CurvePoint,
+    Curves,
+    curve_rounds,
+    curves_json,
+    federated_curve,
+    plot_curves,
+    rounds_to_reach,
+)
 from server.metrics import read_metrics
 from server.registry import Registry
 
-ARMS = ("base", "local-only", "federated", "centralized", "centralized-equal-steps")
+ARMS = (
+    "base",
+    "local-only",
+    "federated",
+    "personalized",
+    "centralized",
+    "centralized-equal-steps",
+)
 LATENCY_REPEATS = 5
+# In-process arms are evaluated about this many times over the rounds (compare --curve-points).
+DEFAULT_CURVE_POINTS = 10
+REACH_FRACTIONS = (0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -186,7 +222,12 @@ def _data_bytes(examples: Sequence[Example]) -> int:
 class Comparison:
     """The shared split, model and evaluation sets of one ``compare`` run."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        curve_points: int = DEFAULT_CURVE_POINTS,
+        reference: TrainConfig | None = None,
+    ) -> None:
         if cfg.aggregation.rule == "fedsa":
             raise ConfigError(
                 "fedlora compare: aggregation.rule = 'fedsa' keeps every site's B factors at the "
@@ -210,8 +251,17 @@ class Comparison:
         self.host = AdapterHost(cfg.model, modules, len(labels) if labels else None)
         self.initial: AdapterState = self.host.initial[self.module]
         self.plan: SitePlan = site_plan(cfg, labels)
-        # Local-only and centralized train every adapter tensor, with no privacy mechanism.
-        self.plain = self.plan.model_copy(update={"rule": "fedavg", "clip": None})
+        # Local-only, centralized and personalisation train every adapter tensor (head
+        # included) on the plain objective, with no privacy mechanism: a site alone, or the
+        # pooled data, has no label skew to correct. ``reference``: their own train settings
+        # (compare --reference), e.g. AdamW where the federation's sites run SGD.
+        plain_train = (reference or self.plan.train).model_copy(
+            update={"classifier_loss": "plain", "proximal_mu": 0.0}
+        )
+        self.plain = self.plan.model_copy(
+            update={"rule": "fedavg", "clip": None, "train": plain_train}
+        )
+        self.curve_rounds = curve_rounds(cfg.federation.rounds, curve_points)
         kind = self.dataset.kind
         self.sites = [
             SiteRuntime(self.host, split, kind, f"site-{i}", i)
@@ -244,14 +294,33 @@ class Comparison:
         global_result = self.global_site.evaluate(flat, self.plain, 0)
         return _quality(global_result, {s.site_id: s.evaluate(flat, self.plain, 0) for s in own})
 
-    def train(self, runtime: SiteRuntime, plan: SitePlan) -> AdapterState:
-        """``runtime`` alone for ``federation.rounds`` rounds from the initial adapter."""
-        state = {k: v.clone() for k, v in self.initial.items()}
-        for server_round in range(1, self.cfg.federation.rounds + 1):
+    def train(
+        self,
+        runtime: SiteRuntime,
+        plan: SitePlan,
+        on_round: Callable[[int, AdapterState], None] | None = None,
+        start: AdapterState | None = None,
+        rounds: int | None = None,
+    ) -> AdapterState:
+        """``runtime`` alone for ``rounds`` (default ``federation.rounds``) rounds.
+
+        From ``start`` (default: the initial adapter); ``on_round(round, state)`` is called
+        after each of ``self.curve_rounds``.
+        """
+        state = {k: v.clone() for k, v in (start or self.initial).items()}
+        for server_round in range(1, (rounds or self.cfg.federation.rounds) + 1):
             flat = join_modules({self.module: state})
             update = runtime.train(flat, plan, server_round, server_round - 1)
             state = apply_delta(state, split_modules(update.delta)[self.module])
+            if on_round is not None and server_round in self.curve_rounds:
+                on_round(server_round, state)
         return state
+
+    def _figures(self, quality: Quality) -> tuple[float | None, float | None]:
+        """(global, own held-out) figure of ``quality``: accuracy, or perplexity (causal LM)."""
+        if self.dataset.kind == "classification":
+            return quality.global_accuracy, quality.site_accuracy
+        return quality.global_perplexity, quality.site_perplexity
 
     def base(self) -> Arm:
         start = time.perf_counter()
@@ -259,13 +328,26 @@ class Comparison:
             quality = self.evaluate(self.initial)
         return Arm("base", quality, 0, 0, time.perf_counter() - start, rss.peak)
 
-    def local_only(self) -> Arm:
+    def local_only(self) -> tuple[Arm, list[CurvePoint]]:
+        """Each site alone; its curve is the mean over sites of each round's figures."""
         start, per_site = time.perf_counter(), []
+        by_round: dict[int, list[Quality]] = {}
+
+        def record(index: int) -> Callable[[int, AdapterState], None]:
+            def on_round(server_round: int, state: AdapterState) -> None:
+                by_round.setdefault(server_round, []).append(self.evaluate(state, site=index))
+
+            return on_round
+
         with PeakRSS() as rss:
             for index, runtime in enumerate(self.sites):
                 print_message(f"local-only: site-{index} trains alone")
-                per_site.append(self.evaluate(self.train(runtime, self.plain), site=index))
-        return Arm(
+                self.train(runtime, self.plain, on_round=record(index))
+                per_site.append(by_round[self.cfg.federation.rounds][index])
+        curve = [
+            CurvePoint(r, *self._figures(_mean_quality(q))) for r, q in sorted(by_round.items())
+        ]
+        arm = Arm(
             "local-only",
             _mean_quality(per_site),
             num_parameters(self.initial),
@@ -273,8 +355,34 @@ class Comparison:
             time.perf_counter() - start,
             rss.peak,
         )
+        return arm, curve
 
-    def centralized(self, equal_steps: bool = False) -> Arm:
+    def personalized(self, federated_state: AdapterState, steps: int) -> Arm:
+        """Each site fine-tunes the federated adapter for ``steps`` steps on its own data.
+
+        The plain objective, so the site's own label prior is learned: the model a site
+        would deploy for itself. Own held-out = each site's model on its own split; global =
+        the mean over the sites' models.
+        """
+        plan = self.plain.model_copy(
+            update={"train": self.plain.train.model_copy(update={"local_steps": steps})}
+        )
+        start, per_site = time.perf_counter(), []
+        with PeakRSS() as rss:
+            for index, runtime in enumerate(self.sites):
+                print_message(f"personalized: site-{index} fine-tunes the federated adapter")
+                state = self.train(runtime, plan, start=federated_state, rounds=1)
+                per_site.append(self.evaluate(state, site=index))
+        return Arm(
+            "personalized",
+            _mean_quality(per_site),
+            num_parameters(self.initial),
+            0,
+            time.perf_counter() - start,
+            rss.peak,
+        )
+
+    def centralized(self, equal_steps: bool = False) -> tuple[Arm, list[CurvePoint]]:
         """Pooled data; ``equal_steps``: only a federation's sequential steps per round.
 
         Plain: local steps x sites per round, the federation's examples budget. With
@@ -290,17 +398,25 @@ class Comparison:
         )
         name = "centralized-equal-steps" if equal_steps else "centralized"
         print_message(f"{name}: {len(pooled)} pooled examples, {steps} steps per round")
+        moved = _data_bytes(pooled)
+        by_round: dict[int, Quality] = {}
+
+        def on_round(server_round: int, state: AdapterState) -> None:
+            by_round[server_round] = self.evaluate(state)
+
         start = time.perf_counter()
         with PeakRSS() as rss:
-            quality = self.evaluate(self.train(runtime, plan))
-        return Arm(
+            self.train(runtime, plan, on_round=on_round)
+        curve = [CurvePoint(r, *self._figures(q), moved) for r, q in sorted(by_round.items())]
+        arm = Arm(
             name,
-            quality,
+            by_round[self.cfg.federation.rounds],  # the last round is always a curve round
             num_parameters(self.initial),
-            _data_bytes(pooled),
+            moved,
             time.perf_counter() - start,
             rss.peak,
         )
+        return arm, curve
 
     def federated(self, out: Path) -> tuple[Arm, AdapterState]:
         from fedlora.simulate import simulate  # starts Ray: only when this arm runs
@@ -427,11 +543,14 @@ def site_table(arms: Sequence[Arm], groups: dict[str, str], classification: bool
 def verdicts(arms: dict[str, Arm], classification: bool) -> list[str]:
     """The ROI lines: federated against centralized and against local-only."""
     fed, central, local = arms["federated"].quality, arms["centralized"].quality, arms["local-only"]
+    personal = arms["personalized"].quality
     if classification:
         f, c, lo = fed.global_accuracy or 0, central.global_accuracy or 0, local.quality
+        p_own, lo_own = personal.site_accuracy or 0, lo.site_accuracy or 0
         lines = [
             f"federated global accuracy is {100 * f / c:.1f}% of centralized" if c else "",
             f"federated - local-only: {100 * (f - (lo.global_accuracy or 0)):+.1f} points (global)",
+            f"personalized - local-only: {100 * (p_own - lo_own):+.1f} points (own held-out)",
         ]
     else:
         ratio = fed.global_perplexity / central.global_perplexity
@@ -440,29 +559,100 @@ def verdicts(arms: dict[str, Arm], classification: bool) -> list[str]:
             f"{central.global_perplexity:.3f} ({ratio:.3f}x)",
             f"federated vs local-only global perplexity: {fed.global_perplexity:.3f} vs "
             f"{local.quality.global_perplexity:.3f}",
+            f"personalized vs local-only own held-out perplexity: {personal.site_perplexity:.3f}"
+            f" vs {local.quality.site_perplexity:.3f}",
         ]
     return [line for line in lines if line]
 
 
-def compare(cfg: RunConfig, out: Path) -> dict[str, Any]:
+def _rounds_to_reach(
+    federated: list[CurvePoint], central: Quality, classification: bool
+) -> dict[str, int | None]:
+    """The first round at which the federation is at 90 % and 95 % of final centralized."""
+    reference = central.global_accuracy if classification else central.global_perplexity
+    if reference is None:
+        return {}
+    return {
+        f"{round(100 * f)}%": rounds_to_reach(federated, reference, f, classification)
+        for f in REACH_FRACTIONS
+    }
+
+
+def _reach_lines(reach: dict[str, int | None], rounds: int) -> str:
+    return "\n".join(
+        f"- federated reaches {share} of centralized "
+        + (f"at round {at}" if at is not None else f"in none of the {rounds} rounds")
+        for share, at in reach.items()
+    )
+
+
+def _curve_table(curves: Curves, classification: bool) -> str:
+    """Global figure per arm at each round any arm was evaluated (``-``: not evaluated)."""
+    scale, digits = (100, 1) if classification else (1, 3)
+    rounds = sorted({p.round for points in curves.values() for p in points if p.round > 0})
+    at = {arm: {p.round: p.global_value for p in points} for arm, points in curves.items()}
+    head = ["round", *curves]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rounds:
+        cells = [str(r)]
+        for arm in curves:
+            value = at[arm].get(r)
+            cells.append("-" if value is None else f"{scale * value:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reference_train(cfg: RunConfig, overrides: Sequence[str]) -> TrainConfig | None:
+    """The in-process arms' train settings: ``cfg.train`` with ``train.KEY=VALUE`` overrides."""
+    if not overrides:
+        return None
+    raw = cfg.train.model_dump(mode="json", by_alias=True)
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) != 2 or path[0] != "train":
+            raise ConfigError(f"--reference {text!r}: expected train.KEY=VALUE")
+        raw[path[1]] = value
+    return validate_config(TrainConfig, raw, "--reference")
+
+
+def compare(
+    cfg: RunConfig,
+    out: Path,
+    curve_points: int = DEFAULT_CURVE_POINTS,
+    personalize_steps: int | None = None,
+    reference: TrainConfig | None = None,
+) -> dict[str, Any]:
     """Run every arm on ``cfg``'s split and seed; write compare.json and compare.md in ``out``."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty; compare writes a fresh folder")
     out.mkdir(parents=True, exist_ok=True)
     print_rule("fedlora compare: federated run")
     comparison_started = time.perf_counter()
-    comparison = Comparison(cfg)
+    comparison = Comparison(cfg, curve_points, reference)
+    classification = comparison.dataset.kind == "classification"
     federated, federated_state = comparison.federated(out / "federated")
-    print_rule("fedlora compare: base, local-only and centralized")
+    print_rule("fedlora compare: base, local-only, personalized and centralized")
+    local, local_curve = comparison.local_only()
+    central, central_curve = comparison.centralized()
+    equal, equal_curve = comparison.centralized(equal_steps=True)
+    steps = personalize_steps or cfg.train.local_steps
     arms = {
         "base": comparison.base(),
-        "local-only": comparison.local_only(),
+        "local-only": local,
         "federated": federated,
-        "centralized": comparison.centralized(),
-        "centralized-equal-steps": comparison.centralized(equal_steps=True),
+        "personalized": comparison.personalized(federated_state, steps),
+        "centralized": central,
+        "centralized-equal-steps": equal,
     }
+    curves: Curves = {
+        "federated": federated_curve(read_metrics(out / "federated"), classification),
+        "local-only": local_curve,
+        "centralized": central_curve,
+        "centralized-equal-steps": equal_curve,
+    }
+    reach = _rounds_to_reach(curves["federated"], central.quality, classification)
+    plots = plot_curves(curves, out, classification)
     latency = comparison.latency(federated_state)
-    classification = comparison.dataset.kind == "classification"
     table = markdown_table(list(arms.values()), classification)
     per_site = site_table(list(arms.values()), comparison.groups(), classification)
     lines = verdicts(arms, classification)
@@ -478,6 +668,10 @@ def compare(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "arms": {name: asdict(arm) for name, arm in arms.items()},
         "latency": latency,
         "verdicts": lines,
+        "personalize_steps": steps,
+        "reference_train": comparison.plain.train.model_dump(mode="json", by_alias=True),
+        "curves": curves_json(curves),
+        "rounds_to_reach_centralized": reach,
         "seconds": time.perf_counter() - comparison_started,
     }
     write_json_atomic(out / "compare.json", result)
@@ -498,6 +692,11 @@ def compare(cfg: RunConfig, out: Path) -> dict[str, Any]:
             per_site,
             latency_line,
             "\n".join(f"- {line}" for line in lines),
+            _reach_lines(reach, cfg.federation.rounds),
+            "Curves (federated: every round; the other arms: every "
+            f"{comparison.curve_rounds[0]} rounds):",
+            "\n".join(f"![{x}]({path.name})" for x, path in plots.items()),
+            _curve_table(curves, classification),
         ]
     )
     (out / "compare.md").write_text(markdown + "\n", encoding="utf-8")
@@ -509,6 +708,16 @@ def compare(cfg: RunConfig, out: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- command line
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def add_compare_parser(subparsers: Any) -> None:
@@ -529,8 +738,35 @@ def add_compare_parser(subparsers: Any) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config key (repeatable), as for `fedlora simulate`",
     )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="train.KEY=VALUE",
+        help="train setting of the in-process arms (local-only, centralized, personalized) "
+        "where it should differ from the federation's, e.g. --reference train.optimizer=adamw "
+        "--reference train.lr=5e-3 when the sites run SGD (repeatable)",
+    )
+    parser.add_argument(
+        "--curve-points",
+        type=_positive,
+        default=DEFAULT_CURVE_POINTS,
+        metavar="N",
+        help="evaluate the in-process arms about N times over the rounds for the curves "
+        f"(default {DEFAULT_CURVE_POINTS}; the federated arm is evaluated every round)",
+    )
+    parser.add_argument(
+        "--personalize-steps",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="local steps each site fine-tunes the federated adapter for the personalized "
+        "arm (default: train.local-steps)",
+    )
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    compare(load_config(args.config, args.overrides), args.out)
+    cfg = load_config(args.config, args.overrides)
+    reference = reference_train(cfg, args.reference)
+    compare(cfg, args.out, args.curve_points, args.personalize_steps, reference)
     return 0

@@ -12,7 +12,7 @@ import pytest
 from common.config import load_config
 from common.errors import ConfigError
 from fedlora.cli import main
-from fedlora.compare import ARMS, Comparison, compare
+from fedlora.compare import ARMS, Comparison, compare, reference_train
 from server.metrics import read_metrics
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
@@ -78,9 +78,52 @@ def test_figures_are_measured_and_consistent(compared: tuple[Path, dict[str, Any
     ]
 
 
+@pytest.mark.slow
+def test_curves_and_personalized_arm(compared: tuple[Path, dict[str, Any]]) -> None:
+    out, result = compared
+    curves = result["curves"]
+    assert sorted(curves) == ["centralized", "centralized-equal-steps", "federated", "local-only"]
+    rounds = read_metrics(out / "federated")
+    # The federated curve is every round of the run's metrics, bytes accumulated.
+    assert [p["round"] for p in curves["federated"]] == [0, 1, 2]
+    assert [p["own"] for p in curves["federated"]] == [r["eval_perplexity"] for r in rounds]
+    assert curves["federated"][-1]["bytes"] == result["arms"]["federated"]["bytes_moved"]
+    # The in-process arms' last point is the arm's own final figure.
+    for arm in ("local-only", "centralized", "centralized-equal-steps"):
+        assert [p["round"] for p in curves[arm]] == [1, 2], arm
+        final = result["arms"][arm]["quality"]
+        assert curves[arm][-1]["global"] == pytest.approx(final["global_perplexity"]), arm
+    assert sorted(result["rounds_to_reach_centralized"]) == ["90%", "95%"]
+    assert (out / "curves-round.png").stat().st_size > 0
+    assert (out / "curves-bytes.png").stat().st_size > 0
+    text = (out / "compare.md").read_text()
+    assert "![round](curves-round.png)" in text and "reaches 90% of centralized" in text
+    # Personalized: the federated adapter fine-tuned at each site fits its own data better.
+    arms = result["arms"]
+    personal, fed = arms["personalized"]["quality"], arms["federated"]["quality"]
+    assert result["personalize_steps"] == 4  # tiny.toml's train.local-steps
+    assert personal["site_loss"] < fed["site_loss"]
+    assert arms["personalized"]["bytes_moved"] == 0
+
+
 def test_refuses_fedsa_and_a_used_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fedsa"):
         Comparison(load_config(TINY, ["aggregation.rule='fedsa'"]))
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
         compare(load_config(TINY), tmp_path)
+
+
+def test_reference_settings_override_train_keys_only() -> None:
+    cfg = load_config(TINY)
+    assert reference_train(cfg, []) is None
+    reference = reference_train(cfg, ["train.optimizer='sgd'", "train.lr=0.5"])
+    assert reference is not None
+    assert (reference.optimizer, reference.lr) == ("sgd", 0.5)
+    assert reference.local_steps == cfg.train.local_steps  # the rest is the run's
+    plain = Comparison(cfg, reference=reference).plain.train
+    assert (plain.optimizer, plain.lr, plain.classifier_loss) == ("sgd", 0.5, "plain")
+    with pytest.raises(ConfigError, match=r"expected train\.KEY=VALUE"):
+        reference_train(cfg, ["aggregation.server-lr=2"])
+    with pytest.raises(ConfigError, match="lr"):
+        reference_train(cfg, ["train.lr=-1"])

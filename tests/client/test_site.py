@@ -69,22 +69,30 @@ def test_foreign_base_is_refused_with_both_fingerprints(cfg: RunConfig) -> None:
     assert "ab" * 32 in str(err.value) and site.fingerprint in str(err.value)
 
 
-def test_classification_site_reports_accuracy(examples_dir: Path) -> None:
+def _classification_site(examples_dir: Path, *overrides: str) -> tuple[RunConfig, SiteRuntime]:
+    """Site 1 of banking77 over 3 sites, on a tiny random Llama classifier."""
     cfg = load_config(
         examples_dir / "banking77.toml",
         [
             "model.name=tiny-llama",
             "modules.shared.targets=['q_proj','v_proj']",
             "federation.sites=3",
+            "data.partition='dirichlet'",
             "train.local-steps=2",
             "train.batch-size=8",
             "data.max-eval-examples=16",
+            *overrides,
         ],
     )
     dataset = load_dataset(cfg.data)
     assert dataset.label_names is not None and len(dataset.label_names) == 77
     host = AdapterHost(cfg.model, cfg.modules, len(dataset.label_names))
-    site = SiteRuntime(host, site_data(dataset, 1, 3, cfg.data), dataset.kind, "site-1", 1)
+    return cfg, SiteRuntime(host, site_data(dataset, 1, 3, cfg.data), dataset.kind, "site-1", 1)
+
+
+def test_classification_site_reports_accuracy(examples_dir: Path) -> None:
+    cfg, site = _classification_site(examples_dir)
+    host = site.host
     received = join_modules(host.initial)
     assert any("score" in k for k in received), "the new classification head must be trained"
     update = site.train(received, site_plan(cfg), server_round=1, version=0)
@@ -92,3 +100,43 @@ def test_classification_site_reports_accuracy(examples_dir: Path) -> None:
     result = site.evaluate(received, site_plan(cfg), 0)
     assert result.accuracy is not None and 0.0 <= result.accuracy <= 1.0
     assert result.examples == 16
+
+
+def _head_delta(update_delta: dict[str, torch.Tensor]) -> torch.Tensor:
+    (key,) = [k for k in update_delta if "score" in k and k.endswith("weight")]
+    return update_delta[key]
+
+
+@pytest.mark.parametrize("loss", ["restricted", "calibrated"])
+def test_skew_robust_loss_leaves_the_head_rows_of_absent_labels_alone(
+    examples_dir: Path, loss: str
+) -> None:
+    cfg, site = _classification_site(examples_dir, f"train.classifier-loss='{loss}'")
+    held = {e.label for e in site.data.train}
+    absent = sorted(set(range(77)) - held)
+    assert absent, "the Dirichlet split leaves this site without some labels"
+    received = join_modules(site.host.initial)
+    robust = _head_delta(site.train(received, site_plan(cfg), 1, 0).delta)
+    plain_plan = site_plan(cfg).model_copy(
+        update={"train": cfg.train.model_copy(update={"classifier_loss": "plain"})}
+    )
+    plain = _head_delta(site.train(received, plain_plan, 1, 0).delta)
+    assert torch.all(robust[absent] == 0)  # no push on a label this site has never seen
+    assert torch.all(plain[absent].abs().sum(dim=1) > 0)  # the plain loss pushes them all
+    assert torch.all(robust[sorted(held)].abs().sum(dim=1) > 0)
+
+
+def test_proximal_term_keeps_the_delta_near_the_global(cfg: RunConfig) -> None:
+    site = _runtime(cfg)
+    received = join_modules(site.host.initial)
+
+    def norm(mu: float) -> float:
+        # Plain SGD at lr x mu = 0.9: each step removes 90 % of the distance to the global.
+        update = {"proximal_mu": mu, "optimizer": "sgd", "lr": 0.3, "momentum": 0.0}
+        train = cfg.train.model_copy(update=update)
+        plan = site_plan(cfg).model_copy(update={"train": train})
+        delta = site.train(received, plan, server_round=1, version=0).delta
+        return float(sum((d.double() ** 2).sum() for d in delta.values()) ** 0.5)
+
+    free, held = norm(0.0), norm(3.0)
+    assert 0 < held < 0.5 * free
