@@ -353,10 +353,11 @@ def _partition_pathological(keys: list[str], num_sites: int, cfg: DataConfig) ->
 
     The values, in a seeded random order and cycled, fill ``sites x k`` slots; site ``i``
     takes slots ``[i*k, (i+1)*k)``. A value held by several sites has its examples dealt
-    among them in a seeded random order, so that no example is lost or duplicated.
+    among them in a seeded random order, so that no example is lost or duplicated. Without
+    ``data.labels-per-site``, k = ceil(values / sites): the sites' values barely overlap.
     """
-    k = cfg.labels_per_site or 1
     values = sorted(set(keys))
+    k = cfg.labels_per_site or -(-len(values) // num_sites)
     if k > len(values) or num_sites * k < len(values):
         raise ConfigError(
             f"data.partition = 'pathological': data.labels-per-site = {k} with "

@@ -76,7 +76,8 @@ class DataConfig(Section):
     partition: Partition = "iid"
     alpha: Annotated[float, Field(gt=0)] = 0.5
     by: str | None = None
-    # partition = 'pathological': how many distinct values of data.by (or labels) each site holds.
+    # partition = 'pathological': how many distinct values of data.by (or labels) each site
+    # holds; None = the fewest that cover every value, ceil(values / sites): disjoint sites.
     labels_per_site: PositiveInt | None = None
     # Fraction of each site's examples kept back for its local evaluation.
     holdout: Annotated[float, Field(ge=0, lt=1)] = 0.1
@@ -90,8 +91,6 @@ class DataConfig(Section):
     def _check(self) -> DataConfig:
         if self.partition == "by-column" and not self.by:
             raise ValueError("data.partition = 'by-column' needs data.by = '<column name>'")
-        if self.partition == "pathological" and self.labels_per_site is None:
-            raise ValueError("data.partition = 'pathological' needs data.labels-per-site = <k>")
         if self.labels is not None and (
             len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)
         ):

@@ -411,9 +411,12 @@ def test_pathological_that_cannot_cover_every_label_is_a_config_error(k: int) ->
         partition(dataset, 2, _cfg(partition="pathological", labels_per_site=k))
 
 
-def test_pathological_needs_labels_per_site() -> None:
-    with pytest.raises(ValueError, match=r"labels-per-site"):
-        _cfg(partition="pathological")
+def test_pathological_by_default_gives_the_fewest_labels_that_cover_all() -> None:
+    labels = [f"l{i % 7}" for i in range(70)]
+    parts = partition(_classification(labels), 3, _cfg(partition="pathological"))
+    _check_partition(parts, 70)
+    # ceil(7 / 3) = 3 labels a site: 9 slots over 7 labels, so two labels are held twice.
+    assert [len({labels[i] for i in part}) for part in parts] == [3, 3, 3]
 
 
 def test_more_sites_than_examples_is_a_config_error() -> None:
