@@ -84,6 +84,15 @@ def rounds_to_reach(
     return None
 
 
+def best_point(points: Sequence[CurvePoint], higher_is_better: bool) -> CurvePoint | None:
+    """The point with the best global figure (the earliest of equals); None if none has one."""
+    known = [p for p in points if p.global_value is not None]
+    if not known:
+        return None
+    sign = 1.0 if higher_is_better else -1.0
+    return max(known, key=lambda p: (sign * (p.global_value or 0.0), -p.round))
+
+
 def curves_json(curves: Curves) -> dict[str, list[dict[str, Any]]]:
     return {
         arm: [

@@ -9,6 +9,7 @@ import pytest
 
 from fedlora.compare_curves import (
     CurvePoint,
+    best_point,
     curve_rounds,
     curves_json,
     federated_curve,
@@ -68,3 +69,12 @@ def test_plot_curves_writes_both_pngs(tmp_path: Path) -> None:
     assert sorted(paths) == ["bytes", "round"]
     for path in paths.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_point_is_the_best_global_figure_not_the_last() -> None:
+    # A centralized run that diverges late (as AdamW at lr 5e-3 did on banking77).
+    points = [CurvePoint(5, 0.66, None), CurvePoint(40, 0.79, None), CurvePoint(45, 0.01, None),
+              CurvePoint(50, None, None)]  # fmt: skip
+    assert best_point(points, higher_is_better=True) == points[1]
+    assert best_point(points, higher_is_better=False) == points[2]
+    assert best_point([CurvePoint(1, None, None)], higher_is_better=True) is None
