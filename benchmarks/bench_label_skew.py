@@ -26,7 +26,7 @@ from bench_output import REPO, header, print_table, write_result
 from common.adapters import AdapterState
 from common.config import load_config
 from common.modules import join_modules, split_modules
-from common.server_opt import make_server_optimizer
+from common.server_opt import server_optimizer_for
 from fedlora.compare import Comparison
 
 FEDADAM = [
@@ -62,15 +62,7 @@ def federate(overrides: list[str], config: Path, rounds: int, every: int, name: 
     cfg = load_config(config, overrides)
     comparison = Comparison(cfg)
     plan = comparison.plan.model_copy(update={"clip": None})
-    agg = cfg.aggregation
-    optimizer = make_server_optimizer(
-        agg.server_optimizer,
-        agg.server_lr,
-        agg.server_momentum,
-        agg.server_beta1,
-        agg.server_beta2,
-        agg.server_tau,
-    )
+    optimizer = server_optimizer_for(cfg.aggregation)
     state = {k: v.clone() for k, v in comparison.initial.items()}
     total = sum(len(site.data.train) for site in comparison.sites)
     curve, start = [], time.perf_counter()

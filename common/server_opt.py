@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from common.adapters import AdapterState, apply_delta, check_delta, check_shapes, state_shapes
+from common.config import AggregationConfig
 from common.errors import ConfigError
 
 StateDict = dict[str, torch.Tensor | float | int]
@@ -289,4 +290,16 @@ def make_server_optimizer(
     raise ConfigError(
         f"aggregation.server-optimizer = {name!r} is not a known server optimizer; "
         f"expected one of {known}"
+    )
+
+
+def server_optimizer_for(agg: AggregationConfig) -> ServerOptimizer:
+    """The server optimizer a run's ``[aggregation]`` section configures."""
+    return make_server_optimizer(
+        agg.server_optimizer,
+        agg.server_lr,
+        agg.server_momentum,
+        agg.server_beta1,
+        agg.server_beta2,
+        agg.server_tau,
     )

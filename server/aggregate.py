@@ -31,7 +31,7 @@ from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
 from common.modules import PRIVATE, join_modules, split_modules
 from common.robust import aggregate_median, aggregate_trimmed_mean
 from common.rules import get_rule, sum_only_aggregate
-from common.server_opt import make_server_optimizer
+from common.server_opt import server_optimizer_for
 
 OPTIMIZER_PREFIX = "optimizer/"
 
@@ -56,17 +56,7 @@ class Aggregator:
         self.cfg = cfg
         self.rule = get_rule(agg.rule)
         self.modules = {n: m for n, m in sorted(cfg.modules.items()) if m.scope != PRIVATE}
-        self.optimizers = {
-            name: make_server_optimizer(
-                agg.server_optimizer,
-                agg.server_lr,
-                agg.server_momentum,
-                agg.server_beta1,
-                agg.server_beta2,
-                agg.server_tau,
-            )
-            for name in self.modules
-        }
+        self.optimizers = {name: server_optimizer_for(agg) for name in self.modules}
         self.accountant: PrivacyAccountant | None = None
         self.noise = torch.Generator()
         if dp.enabled:
