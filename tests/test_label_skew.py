@@ -2,7 +2,7 @@
 
 With the old defaults (a fresh local AdamW each round, FedAvg) every site's steps push down the
 14 labels it lacks at full Adam step size, the average cancels, and the global classifier
-stays near uniform. The skew-robust setting of ``examples/banking77.toml`` (local SGD, whose
+stays near chance. The skew-robust setting of ``examples/banking77.toml`` (local SGD, whose
 steps are linear in the gradients, and FedAdam at the coordinator: Reddi et al. 2021) learns.
 A tiny random Llama classifier (seeded) on a synthetic intent set keeps it to seconds a round.
 """
@@ -119,16 +119,16 @@ def test_split_is_pathological(skewed_config: Path) -> None:
     assert set().union(*held) == set(range(16))
 
 
-def test_old_defaults_collapse(accuracies: dict[str, Any]) -> None:
-    # 16 labels: chance is 6.25 %. The old defaults rise for a few rounds, then the sites'
-    # opposing pushes win and the global model falls back toward chance.
+def test_old_defaults_stay_near_chance(accuracies: dict[str, Any]) -> None:
+    # 16 labels: chance is 6.25 %. The sites' opposing full-size pushes cancel: the old
+    # defaults hover near chance for half the run and creep up only slowly after.
     old = accuracies["old"]
-    assert old[-1] < 0.25, old
-    assert old[-1] < max(old) - 0.1, old
+    assert max(old[:9]) < 0.15, old
+    assert max(old) < 0.3, old
 
 
 def test_skew_robust_setting_learns(accuracies: dict[str, Any]) -> None:
     robust, old = accuracies["robust"], accuracies["old"]
     assert robust[0] == pytest.approx(old[0])  # the same version 0
-    assert robust[-1] >= 0.45, robust
-    assert robust[-1] >= old[-1] + 0.25, (robust, old)
+    assert robust[-1] >= 0.5, robust
+    assert robust[-1] >= old[-1] + 0.3, (robust, old)
