@@ -158,8 +158,9 @@ def train_local(
     on_step: StepCallback | None = None,
     counts: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Run ``cfg.local_steps`` AdamW steps (each of ``cfg.grad_accum`` micro-batches).
+    """Run ``cfg.local_steps`` optimizer steps (each of ``cfg.grad_accum`` micro-batches).
 
+    ``cfg.optimizer``: AdamW, or SGD with momentum (linear in the gradients, for label skew).
     The optimizer state starts fresh every round, as in FedIT: only the adapter travels.
     ``counts``: a classification site's examples per label (``local_loss``). With
     ``cfg.proximal_mu`` the loss adds FedProx's pull toward the received (starting) tensors.

@@ -34,7 +34,8 @@ base model, base + the federated adapter unmerged, and merged into the weights.
 
 Curves: every arm's global and own held-out figure against rounds and against bytes moved
 (``curves-round.png``, ``curves-bytes.png``, and in ``compare.json``), and the round at which
-the federation reaches 90 % and 95 % of centralized. The federated arm is evaluated every
+the federation reaches 90 % and 95 % of centralized at its best evaluated round (not its last:
+a centralized run that diverges late is no reference). The federated arm is evaluated every
 round; the in-process arms about ``--curve-points`` times.
 
 Writes ``DIR/compare.json``, ``DIR/compare.md`` and the federated run under ``DIR/federated``.
