@@ -318,6 +318,11 @@ class Comparison:
                 on_round(server_round, state)
         return state
 
+    def _plain_plan(self, steps: int) -> SitePlan:
+        """The in-process arms' plan with ``steps`` local steps a round."""
+        train = self.plain.train.model_copy(update={"local_steps": steps})
+        return self.plain.model_copy(update={"train": train})
+
     def _figures(self, quality: Quality) -> tuple[float | None, float | None]:
         """(global, own held-out) figure of ``quality``: accuracy, or perplexity (causal LM)."""
         if self.dataset.kind == "classification":
@@ -366,9 +371,7 @@ class Comparison:
         would deploy for itself. Own held-out = each site's model on its own split; global =
         the mean over the sites' models.
         """
-        plan = self.plain.model_copy(
-            update={"train": self.plain.train.model_copy(update={"local_steps": steps})}
-        )
+        plan = self._plain_plan(steps)
         start, per_site = time.perf_counter(), []
         with PeakRSS() as rss:
             for index, runtime in enumerate(self.sites):
@@ -395,9 +398,7 @@ class Comparison:
         pooled = [e for split in self.splits for e in split.train]
         runtime = SiteRuntime(self.host, SiteData(pooled, []), self.dataset.kind, "pooled", 0)
         steps = self.plan.train.local_steps * (1 if equal_steps else len(self.sites))
-        plan = self.plain.model_copy(
-            update={"train": self.plain.train.model_copy(update={"local_steps": steps})}
-        )
+        plan = self._plain_plan(steps)
         name = "centralized-equal-steps" if equal_steps else "centralized"
         print_message(f"{name}: {len(pooled)} pooled examples, {steps} steps per round")
         moved = _data_bytes(pooled)
