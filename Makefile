@@ -46,8 +46,11 @@ lint: setup
 unit: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Two pytest workers; each test file runs whole on one worker (module fixtures set up once),
+# and the costliest files start first (tests/conftest.py), so the two finish together.
+WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/bench_communication.py

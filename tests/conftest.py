@@ -29,3 +29,40 @@ EXAMPLES = REPO / "examples"
 @pytest.fixture
 def examples_dir() -> Path:
     return EXAMPLES
+
+
+# The test files that take longest (measured with `pytest --durations`), costliest first. Under
+# `make test` (pytest-xdist, one file per worker at a time) they start first, so that no long
+# file is left running alone at the end while the other worker idles.
+_COSTLIEST_FIRST = (
+    "test_e2e_resilience.py",
+    "test_demo.py",
+    "test_simulation_modes.py",
+    "test_faults.py",
+    "test_resume.py",
+    "test_e2e_loopback.py",
+    "test_secure_sum_dropout.py",
+    "test_cli.py",
+    "test_label_skew.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order files costliest first, then the other slow files, then the rest.
+
+    The sort is by file and stable, so a file's tests stay together and in their order (a
+    module fixture is still set up once).
+    """
+    slow_files = {
+        item.path
+        for item in items
+        if item.get_closest_marker("slow") or item.get_closest_marker("e2e")
+    }
+
+    def cost_rank(item: pytest.Item) -> int:
+        name = item.path.name
+        if name in _COSTLIEST_FIRST:
+            return _COSTLIEST_FIRST.index(name)
+        return len(_COSTLIEST_FIRST) + (0 if item.path in slow_files else 1)
+
+    items.sort(key=cost_rank)
