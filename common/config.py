@@ -520,13 +520,30 @@ class SitePlan(Section):
     groups: dict[str, list[str]] = Field(default_factory=dict)
 
 
+def fewest_survivors(cfg: RunConfig) -> int:
+    """The fewest sites whose secure sum can be unmasked, whatever the coordinator does.
+
+    Unmasking needs ``t`` shares (the Shamir threshold) of every survivor's self-mask seed, and
+    only survivors reveal those, so no round, not even one driven by a lying coordinator, ends
+    with fewer than ``t`` (at least 2) survivors. ``federation.min-sites`` only binds an honest
+    coordinator, so it never raises this floor.
+    """
+    from common.secagg import params_for  # Shamir and HKDF: only where secure sum is used
+
+    ss = cfg.privacy.secure_sum
+    params = params_for(cfg.federation.sites, 1.0, 1.0, degree=ss.degree, threshold=ss.threshold)
+    return max(2, params.threshold)
+
+
 def _site_noise_std(cfg: RunConfig) -> float:
     dp = cfg.privacy.dp
     if not dp.enabled or dp.placement != "distributed":
         return 0.0
-    # Sized for the fewest survivors a round accepts, so their sum carries the full noise.
-    survivors = cfg.federation.min_sites or cfg.federation.sites
-    return float(dp.noise_multiplier * dp.clip / survivors**0.5)
+    from common.dp import site_noise_std  # dp_accounting: ~2 s to import
+
+    # Sized for the fewest survivors that can complete a round, so that their sum alone
+    # carries the noise the accountant counts (sigma * C).
+    return site_noise_std(dp.noise_multiplier, dp.clip, dp.placement, fewest_survivors(cfg))
 
 
 def site_plan(cfg: RunConfig, labels: list[str] | None = None) -> SitePlan:

@@ -313,7 +313,8 @@ class SecAggSite:
         ------
         SecAggError
             If any peer is named as both survivor and dropped (that would reveal its input),
-            or the two lists do not split exactly the neighbours whose shares this site holds.
+            the two lists do not split exactly the neighbours whose shares this site holds, or
+            fewer survivors are named than the threshold (the minimum survivors, in a full graph).
         """
         self._enter(_UNMASK)
         survivors, dropped = set(request.survivors), set(request.dropped)
@@ -329,6 +330,17 @@ class SecAggSite:
             raise SecAggError(
                 f"site {self.site_id} refuses to unmask: survivors and dropped must split its "
                 f"peers {sorted(held)} exactly, got {count} ids"
+            )
+        # Told that too few peers survived, a site would hand over the mask keys of "dropped"
+        # peers while their masked inputs are in the sum: refuse below the round's floor.
+        alive = len(survivors) + 1  # its surviving neighbours and itself
+        floor = self.params.threshold
+        if len(self.neighbours) == self.params.num_sites - 1:  # full graph: it sees everyone
+            floor = max(floor, self.params.min_survivors)
+        if alive < floor:
+            raise SecAggError(
+                f"site {self.site_id} refuses to unmask: the request names {alive} survivors "
+                f"(itself included), below the round's floor of {floor}"
             )
         if self._own_seed_share is None:
             raise SecAggError(f"site {self.site_id}: no own seed share (share_keys never ran)")

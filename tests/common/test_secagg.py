@@ -163,10 +163,32 @@ def test_site_that_never_shares_is_left_out() -> None:
     ("num_sites", "dropped"), [(5, {1, 2, 3}), (10, {1, 2, 3, 4, 5})], ids=["5-drop-3", "10-drop-5"]
 )
 def test_too_many_dropouts_fail_below_threshold(num_sites: int, dropped: set[int]) -> None:
-    # A dropped site's s_sk has no own share: t of its neighbours must survive.
+    # A dropped site's s_sk has no own share: t of its neighbours must survive. The survivors
+    # refuse to unmask, and the coordinator, given only their answers, cannot either.
+    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT, min_survivors=2))
+    with pytest.raises(SecAggError, match="below the round's floor"):
+        run(rnd, drop_after_share=dropped)
     rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT, min_survivors=2))
     with pytest.raises(SecAggError, match="threshold"):
-        run(rnd, drop_after_share=dropped)
+        run(rnd, drop_after_share=dropped, silent_unmask=set(rnd.sites))
+
+
+@pytest.mark.parametrize("num_sites", [3, 5, 10])
+def test_site_refuses_to_unmask_when_told_too_few_survived(num_sites: int) -> None:
+    # A lying coordinator tells site 1 that all but t - 2 of its peers dropped, to get their
+    # mask keys while their masked inputs are in the sum (Bonawitz et al. 2017, section 6).
+    rnd, requests = _site_after_masking(num_sites)
+    peers = sorted(requests[1].survivors)
+    keep = peers[: rnd.params.threshold - 2]
+    lie = UnmaskRequest(survivors=tuple(keep), dropped=tuple(p for p in peers if p not in keep))
+    with pytest.raises(SecAggError, match="below the round's floor"):
+        rnd.sites[1].unmask(lie)
+
+    rnd, requests = _site_after_masking(num_sites)  # exactly at the floor: answered
+    keep = peers[: rnd.params.threshold - 1]
+    dropped = tuple(p for p in peers if p not in keep)
+    reply = rnd.sites[1].unmask(UnmaskRequest(survivors=tuple(keep), dropped=dropped))
+    assert sorted(reply.key_shares) == list(dropped)
 
 
 def test_fewer_survivors_than_minimum_fail() -> None:
