@@ -7,7 +7,9 @@ Keys are kebab-case in TOML (``train.local-steps``) and snake_case in Python
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -312,14 +314,38 @@ class RunConfig(Section):
         return self
 
 
-def _check_modules(cfg: RunConfig) -> None:
-    """Module names, scopes and groups, and what each privacy mode and rule supports."""
-    for name, module in cfg.modules.items():
+# A site id names key files and folders and travels in every envelope: a leading letter or
+# digit (no hidden files, no "..") and no path separators; 64 bytes is plenty for a name.
+SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_names(modules: Mapping[str, ModuleConfig], groups: Mapping[str, list[str]]) -> None:
+    """Module, group and site names, which become folder and file names at both ends.
+
+    Checked in the coordinator's config and again by every site in the plan it receives: a
+    name such as ``/etc`` or ``../x`` would otherwise make a site write outside its store.
+    """
+    for name in modules:
         if not MODULE_NAME.fullmatch(name):
             raise ValueError(
-                f"modules.{name}: a module name is lowercase letters, digits, '-' or '_', "
+                f"modules.{name[:80]}: a module name is lowercase letters, digits, '-' or '_', "
                 "starting with a letter, at most 40 characters"
             )
+    for group, members in groups.items():
+        if not MODULE_NAME.fullmatch(group):
+            raise ValueError(f"groups.{group[:80]}: a group name is written like a module name")
+        for site in members:
+            if not SITE_ID_PATTERN.fullmatch(site):
+                raise ValueError(
+                    f"groups.{group}: site id {site[:80]!r} is not letters, digits, '.', '_' "
+                    "or '-' (at most 64, starting with a letter or digit)"
+                )
+
+
+def _check_modules(cfg: RunConfig) -> None:
+    """Module names, scopes and groups, and what each privacy mode and rule supports."""
+    check_names(cfg.modules, cfg.groups)
+    for name, module in cfg.modules.items():
         group = module_group(module.scope)
         if group is not None and not cfg.groups.get(group):
             raise ValueError(
@@ -518,6 +544,11 @@ class SitePlan(Section):
     labels: list[str] | None = None
     # Group name -> site ids: which group-scoped modules each site trains and sends.
     groups: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> SitePlan:
+        check_names(self.modules, self.groups)
+        return self
 
 
 def fewest_survivors(cfg: RunConfig) -> int:

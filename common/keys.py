@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.hpke import MLKEM768X25519PrivateKey, MLKEM768X25519PublicKey
 
 from common.atomic import fsync_dir
+from common.config import SITE_ID_PATTERN
 from common.errors import FedloraError
 
 Kem = Literal["x25519", "mlkem768-x25519"]
@@ -48,9 +49,6 @@ COORDINATOR_KEY_NAME = "coordinator.key"
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
 
-# A site id names files and travels in every envelope: a leading letter or digit (no hidden
-# files, no "..") and no path separators; 64 bytes is plenty for a human-chosen name.
-SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Largest key file read (bytes); real ones are under 2 KiB, so anything bigger is not a key.
 MAX_KEY_FILE_BYTES = 64 * 1024
 PUBLIC_FILE_MODE = 0o644

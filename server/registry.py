@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from common.adapters import AdapterState
 from common.atomic import fsync_dir, write_json_atomic
 from common.errors import RegistryError
+from common.modules import MODULE_NAME
 
 if TYPE_CHECKING:
     from server.registry_export import BaseModelLike, Combination, Selection
@@ -74,6 +75,10 @@ class Registry:
         self.root = root
 
     def module_dir(self, module: str) -> Path:
+        """``<root>/<module>``; RegistryError for a name that is not a module name (``/etc``,
+        ``..``), which would put the folder outside the registry."""
+        if not MODULE_NAME.fullmatch(module):
+            raise RegistryError(f"{module[:80]!r} is not a module name (lowercase, digits, - or _)")
         return self.root / module
 
     def modules(self) -> list[str]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from common.config import RunConfig, load_config, parse_override, site_plan
-from common.errors import ConfigError
+from common.config import RunConfig, SitePlan, load_config, parse_override, site_plan
+from common.errors import ConfigError, RegistryError
+from server.registry import Registry
 
 MINIMAL = """
 [model]
@@ -146,3 +150,37 @@ def test_missing_key_file_names_key(config_file: Path) -> None:
     config_file.write_text(MINIMAL + "[privacy]\ncoordinator-key = 'nope.key'\n")
     with pytest.raises(ConfigError, match=r"privacy\.coordinator-key: file not found"):
         load_config(config_file)
+
+
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [
+        ("module", "/etc/fedlora"),
+        ("module", "../outside"),
+        ("module", "Shared"),
+        ("group", "../g"),
+        ("site", "../site-0"),
+        ("site", "/abs"),
+    ],
+)
+def test_site_refuses_a_plan_with_a_name_that_is_a_path(
+    config_file: Path, where: str, name: str
+) -> None:
+    """A site parses the coordinator's plan with SitePlan; names there become folder names."""
+    plan = json.loads(site_plan(load_config(config_file)).model_dump_json())
+    if where == "module":
+        plan["modules"][name] = plan["modules"].pop("shared")
+    elif where == "group":
+        plan["groups"] = {name: ["site-0"]}
+    else:
+        plan["groups"] = {"g": [name]}
+    with pytest.raises(ValidationError, match=re.escape(name)):
+        SitePlan.model_validate_json(json.dumps(plan))
+
+
+def test_registry_refuses_a_module_folder_outside_it(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    for name in ("/etc", "..", "a/b", ""):
+        with pytest.raises(RegistryError, match="not a module name"):
+            registry.module_dir(name)
+    assert registry.module_dir("shared") == tmp_path / "registry" / "shared"
