@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
 from common.allow_list import AllowList
+from common.config import SITE_ID_PATTERN
 from common.errors import UpdateRejected
 from common.keys import (
-    SITE_ID_PATTERN,
     CoordinatorPrivateKey,
     CoordinatorPublicKey,
     Kem,
