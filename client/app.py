@@ -30,7 +30,7 @@ from common.adapters import AdapterState
 from common.config import RunConfig, SitePlan
 from common.encoding import encode_delta
 from common.envelope import EnvelopeContext, seal_delta
-from common.errors import FedloraError
+from common.errors import DataError, FedloraError
 from common.keys import (
     COORDINATOR_KEY_NAME,
     PRIVATE_SUFFIX,
@@ -141,9 +141,20 @@ def _describe(
     )
 
 
+def public_reason(exc: Exception) -> str:
+    """What a refusal tells the coordinator: a data error only by its kind.
+
+    A data error quotes the site's own rows, labels and paths, which are the site's private
+    data; the full message stays in the site's log.
+    """
+    if isinstance(exc, DataError):
+        return "the site's data failed a check (the details are in the site's own log)"
+    return str(exc)
+
+
 def _refuse(msg: Message, exc: Exception) -> Message:
     logger.error("refusing %s instruction: %s", msg.metadata.message_type, exc)
-    return Message(Error(code=ERROR_REFUSED, reason=str(exc)), reply_to=msg)
+    return Message(Error(code=ERROR_REFUSED, reason=public_reason(exc)), reply_to=msg)
 
 
 @dataclass(frozen=True)
