@@ -124,6 +124,10 @@ class CoordinatorPrivateKey:
             return self.x25519_key
         return MLKEM768X25519PrivateKey(self.mlkem_key, self.x25519_key)
 
+    def secret_bytes(self) -> bytes:
+        """The raw private key bytes, for deriving the coordinator's other keys (HKDF)."""
+        return self.x25519_key.private_bytes_raw()
+
     def __repr__(self) -> str:
         fingerprint = public_fingerprint(self.public_key())
         return f"CoordinatorPrivateKey(kem={self.kem!r}, public {fingerprint})"

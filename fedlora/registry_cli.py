@@ -4,7 +4,7 @@ fedlora registry list RUN_DIR [--module M]
 fedlora registry show RUN_DIR MODULE VERSION
 fedlora registry export RUN_DIR --module M [--version N] --out DIR
 fedlora registry export RUN_DIR --modules a,b[:N] --out DIR [--merge [--weights 1,1] ...]
-fedlora registry verify RUN_DIR [--model MODEL]
+fedlora registry verify RUN_DIR [--model MODEL] [--coordinator-key FILE]
 
 Exit status: 0 on success, 1 when ``verify`` finds problems, 2 for an error (a missing run
 folder, an unknown module or version, an impossible option).
@@ -25,8 +25,15 @@ from rich.table import Table
 from safetensors import safe_open
 
 from common.errors import FedloraError, RegistryError
+from common.keys import COORDINATOR_KEY_NAME, load_coordinator_private
 from common.progress import console
-from server.audit import AUDIT_FILE, EVENT_VERSION_PUBLISHED, read_entries, verify_chain
+from server.audit import (
+    AUDIT_FILE,
+    EVENT_VERSION_PUBLISHED,
+    audit_mac_key,
+    read_entries,
+    verify_chain,
+)
 from server.registry import ADAPTER_FILE, Registry, RegistryVersion
 
 _PIPED_WIDTH = 200  # characters per line of `list` when stdout is not a terminal
@@ -87,10 +94,19 @@ def add_registry_actions(parser: argparse.ArgumentParser) -> None:
         description="Check every version: manifest parses, SHA-256 of the tensors matches it, "
         "adapter_config.json parses, parents form an unbroken line; with --model, every "
         "manifest's base fingerprint equals the model's. When RUN_DIR/audit.jsonl exists, "
-        "check its hash chain and that it records every published version. Prints each "
-        "problem; exit 0 when there are none, 1 otherwise.",
+        "check its hash chain and that it records every published version, and with the "
+        "coordinator's key every entry's MAC (an edited log fails even when its chain was "
+        "recomputed). Prints each problem; exit 0 when there are none, 1 otherwise.",
     )
     verify.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=run_help)
+    verify.add_argument(
+        "--coordinator-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the coordinator's private key, to check the audit log's MACs (default: "
+        "RUN_DIR/keys/coordinator.key where a simulation left one)",
+    )
     _add_model_options(verify, "load this base model (alias, folder, .gguf) and compare "
                        "its fingerprint with every manifest's")  # fmt: skip
 
@@ -330,13 +346,32 @@ def _infer_num_labels(registry: Registry) -> int:
     raise UsageError("classification model: pass --num-labels (no head found in the adapters)")
 
 
+def _audit_key(args: argparse.Namespace) -> bytes | None:
+    """The audit log's MAC key from --coordinator-key, or a simulation's own key file."""
+    path = args.coordinator_key
+    if path is None:
+        default = args.run_dir / "keys" / COORDINATOR_KEY_NAME
+        path = default if default.is_file() else None
+    if path is None:
+        return None
+    return audit_mac_key(load_coordinator_private(path).secret_bytes())
+
+
 def _verify(args: argparse.Namespace) -> int:
     registry = _open(args.run_dir)
     fingerprint = _load_model(args, registry).fingerprint if args.model else None
     problems = registry.verify(model_fingerprint=fingerprint)
     audit = args.run_dir / AUDIT_FILE
     if audit.is_file():
-        problems += [f"{AUDIT_FILE} {problem}" for problem in verify_chain(audit)]
+        mac_key = _audit_key(args)
+        if mac_key is None:
+            console.print(
+                f"[yellow]warning[/]: {AUDIT_FILE}: only the hash chain is checked, which "
+                "whoever can write the file can recompute; pass --coordinator-key to check "
+                "its MACs",
+                soft_wrap=True,
+            )
+        problems += [f"{AUDIT_FILE} {problem}" for problem in verify_chain(audit, mac_key)]
         problems += _cross_check(registry, read_entries(audit))
     for warning in registry.leftovers():
         console.print(f"[yellow]warning[/]: {warning}", soft_wrap=True)

@@ -12,6 +12,13 @@ lines breaks the chain, and ``verify_chain`` names the line. Deleting lines *at 
 a valid shorter chain: the registry cross-check (every published version has its
 ``version-published`` entry) catches that once a later version exists.
 
+Anyone who can write the file can also recompute a whole chain, so the chain alone only shows
+accidents. With the coordinator's key (``AuditLog(path, mac_key)``, the key from
+``audit_mac_key``), every entry also carries ``mac``, an HMAC-SHA256 of its ``hash`` under a key
+derived (HKDF-SHA256) from the coordinator's private key; ``verify_chain(path, mac_key)`` then
+names every entry whose MAC is missing or wrong: an edited log fails even after rechaining,
+unless the editor also holds the coordinator's private key.
+
 Every append is one ``write`` of a whole line followed by ``fsync``, under an exclusive
 ``flock`` so that two processes never interleave. A crash during the write can leave a *torn*
 final line (no newline). The log then refuses to append, because the chain cannot continue
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -38,6 +46,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.atomic import fsync_dir, write_bytes_atomic
 from common.errors import FedloraError
@@ -51,6 +62,8 @@ MAX_STRING_BYTES = 4096
 # Longest entry line (bytes); bounds what reading the tail of the log costs.
 MAX_ENTRY_BYTES = 64 * 1024
 RESERVED = frozenset({"seq", "time", "event", "prev", "hash"})
+MAC_FIELD = "mac"  # present only in a log written with the coordinator's key
+_MAC_KEY_INFO = b"fedlora audit-log hmac-sha256 v1"
 _EVENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}")
 _TAIL_CHUNK = 64 * 1024  # bytes read per step when looking for the last line
 
@@ -91,8 +104,25 @@ def sha256_hex(data: bytes) -> str:
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
-    """SHA-256 over the canonical JSON of ``entry`` without its ``hash`` field."""
-    return sha256_hex(canonical_json({k: v for k, v in entry.items() if k != "hash"}))
+    """SHA-256 over the canonical JSON of ``entry`` without its ``hash`` and ``mac`` fields."""
+    return sha256_hex(canonical_json({k: v for k, v in entry.items() if k not in _UNHASHED}))
+
+
+_UNHASHED = frozenset({"hash", MAC_FIELD})
+
+
+def audit_mac_key(secret: bytes) -> bytes:
+    """The 32-byte HMAC key of the audit log, derived from the coordinator's private key bytes.
+
+    HKDF-SHA256 with a fixed label, so the log key is never the key itself and is the same
+    every time the coordinator (or an operator verifying with its key) starts.
+    """
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_KEY_INFO).derive(secret)
+
+
+def entry_mac(mac_key: bytes, entry_hash_hex: str) -> str:
+    """HMAC-SHA256 (hex) of an entry's ``hash``, which covers every other field and ``prev``."""
+    return hmac.new(mac_key, entry_hash_hex.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 def utc_now() -> str:
@@ -179,8 +209,9 @@ class AuditLog:
         until ``repair()`` is called.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mac_key: bytes | None = None) -> None:
         self.path = Path(path)
+        self.mac_key = mac_key
         self.torn: TornTail | None = None
         if self.path.exists():
             with self._locked() as fd:
@@ -234,7 +265,7 @@ class AuditLog:
             Kebab-case event name, e.g. ``EVENT_REPLY_REJECTED`` (``"reply-rejected"``).
         **fields
             Plain JSON values (no bytes, strings up to ``MAX_STRING_BYTES``); the names
-            ``seq``, ``time``, ``event``, ``prev`` and ``hash`` are reserved.
+            ``seq``, ``time``, ``event``, ``prev``, ``hash`` and ``mac`` are reserved.
 
         Returns
         -------
@@ -249,14 +280,16 @@ class AuditLog:
         if not _EVENT_NAME.fullmatch(event):
             raise AuditError(f"audit event {event!r}: expected kebab-case, e.g. 'site-seen'")
         for name, value in fields.items():
-            if name in RESERVED:
-                raise AuditError(f"audit field {name!r} is reserved ({sorted(RESERVED)})")
+            if name in RESERVED or name == MAC_FIELD:
+                raise AuditError(f"audit field {name!r} is reserved ({sorted(RESERVED)}, mac)")
             check_field(name, value)
         with self._locked() as fd:
             seq, prev = self._next_link(fd)
             entry: dict[str, Any] = {**fields, "event": event, "seq": seq, "time": utc_now()}
             entry["prev"] = prev
             entry["hash"] = entry_hash(entry)
+            if self.mac_key is not None:
+                entry[MAC_FIELD] = entry_mac(self.mac_key, entry["hash"])
             line = canonical_json(entry) + b"\n"
             if len(line) > MAX_ENTRY_BYTES:
                 raise AuditError(f"audit entry {event!r}: {len(line)} bytes > {MAX_ENTRY_BYTES}")
@@ -290,11 +323,14 @@ class AuditLog:
         return aside
 
 
-def _check_entry(number: int, entry: Any, before: dict[str, Any] | None, linked: bool) -> list[str]:
+def _check_entry(
+    number: int, entry: Any, before: dict[str, Any] | None, linked: bool, mac_key: bytes | None
+) -> list[str]:
     """Problems of one parsed line (1-based ``number``).
 
     ``before`` is the entry of the line before (None for line 1); ``linked`` is False when that
-    line did not parse, so the link to it cannot be checked.
+    line did not parse, so the link to it cannot be checked. With ``mac_key``, the entry's MAC
+    must verify.
     """
     where = f"line {number}"
     if not isinstance(entry, dict):
@@ -305,6 +341,15 @@ def _check_entry(number: int, entry: Any, before: dict[str, Any] | None, linked:
     problems = []
     if entry["hash"] != entry_hash(entry):
         problems.append(f"{where}: hash does not match the entry (an entry field was edited)")
+    if mac_key is not None:
+        mac = entry.get(MAC_FIELD)
+        if not isinstance(mac, str) or not hmac.compare_digest(
+            mac, entry_mac(mac_key, str(entry["hash"]))
+        ):
+            what = "has no MAC" if mac is None else "has a MAC that does not verify"
+            problems.append(
+                f"{where}: {what} under the coordinator's key (written or rewritten without it)"
+            )
     if not linked:
         return problems
     expected_prev = GENESIS if before is None else sha256_hex(canonical_json(before))
@@ -320,7 +365,7 @@ def _check_entry(number: int, entry: Any, before: dict[str, Any] | None, linked:
     return problems
 
 
-def _scan(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def _scan(path: Path, mac_key: bytes | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Parsed entries (unparsable lines skipped) and the chain's problems."""
     try:
         data = Path(path).read_bytes()
@@ -344,7 +389,7 @@ def _scan(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             linked = False
             continue
         try:
-            problems += _check_entry(number, entry, before, linked)
+            problems += _check_entry(number, entry, before, linked, mac_key)
         except (TypeError, ValueError, KeyError) as exc:  # e.g. seq = "7" or a list
             problems.append(f"line {number}: malformed entry ({exc!r})")
         linked = isinstance(entry, dict) and isinstance(entry.get("seq"), int)
@@ -354,21 +399,22 @@ def _scan(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return entries, problems
 
 
-def verify_chain(path: Path) -> list[str]:
-    """Check the hash chain of an audit log.
+def verify_chain(path: Path, mac_key: bytes | None = None) -> list[str]:
+    """Check the hash chain of an audit log, and with ``mac_key`` every entry's MAC.
 
     Returns
     -------
     list of str
         One line per problem, each naming its 1-based line number (broken ``prev`` link,
-        wrong ``hash``, non-monotonic ``seq``, unparsable or torn line); empty when intact.
+        wrong ``hash``, non-monotonic ``seq``, unparsable or torn line, missing or wrong MAC);
+        empty when intact.
 
     Raises
     ------
     AuditError
         When the file cannot be read.
     """
-    return _scan(path)[1]
+    return _scan(path, mac_key)[1]
 
 
 def read_entries(path: Path) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ from server.audit import (
     EVENT_SITE_SEEN,
     EVENT_VERSION_PUBLISHED,
     AuditLog,
+    audit_mac_key,
     clip_text,
     read_entries,
 )
@@ -150,13 +151,16 @@ def prepare(
         registry=Registry(out_dir / "registry"),
         run_id=uuid.uuid4().hex,
         config_digest=config_digest(config_json),
-        audit=_open_audit(out_dir),
+        audit=_open_audit(out_dir, sealing),
         sealing=sealing,
     )
 
 
-def _open_audit(out_dir: Path) -> AuditLog:
-    audit = AuditLog(out_dir / AUDIT_FILE)
+def _open_audit(out_dir: Path, sealing: Sealing | None) -> AuditLog:
+    """The run's audit log, MACed under the coordinator's key where there is one (not in
+    privacy mode ``none``, which has no key)."""
+    key = None if sealing is None else audit_mac_key(sealing.coordinator.secret_bytes())
+    audit = AuditLog(out_dir / AUDIT_FILE, key)
     if audit.torn:  # only a crash mid-append tears the last line; keep it aside, go on
         moved = audit.repair()
         logger.warning("audit log had a torn last line (crash); moved it to %s", moved)

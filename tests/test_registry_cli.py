@@ -14,9 +14,20 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 from common.config import ModelConfig
+from common.keys import generate_coordinator_key, load_coordinator_private
 from common.models import load_base
 from fedlora.registry_cli import main
-from server.audit import EVENT_RUN_STARTED, EVENT_VERSION_PUBLISHED, AuditLog
+from server.audit import (
+    EVENT_RUN_STARTED,
+    EVENT_VERSION_PUBLISHED,
+    GENESIS,
+    AuditLog,
+    audit_mac_key,
+    canonical_json,
+    entry_hash,
+    sha256_hex,
+    verify_chain,
+)
 from server.registry import ADAPTER_FILE, Registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +44,8 @@ def _lora(r: int, targets: list[str]) -> LoraConfig:
 
 
 def _build_run(run: Path) -> dict[str, torch.Tensor]:
-    """A run folder: config.json, registry (shared v0..v1, topic v0), audit log, metrics."""
+    """A run folder: config.json, registry (shared v0..v1, topic v0), audit log MACed under
+    keys/coordinator.key (as a simulation leaves them), metrics."""
     base = load_base(ModelConfig(name="tiny-llama", device="cpu"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -44,7 +56,9 @@ def _build_run(run: Path) -> dict[str, torch.Tensor]:
         shared_logits = model(input_ids=IDS).logits
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": MODEL_SECTION}))
-    registry, audit = Registry(run / "registry"), AuditLog(run / "audit.jsonl")
+    coordinator = load_coordinator_private(generate_coordinator_key(run / "keys"))
+    mac_key = audit_mac_key(coordinator.secret_bytes())
+    registry, audit = Registry(run / "registry"), AuditLog(run / "audit.jsonl", mac_key)
     audit.append(EVENT_RUN_STARTED, run_id="r1", base_fingerprint=base.fingerprint)
     meta = {"base_fingerprint": base.fingerprint, "rule": "fedavg", "epsilon": None}
     shared = get_peft_model_state_dict(model, adapter_name="shared")
@@ -212,6 +226,38 @@ def test_verify_catches_a_truncated_audit_log(
     assert code == 1
     assert "warning: shared/.v0002.tmp: leftover temp folder" in out
     assert "problem: topic/v0000: no version-published entry in audit.jsonl" in out
+
+
+def _rechain(path: Path, edit: dict[str, object], line: int) -> None:
+    """Edit one entry and recompute every hash and link after it: a valid chain again."""
+    entries = [json.loads(x) for x in path.read_text().splitlines()]
+    entries[line].update(edit)
+    prev = GENESIS
+    for entry in entries:
+        entry["prev"] = prev
+        entry["hash"] = entry_hash(entry)
+        prev = sha256_hex(canonical_json(entry))
+    path.write_bytes(b"".join(canonical_json(e) + b"\n" for e in entries))
+
+
+def test_a_rewritten_audit_chain_fails_verify_under_the_coordinator_key(
+    run: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _rechain(run / "audit.jsonl", {"run_id": "forged"}, line=0)
+    assert verify_chain(run / "audit.jsonl") == []  # the chain alone cannot tell
+    code, out = registry_cli(capsys, "verify", run)  # the run's own keys/coordinator.key
+    assert code == 1
+    assert "audit.jsonl line 1: has a MAC that does not verify" in out
+
+    another = generate_coordinator_key(tmp_path / "other")  # not the key that wrote the log
+    untouched = tmp_path / "untouched"
+    _build_run(untouched)
+    code, out = registry_cli(capsys, "verify", untouched, "--coordinator-key", another)
+    assert code == 1 and out.count("MAC that does not verify") == 4, out
+
+    shutil.rmtree(untouched / "keys")  # no key: the chain is checked, and the user is told
+    code, out = registry_cli(capsys, "verify", untouched)
+    assert code == 0 and "pass --coordinator-key to check its MACs" in out
 
 
 def _base() -> torch.nn.Module:

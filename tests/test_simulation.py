@@ -121,6 +121,16 @@ def test_every_round_recorded_and_published(run: dict[str, Any]) -> None:
     assert summary["final_version"] == cfg.federation.rounds
 
 
+def test_audit_log_carries_macs_under_the_coordinator_key(run: dict[str, Any]) -> None:
+    from common.keys import load_coordinator_private
+    from server.audit import AUDIT_FILE, MAC_FIELD, audit_mac_key, read_entries, verify_chain
+
+    audit = run["out"] / AUDIT_FILE
+    key = load_coordinator_private(run["out"] / "keys" / "coordinator.key")
+    assert all(MAC_FIELD in entry for entry in read_entries(audit))
+    assert verify_chain(audit, audit_mac_key(key.secret_bytes())) == []
+
+
 def test_training_loss_falls(run: dict[str, Any]) -> None:
     metrics = run["metrics"]
     assert metrics[-1]["train_loss"] < metrics[1]["train_loss"]
