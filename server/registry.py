@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+# Every file of a version that its manifest hashes: the tensors and the LoRA config, which peft
+# reads to apply them (an edited rank, alpha or target list changes what the adapter does).
+HASHED_FILES = (ADAPTER_FILE, CONFIG_FILE)
 MANIFEST_FILE = "manifest.json"
 _TEMP_VERSION = re.compile(r"\.v\d{4}\..+")  # what publish's mkdtemp names look like
 
@@ -148,7 +151,7 @@ class Registry:
                 "version": number,
                 "parent": parent,
                 "created": utc_stamp(),
-                "sha256": {ADAPTER_FILE: sha256_file(tmp / ADAPTER_FILE)},
+                "sha256": {name: sha256_file(tmp / name) for name in HASHED_FILES},
             }
             write_json_atomic(tmp / MANIFEST_FILE, full)
             for name in (ADAPTER_FILE, CONFIG_FILE):
@@ -312,13 +315,14 @@ def _manifest_problems(
     if manifest.get("parent", "absent") != parent:
         problems.append(f"parent is {manifest.get('parent', 'absent')!r}, expected {parent!r}")
     sha = manifest.get("sha256")
-    expected = sha.get(ADAPTER_FILE) if isinstance(sha, dict) else None
-    if expected is None:
-        problems.append(f"manifest records no sha256 of {ADAPTER_FILE}")
-    elif not (entry.path / ADAPTER_FILE).is_file():
-        problems.append(f"missing {ADAPTER_FILE}")
-    elif (actual := sha256_file(entry.path / ADAPTER_FILE)) != expected:
-        problems.append(f"{ADAPTER_FILE} SHA-256 {actual} does not match the manifest's {expected}")
+    for name in HASHED_FILES:
+        expected = sha.get(name) if isinstance(sha, dict) else None
+        if expected is None:
+            problems.append(f"manifest records no sha256 of {name}")
+        elif not (entry.path / name).is_file():
+            problems.append(f"missing {name}")
+        elif (actual := sha256_file(entry.path / name)) != expected:
+            problems.append(f"{name} SHA-256 {actual} does not match the manifest's {expected}")
     recorded = manifest.get("base_fingerprint")
     if fingerprint is not None and recorded != fingerprint:
         problems.append(

@@ -188,6 +188,17 @@ def test_verify_reports_a_tampered_tensor(built: Built) -> None:
     assert "does not match the manifest's" in problems[0]
 
 
+def test_verify_reports_an_edited_adapter_config(built: Built) -> None:
+    # A valid LoRA config with another alpha: peft would apply the same tensors differently.
+    path = built.root / "shared" / "v0001" / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config["lora_alpha"] = 4 * config["lora_alpha"]
+    path.write_text(json.dumps(config))
+    problems = Registry(built.root).verify()
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"shared/v0001: {CONFIG_FILE} SHA-256 ")
+
+
 def test_verify_reports_missing_and_broken_files(built: Built) -> None:
     (built.root / "shared" / "v0001" / MANIFEST_FILE).unlink()
     (built.root / "topic" / "v0000" / CONFIG_FILE).write_text("{oops")
