@@ -152,13 +152,13 @@ def _misbehave(
 
 
 # -- hostile train replies ---------------------------------------------------------------------
-def _envelope_context(msg: Message, site_id: str) -> EnvelopeContext:
+def _envelope_context(msg: Message, site_id: str, module: str = MODULE) -> EnvelopeContext:
     header = msg.content.config_records[P.HEADER_RECORD]
     return EnvelopeContext(
         run_id=str(header[P.KEY_RUN_ID]),
         round=int(str(header[P.KEY_ROUND])),
         site_id=site_id,
-        module=MODULE,
+        module=module,
         version=int(str(header[P.KEY_VERSION])),
         base_fingerprint=str(header[P.KEY_FINGERPRINT]),
     )
@@ -171,6 +171,17 @@ def _reseal(msg: Message, reply: Message, keys: Path, site_id: str, payload: byt
     update = reply.content.config_records[P.UPDATE_RECORD]
     update[P.KEY_SITE] = site_id
     update[P.delta_key(MODULE)] = envelope
+    if P.KEY_REPORT in update:  # sealed mode: the report must come from site_id too
+        _reseal_report(msg, reply, keys, site_id, examples=10)
+
+
+def _reseal_report(msg: Message, reply: Message, keys: Path, site_id: str, examples: int) -> None:
+    """Replace the reply's sealed report with one claiming ``examples``, signed as ``site_id``."""
+    public, signing = SiteKeys(keys).load(site_id)
+    values = dict.fromkeys(P.REPORT_KEYS, 1.0) | {P.METRIC_EXAMPLES: examples}
+    context = _envelope_context(msg, site_id, P.REPORT_MODULE)
+    envelope = seal_delta(P.report_bytes(values), public, signing, context)
+    reply.content.config_records[P.UPDATE_RECORD][P.KEY_REPORT] = envelope
 
 
 def _zeros(msg: Message) -> AdapterState:
@@ -200,8 +211,11 @@ def _huge_norm(plan: FaultPlan, fault: Fault, msg: Message, reply: Message, _: C
     _reseal(msg, reply, plan.keys, f"site-{fault.site}", encode_delta(delta))
 
 
-def _inflated_count(plan: FaultPlan, _f: Fault, _m: Message, reply: Message, _: Context) -> None:
-    reply.content.metric_records[P.METRICS_RECORD][P.METRIC_EXAMPLES] = plan.max_examples * 1000
+def _inflated_count(
+    plan: FaultPlan, fault: Fault, msg: Message, reply: Message, _: Context
+) -> None:
+    # The site signs its own lie: the coordinator's bound on the count must catch it.
+    _reseal_report(msg, reply, plan.keys, f"site-{fault.site}", plan.max_examples * 1000)
 
 
 def _replay(_p: FaultPlan, _f: Fault, _m: Message, reply: Message, context: Context) -> None:

@@ -119,26 +119,31 @@ def _signing_key(keys: SiteKeys | None, site: Site) -> Ed25519PrivateKey:
     return keys.load(site.site_id)[1]
 
 
+def _report(update: SiteUpdate) -> dict[str, int | float]:
+    """What training cost and how the site's delta was clipped (``P.REPORT_KEYS``)."""
+    return {
+        P.METRIC_EXAMPLES: update.examples,
+        P.METRIC_TRAIN_LOSS: update.result.loss,
+        P.METRIC_SECONDS: update.result.seconds,
+        P.METRIC_PEAK_MEMORY: update.result.peak_memory_bytes,
+        P.METRIC_STEPS: update.result.steps,
+        P.METRIC_CLIP_SCALE: update.clip_scale,
+    }
+
+
 def _describe(
     content: RecordDict, site: Site, header: ConfigRecord, plan: SitePlan, update: SiteUpdate
 ) -> None:
-    """Add who sent a train reply, for which round/version, and what training cost."""
+    """Add who sent a train reply and for which round/version; its figures only in the clear
+    in mode ``none`` (sealed mode seals them with the delta, secure-sum does not send them)."""
     record = content.config_records.setdefault(P.UPDATE_RECORD, ConfigRecord())
     record[P.KEY_SITE] = site.site_id
     record[P.KEY_FINGERPRINT] = site.fingerprint
     record[P.KEY_ROUND] = int(str(header[P.KEY_ROUND]))
     record[P.KEY_VERSION] = int(str(header[P.KEY_VERSION]))
     record[P.KEY_ENCODING] = plan.encoding
-    content.metric_records[P.METRICS_RECORD] = MetricRecord(
-        {
-            P.METRIC_EXAMPLES: update.examples,
-            P.METRIC_TRAIN_LOSS: update.result.loss,
-            P.METRIC_SECONDS: update.result.seconds,
-            P.METRIC_PEAK_MEMORY: update.result.peak_memory_bytes,
-            P.METRIC_STEPS: update.result.steps,
-            P.METRIC_CLIP_SCALE: update.clip_scale,
-        }
-    )
+    if plan.privacy_mode == "none":
+        content.metric_records[P.METRICS_RECORD] = MetricRecord(dict(_report(update)))
 
 
 def public_reason(exc: Exception) -> str:
@@ -175,30 +180,38 @@ def _wire_payloads(
     site: Site,
     keys: SiteKeys | None,
 ) -> ConfigRecord:
-    """One payload per sent module: encoded and, in sealed mode, sealed and signed.
+    """One payload per sent module: encoded and, in sealed mode, sealed and signed; in sealed
+    mode also the site's report (``P.KEY_REPORT``), sealed the same way.
 
     Each envelope is bound to its module, so one module's delta cannot be passed off as
-    another's.
+    another's, nor a report as a delta.
     """
     record = ConfigRecord()
-    for module, delta in sorted(split_modules(update.delta).items()):
-        payload = encode_delta(delta, plan.encoding)
-        if plan.privacy_mode == "sealed":
-            if keys is None:
-                raise KeyMaterialError(
-                    "privacy.mode = 'sealed' but this site has no keys configured"
-                )
-            coordinator, signing = keys.load(site.site_id)
-            context = EnvelopeContext(
-                run_id=str(header[P.KEY_RUN_ID]),
-                round=int(str(header[P.KEY_ROUND])),
-                site_id=site.site_id,
-                module=module,
-                version=int(str(header[P.KEY_VERSION])),
-                base_fingerprint=site.fingerprint,
-            )
-            payload = seal_delta(payload, coordinator, signing, context)
-        record[P.delta_key(module)] = payload
+    payloads = {
+        module: encode_delta(delta, plan.encoding)
+        for module, delta in sorted(split_modules(update.delta).items())
+    }
+    if plan.privacy_mode != "sealed":
+        record.update({P.delta_key(module): payload for module, payload in payloads.items()})
+        return record
+    if keys is None:
+        raise KeyMaterialError("privacy.mode = 'sealed' but this site has no keys configured")
+    coordinator, signing = keys.load(site.site_id)
+
+    def sealed(payload: bytes, module: str) -> bytes:
+        context = EnvelopeContext(
+            run_id=str(header[P.KEY_RUN_ID]),
+            round=int(str(header[P.KEY_ROUND])),
+            site_id=site.site_id,
+            module=module,
+            version=int(str(header[P.KEY_VERSION])),
+            base_fingerprint=site.fingerprint,
+        )
+        return seal_delta(payload, coordinator, signing, context)
+
+    for module, payload in payloads.items():
+        record[P.delta_key(module)] = sealed(payload, module)
+    record[P.KEY_REPORT] = sealed(P.report_bytes(_report(update)), P.REPORT_MODULE)
     return record
 
 

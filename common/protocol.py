@@ -12,14 +12,22 @@ A train reply (site -> coordinator) carries:
                                  and per sent module ``delta:<module>``: the encoded delta
                                  (``common.encoding``), sealed to that module when sealed
   Global state travels as one ArrayRecord keyed ``<module>/<peft key>`` (``common.modules``).
-  ``metrics`` (MetricRecord)     examples, train loss, seconds, peak memory (bytes)
+  ``metrics`` (MetricRecord)     examples, train loss, seconds, peak memory (bytes), clip
+                                 scale: in the clear in mode ``none`` only. Sealed mode
+                                 sends them as ``report`` in ``update``, sealed and signed
+                                 like a delta (envelope module ``@site-report``); secure-sum
+                                 mode does not send them (they would single a site out).
 An evaluate instruction carries ``global`` + ``fedlora``; its reply carries ``metrics``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from common.errors import UpdateRejected
 
 PROTOCOL_VERSION = "fedlora/1"
 
@@ -76,6 +84,46 @@ METRIC_SECONDS = "seconds"
 METRIC_PEAK_MEMORY = "peak-memory-bytes"
 METRIC_STEPS = "steps"
 METRIC_CLIP_SCALE = "clip-scale"
+
+# A train reply's per-site figures, sealed (sealed mode): ``update[KEY_REPORT]`` is the envelope
+# of ``report_bytes``, bound to this envelope "module", which no real module name can equal.
+KEY_REPORT = "report"
+REPORT_MODULE = "@site-report"
+REPORT_KEYS = frozenset(
+    {
+        METRIC_EXAMPLES,
+        METRIC_TRAIN_LOSS,
+        METRIC_SECONDS,
+        METRIC_PEAK_MEMORY,
+        METRIC_STEPS,
+        METRIC_CLIP_SCALE,
+    }
+)
+MAX_REPORT_BYTES = 1024
+
+
+def report_bytes(values: Mapping[str, int | float]) -> bytes:
+    """A site's train figures as canonical JSON (the plaintext of the sealed report)."""
+    return json.dumps(dict(values), sort_keys=True, allow_nan=False).encode("ascii")
+
+
+def parse_report(data: bytes) -> dict[str, int | float]:
+    """The opened report: exactly ``REPORT_KEYS``, each a finite number; else UpdateRejected."""
+    if len(data) > MAX_REPORT_BYTES:
+        raise UpdateRejected(f"site report of {len(data)} bytes exceeds {MAX_REPORT_BYTES}")
+    try:
+        values = json.loads(data)
+    except ValueError:
+        raise UpdateRejected("site report is not JSON") from None
+    if not isinstance(values, dict) or set(values) != REPORT_KEYS:
+        got = sorted(values) if isinstance(values, dict) else type(values).__name__
+        raise UpdateRejected(f"site report holds {got}, expected {sorted(REPORT_KEYS)}")
+    for key, value in values.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise UpdateRejected(f"site report {key}: {value!r} is not a finite number")
+    return values
+
 
 # Flower requires the key "num-examples" for its weighted averages; we reuse the same name.
 

@@ -162,11 +162,9 @@ class SecureSumRound:
                 self.log.reject(site, f"malformed key advert: {exc}")
                 continue
             self.nodes[number] = reply.metadata.src_node_id
-            metrics = reply.content.metric_records.get(P.METRICS_RECORD)
-            values = {} if metrics is None else dict(metrics)
-            self.log.accepted[site] = {
-                k: float(v) for k, v in values.items() if isinstance(v, int | float)
-            }
+            # No per-site figures in secure-sum mode: a site's loss, example count or clip
+            # scale would single it out of the sum (the sites do not send them).
+            self.log.accepted[site] = {}
         return adverts
 
     @property

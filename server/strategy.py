@@ -175,9 +175,8 @@ class FedLoraStrategy(Strategy):
         if reply.has_error():
             raise UpdateRejected(f"site reported an error: {reply.error.reason}")
         update = reply.content.config_records.get(P.UPDATE_RECORD)
-        metrics = reply.content.metric_records.get(P.METRICS_RECORD)
-        if update is None or metrics is None:
-            raise UpdateRejected("reply lacks the update or metrics record")
+        if update is None:
+            raise UpdateRejected("reply lacks the update record")
         if update.get(P.KEY_FINGERPRINT) != self.fingerprint:
             raise UpdateRejected(
                 f"base fingerprint {update.get(P.KEY_FINGERPRINT)!r} differs from the "
@@ -188,13 +187,14 @@ class FedLoraStrategy(Strategy):
                 f"reply is for round {update.get(P.KEY_ROUND)!r} / version "
                 f"{update.get(P.KEY_VERSION)!r}, expected {server_round} / {self.version}"
             )
+        site = self._site_of(reply, reply.metadata.src_node_id)
+        metrics = self._report(reply, update, site, server_round)
         examples = metrics.get(P.METRIC_EXAMPLES)
         if not isinstance(examples, int) or not 0 < examples <= self.cfg.aggregation.max_examples:
             raise UpdateRejected(
                 f"example count {examples!r} outside 1..{self.cfg.aggregation.max_examples} "
                 "(aggregation.max-examples)"
             )
-        site = self._site_of(reply, reply.metadata.src_node_id)
         modules = self._check_modules(site, P.delta_modules(update.keys()))
         payloads = [update.get(P.delta_key(m)) for m in modules]
         wire_bytes = sum(len(x) for x in payloads if isinstance(x, bytes))
@@ -204,6 +204,23 @@ class FedLoraStrategy(Strategy):
             delta.update(join_modules({module: opened}))
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return AcceptedUpdate(site, examples, delta, values, wire_bytes)
+
+    def _report(
+        self, reply: Message, update: ConfigRecord, site: str, server_round: int
+    ) -> Mapping[str, object]:
+        """The site's train figures: opened from its sealed report (sealed mode), else the
+        clear metrics record (mode ``none``)."""
+        if self.cfg.privacy.mode != "sealed":
+            metrics = reply.content.metric_records.get(P.METRICS_RECORD)
+            if metrics is None:
+                raise UpdateRejected("reply lacks the metrics record")
+            return metrics
+        envelope = update.get(P.KEY_REPORT)
+        if not isinstance(envelope, bytes) or len(envelope) > max_envelope_bytes(
+            P.MAX_REPORT_BYTES
+        ):
+            raise UpdateRejected("reply lacks its sealed site report (or it is oversized)")
+        return P.parse_report(self._open(envelope, site, server_round, P.REPORT_MODULE))
 
     def _check_modules(self, site: str, got: list[str]) -> list[str]:
         """The modules ``site`` must send; a reply carrying others or lacking one is rejected."""

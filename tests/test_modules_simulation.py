@@ -94,26 +94,36 @@ def _train_replies(run: dict[str, Any], server_round: int) -> dict[str, Message]
     return replies
 
 
-def _opened(run: dict[str, Any], reply: Message) -> dict[str, AdapterState]:
-    """Every module delta of a reply, opened as the coordinator does (the test holds its key)."""
+def _open_one(run: dict[str, Any], reply: Message, module: str, key: str) -> bytes:
+    """One envelope of a reply, opened as the coordinator does (the test holds its key)."""
     coord, update = run["coord"], reply.content.config_records[P.UPDATE_RECORD]
-    out = {}
-    for module in P.delta_modules(update.keys()):
-        context = EnvelopeContext(
-            run_id=coord.run_id,
-            round=int(update[P.KEY_ROUND]),  # type: ignore[arg-type]
-            site_id=str(update[P.KEY_SITE]),
-            module=module,
-            version=int(update[P.KEY_VERSION]),  # type: ignore[arg-type]
-            base_fingerprint=coord.host.base.fingerprint,
-        )
-        envelope = update[P.delta_key(module)]
-        assert isinstance(envelope, bytes)
-        plain = open_delta(
-            envelope, coord.sealing.coordinator, coord.sealing.allow_list, context, 1 << 30
-        )
-        out[module] = decode_delta(plain, 1 << 30)
-    return out
+    context = EnvelopeContext(
+        run_id=coord.run_id,
+        round=int(update[P.KEY_ROUND]),  # type: ignore[arg-type]
+        site_id=str(update[P.KEY_SITE]),
+        module=module,
+        version=int(update[P.KEY_VERSION]),  # type: ignore[arg-type]
+        base_fingerprint=coord.host.base.fingerprint,
+    )
+    envelope = update[key]
+    assert isinstance(envelope, bytes)
+    sealing = coord.sealing
+    return open_delta(envelope, sealing.coordinator, sealing.allow_list, context, 1 << 30)
+
+
+def _opened(run: dict[str, Any], reply: Message) -> dict[str, AdapterState]:
+    """Every module delta of a reply, opened as the coordinator does."""
+    update = reply.content.config_records[P.UPDATE_RECORD]
+    return {
+        module: decode_delta(_open_one(run, reply, module, P.delta_key(module)), 1 << 30)
+        for module in P.delta_modules(update.keys())
+    }
+
+
+def _weight(run: dict[str, Any], reply: Message) -> float:
+    """The example count from the site's sealed report."""
+    report = P.parse_report(_open_one(run, reply, P.REPORT_MODULE, P.KEY_REPORT))
+    return float(report[P.METRIC_EXAMPLES])
 
 
 def test_each_site_sends_its_shared_and_group_modules_only(modules_run: dict[str, Any]) -> None:
@@ -161,10 +171,7 @@ def test_group_modules_aggregate_over_their_group(modules_run: dict[str, Any]) -
     for module, members in {"qa": ["site-0", "site-1"], "creative": ["site-2"]}.items():
         assert registry.get(module, 1).manifest["cohort"] == members
         deltas = [_opened(modules_run, replies[s])[module] for s in members]
-        weights = [
-            float(replies[s].content.metric_records[P.METRICS_RECORD][P.METRIC_EXAMPLES])
-            for s in members
-        ]
+        weights = [_weight(modules_run, replies[s]) for s in members]
         expected = apply_delta(registry.load(module, 0), aggregate_fedavg(deltas, weights))
         for key, value in registry.load(module, 1).items():
             torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7)
@@ -214,9 +221,7 @@ def test_a_site_with_its_own_rank_joins_exact_aggregation(ranks_run: dict[str, A
         )
         states.append({k: start[k] + delta[k] for k in start})
         scalings.append(8 / rank)
-        weights.append(
-            float(replies[site].content.metric_records[P.METRICS_RECORD][P.METRIC_EXAMPLES])
-        )
+        weights.append(_weight(ranks_run, replies[site]))
     expected = aggregate_exact(
         states, weights, scalings, 4, 2.0, fill_seed=cfg.train.seed * 100_003 + 1
     )

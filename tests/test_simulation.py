@@ -148,17 +148,18 @@ def test_bytes_are_counted(run: dict[str, Any]) -> None:
     assert up == sum(m["bytes_up"] for m in run["metrics"]) > 0
 
 
-def _open(run: dict[str, Any], reply: Message) -> bytes:
+def _open(run: dict[str, Any], reply: Message, module: str = "shared") -> bytes:
     """Open a captured envelope as the coordinator does (the test holds its key)."""
     coord = run["coord"]
     update = reply.content.config_records[P.UPDATE_RECORD]
-    envelope = update[P.delta_key("shared")]
+    key = P.KEY_REPORT if module == P.REPORT_MODULE else P.delta_key(module)
+    envelope = update[key]
     assert isinstance(envelope, bytes)
     context = EnvelopeContext(
         run_id=coord.run_id,
         round=int(update[P.KEY_ROUND]),  # type: ignore[arg-type]
         site_id=str(update[P.KEY_SITE]),
-        module="shared",
+        module=module,
         version=int(update[P.KEY_VERSION]),  # type: ignore[arg-type]
         base_fingerprint=coord.host.base.fingerprint,
     )
@@ -211,7 +212,10 @@ def test_delta_not_state_travels_and_aggregate_is_fedavg(run: dict[str, Any]) ->
             if "lora_A" in key:  # A starts random: a full state would be as large as A itself
                 assert value.norm() < 0.5 * global_v0[key].norm(), key
         deltas.append(delta)
-        weights.append(float(reply.content.metric_records[P.METRICS_RECORD][P.METRIC_EXAMPLES]))
+        # The weight comes from the site's sealed report; nothing per site travels in the clear.
+        assert P.METRICS_RECORD not in reply.content.metric_records
+        report = P.parse_report(_open(run, reply, P.REPORT_MODULE))
+        weights.append(float(report[P.METRIC_EXAMPLES]))
     expected = apply_delta(global_v0, aggregate_fedavg(deltas, weights))
     actual = registry.load("shared", 1)
     for key in expected:

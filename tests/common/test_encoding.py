@@ -404,3 +404,23 @@ def test_decode_returns_expected_order_and_fresh_tensors() -> None:
     decoded = decode_delta(encode_delta(delta), MAX_BYTES, expected)
     assert list(decoded) == list(expected)
     decoded["layer.lora_A.weight"].add_(1.0)  # writable, owns its memory
+
+
+def test_site_report_round_trips_and_refuses_anything_else() -> None:
+    from common import protocol as P
+    from common.errors import UpdateRejected
+
+    values = dict.fromkeys(P.REPORT_KEYS, 2.5) | {P.METRIC_EXAMPLES: 40}
+    assert P.parse_report(P.report_bytes(values)) == values
+    bad = [
+        b"not json",
+        P.report_bytes({**values, "extra": 1}),  # a key the coordinator did not ask for
+        P.report_bytes({k: v for k, v in values.items() if k != P.METRIC_EXAMPLES}),
+        P.report_bytes({**values, P.METRIC_TRAIN_LOSS: "low"}),
+        P.report_bytes({**values, P.METRIC_STEPS: True}),
+        P.report_bytes(values).replace(b"2.5", b"NaN", 1),
+        b" " * (P.MAX_REPORT_BYTES + 1),
+    ]
+    for data in bad:
+        with pytest.raises(UpdateRejected, match="site report"):
+            P.parse_report(data)
