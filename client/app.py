@@ -19,12 +19,11 @@ from flwr.app import (
     Error,
     Message,
     MetricRecord,
-    MetricRecordValues,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
 
-from client.site_api import Site, SiteUpdate
+from client.site_api import EvalResult, Site, SiteUpdate
 from common import protocol as P
 from common.adapters import AdapterState
 from common.config import RunConfig, SitePlan
@@ -173,6 +172,25 @@ class SiteKeys:
         return public, load_site_private(self.folder / f"{site_id}{PRIVATE_SUFFIX}")
 
 
+def _seal(
+    payload: bytes, module: str, header: ConfigRecord, site: Site, keys: SiteKeys | None
+) -> bytes:
+    """``payload`` sealed to the coordinator and signed by the site, bound to this round,
+    version and ``module`` (a module name, or a report's reserved ``@...`` name)."""
+    if keys is None:
+        raise KeyMaterialError("this privacy mode seals replies, but the site has no keys")
+    coordinator, signing = keys.load(site.site_id)
+    context = EnvelopeContext(
+        run_id=str(header[P.KEY_RUN_ID]),
+        round=int(str(header[P.KEY_ROUND])),
+        site_id=site.site_id,
+        module=module,
+        version=int(str(header[P.KEY_VERSION])),
+        base_fingerprint=site.fingerprint,
+    )
+    return seal_delta(payload, coordinator, signing, context)
+
+
 def _wire_payloads(
     update: SiteUpdate,
     plan: SitePlan,
@@ -187,32 +205,44 @@ def _wire_payloads(
     another's, nor a report as a delta.
     """
     record = ConfigRecord()
-    payloads = {
-        module: encode_delta(delta, plan.encoding)
-        for module, delta in sorted(split_modules(update.delta).items())
-    }
-    if plan.privacy_mode != "sealed":
-        record.update({P.delta_key(module): payload for module, payload in payloads.items()})
-        return record
-    if keys is None:
-        raise KeyMaterialError("privacy.mode = 'sealed' but this site has no keys configured")
-    coordinator, signing = keys.load(site.site_id)
-
-    def sealed(payload: bytes, module: str) -> bytes:
-        context = EnvelopeContext(
-            run_id=str(header[P.KEY_RUN_ID]),
-            round=int(str(header[P.KEY_ROUND])),
-            site_id=site.site_id,
-            module=module,
-            version=int(str(header[P.KEY_VERSION])),
-            base_fingerprint=site.fingerprint,
+    sealed = plan.privacy_mode == "sealed"
+    for module, delta in sorted(split_modules(update.delta).items()):
+        payload = encode_delta(delta, plan.encoding)
+        record[P.delta_key(module)] = (
+            _seal(payload, module, header, site, keys) if sealed else payload
         )
-        return seal_delta(payload, coordinator, signing, context)
-
-    for module, payload in payloads.items():
-        record[P.delta_key(module)] = sealed(payload, module)
-    record[P.KEY_REPORT] = sealed(P.report_bytes(_report(update)), P.REPORT_MODULE)
+    if sealed:
+        report = P.report_bytes(_report(update))
+        record[P.KEY_REPORT] = _seal(report, P.REPORT_MODULE, header, site, keys)
     return record
+
+
+def _evaluate_reply(
+    result: EvalResult, plan: SitePlan, header: ConfigRecord, site: Site, keys: SiteKeys | None
+) -> RecordDict:
+    """The evaluate figures: sealed and signed where the mode has keys, else in the clear."""
+    metrics: dict[str, int | float] = {
+        P.METRIC_EXAMPLES: result.examples,
+        P.METRIC_EVAL_LOSS: result.loss,
+        P.METRIC_EVAL_TOKENS: result.tokens,
+    }
+    if result.accuracy is not None:
+        metrics[P.METRIC_EVAL_ACCURACY] = result.accuracy
+    update = ConfigRecord(
+        {
+            P.KEY_SITE: site.site_id,
+            P.KEY_ROUND: int(str(header[P.KEY_ROUND])),
+            P.KEY_VERSION: int(str(header[P.KEY_VERSION])),
+        }
+    )
+    if plan.privacy_mode == "none":
+        content = RecordDict({P.METRICS_RECORD: MetricRecord(dict(metrics))})
+    else:
+        report = P.report_bytes(metrics)
+        update[P.KEY_REPORT] = _seal(report, P.EVAL_REPORT_MODULE, header, site, keys)
+        content = RecordDict()
+    content.config_records[P.UPDATE_RECORD] = update
+    return content
 
 
 # How the app finds the site a message is for: simulation partitions one data set in process;
@@ -289,17 +319,9 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             version, run_id = int(str(header[P.KEY_VERSION])), str(header[P.KEY_RUN_ID])
             result = site.evaluate(_global(msg), plan, version, run_id)
+            content = _evaluate_reply(result, plan, header, site, keys)
         except FedloraError as exc:
             return _refuse(msg, exc)
-        metrics: dict[str, MetricRecordValues] = {
-            P.METRIC_EXAMPLES: result.examples,
-            P.METRIC_EVAL_LOSS: result.loss,
-            P.METRIC_EVAL_TOKENS: result.tokens,
-        }
-        if result.accuracy is not None:
-            metrics[P.METRIC_EVAL_ACCURACY] = result.accuracy
-        content = RecordDict({P.METRICS_RECORD: MetricRecord(metrics)})
-        content.config_records[P.UPDATE_RECORD] = ConfigRecord({P.KEY_SITE: site.site_id})
         return Message(content, reply_to=msg)
 
     return app

@@ -99,25 +99,34 @@ REPORT_KEYS = frozenset(
         METRIC_CLIP_SCALE,
     }
 )
+# An evaluate reply's figures, sealed the same way (every mode with keys: sealed, secure-sum).
+EVAL_REPORT_MODULE = "@eval-report"
+EVAL_REPORT_KEYS = frozenset({METRIC_EXAMPLES, METRIC_EVAL_LOSS, METRIC_EVAL_TOKENS})
+EVAL_REPORT_OPTIONAL = frozenset({METRIC_EVAL_ACCURACY})  # classification only
 MAX_REPORT_BYTES = 1024
 
 
 def report_bytes(values: Mapping[str, int | float]) -> bytes:
-    """A site's train figures as canonical JSON (the plaintext of the sealed report)."""
+    """A site's figures as canonical JSON (the plaintext of a sealed report)."""
     return json.dumps(dict(values), sort_keys=True, allow_nan=False).encode("ascii")
 
 
-def parse_report(data: bytes) -> dict[str, int | float]:
-    """The opened report: exactly ``REPORT_KEYS``, each a finite number; else UpdateRejected."""
+def parse_report(
+    data: bytes,
+    keys: frozenset[str] = REPORT_KEYS,
+    optional: frozenset[str] = frozenset(),
+) -> dict[str, int | float]:
+    """An opened report: every one of ``keys``, perhaps some of ``optional`` and nothing else,
+    each a finite number; else UpdateRejected."""
     if len(data) > MAX_REPORT_BYTES:
         raise UpdateRejected(f"site report of {len(data)} bytes exceeds {MAX_REPORT_BYTES}")
     try:
         values = json.loads(data)
     except ValueError:
         raise UpdateRejected("site report is not JSON") from None
-    if not isinstance(values, dict) or set(values) != REPORT_KEYS:
+    if not isinstance(values, dict) or not keys <= set(values) <= keys | optional:
         got = sorted(values) if isinstance(values, dict) else type(values).__name__
-        raise UpdateRejected(f"site report holds {got}, expected {sorted(REPORT_KEYS)}")
+        raise UpdateRejected(f"site report holds {got}, expected {sorted(keys)}")
     for key, value in values.items():
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if not number or not math.isfinite(value):

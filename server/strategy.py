@@ -222,6 +222,23 @@ class FedLoraStrategy(Strategy):
             raise UpdateRejected("reply lacks its sealed site report (or it is oversized)")
         return P.parse_report(self._open(envelope, site, server_round, P.REPORT_MODULE))
 
+    def _eval_report(self, reply: Message, site: str, server_round: int) -> Mapping[str, object]:
+        """An evaluate reply's figures: its sealed, signed report where the mode has keys
+        (sealed, secure-sum), else the clear metrics record (mode ``none``)."""
+        if self.cfg.privacy.mode == "none":
+            metrics = reply.content.metric_records.get(P.METRICS_RECORD)
+            if metrics is None:
+                raise UpdateRejected("evaluate reply lacks metrics")
+            return metrics
+        update = reply.content.config_records.get(P.UPDATE_RECORD)
+        envelope = None if update is None else update.get(P.KEY_REPORT)
+        if not isinstance(envelope, bytes) or len(envelope) > max_envelope_bytes(
+            P.MAX_REPORT_BYTES
+        ):
+            raise UpdateRejected("evaluate reply lacks its sealed report (or it is oversized)")
+        opened = self._open(envelope, site, server_round, P.EVAL_REPORT_MODULE)
+        return P.parse_report(opened, P.EVAL_REPORT_KEYS, P.EVAL_REPORT_OPTIONAL)
+
     def _check_modules(self, site: str, got: list[str]) -> list[str]:
         """The modules ``site`` must send; a reply carrying others or lacking one is rejected."""
         expected = sent_modules(self.cfg.modules, self.cfg.groups, site)
@@ -365,9 +382,13 @@ class FedLoraStrategy(Strategy):
             if reply.has_error():
                 self.eval_log.reject(site, f"site reported an error: {reply.error.reason}")
                 continue
-            metrics = reply.content.metric_records.get(P.METRICS_RECORD)
-            if metrics is None:
-                self.eval_log.reject(site, "evaluate reply lacks metrics")
+            if site in self.eval_log.accepted:
+                self.eval_log.reject(site, "a second evaluate reply from this site this round")
+                continue
+            try:
+                metrics = self._eval_report(reply, site, server_round)
+            except UpdateRejected as exc:
+                self.eval_log.reject(site, str(exc))
                 continue
             self.eval_log.accepted[site] = {
                 k: float(v) for k, v in metrics.items() if isinstance(v, int | float)

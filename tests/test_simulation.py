@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
@@ -152,7 +152,8 @@ def _open(run: dict[str, Any], reply: Message, module: str = "shared") -> bytes:
     """Open a captured envelope as the coordinator does (the test holds its key)."""
     coord = run["coord"]
     update = reply.content.config_records[P.UPDATE_RECORD]
-    key = P.KEY_REPORT if module == P.REPORT_MODULE else P.delta_key(module)
+    reports = (P.REPORT_MODULE, P.EVAL_REPORT_MODULE)
+    key = P.KEY_REPORT if module in reports else P.delta_key(module)
     envelope = update[key]
     assert isinstance(envelope, bytes)
     context = EnvelopeContext(
@@ -188,6 +189,28 @@ def test_no_plaintext_delta_on_the_wire(run: dict[str, Any]) -> None:
         data = plaintext[8 + header :]
         for start in range(0, len(data) - 16, 997):
             assert data[start : start + 16] not in envelope
+
+
+def test_no_per_site_figure_travels_in_the_clear(run: dict[str, Any]) -> None:
+    """Train and evaluate figures (loss, example count, clip scale, accuracy) are sealed and
+    signed; the coordinator opens them, and metrics.jsonl still has them per site."""
+    grid: RecordingGrid = run["grid"]
+    replies = [m for m in grid.received if m.has_content()]
+    evaluate = [m for m in replies if P.delta_key("shared") not in _update(m)]
+    assert len(evaluate) == 3 * (run["cfg"].federation.rounds + 1)
+    for reply in replies:
+        assert not reply.content.metric_records, reply.content.metric_records
+    for reply in evaluate:
+        figures = P.parse_report(
+            _open(run, reply, P.EVAL_REPORT_MODULE), P.EVAL_REPORT_KEYS, P.EVAL_REPORT_OPTIONAL
+        )
+        assert figures[P.METRIC_EVAL_LOSS] > 0
+    last = run["metrics"][-1]["sites"]
+    assert all(last[s]["evaluate"]["eval_loss"] > 0 and last[s]["train"]["steps"] for s in last)
+
+
+def _update(reply: Message) -> ConfigRecord:
+    return reply.content.config_records.get(P.UPDATE_RECORD, ConfigRecord())
 
 
 def test_delta_not_state_travels_and_aggregate_is_fedavg(run: dict[str, Any]) -> None:
