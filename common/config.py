@@ -109,6 +109,13 @@ class FederationConfig(Section):
     min_sites: PositiveInt | None = None
     # Seconds the coordinator waits for the replies of one stage.
     round_timeout: Annotated[float, Field(gt=0)] = 3600.0
+    # Sites evaluate on their held-out data in round 0, every N-th round and the last round
+    # (the coordinator's own global evaluation, data.eval-path, still runs every round).
+    evaluate_every: PositiveInt = 1
+
+    def site_evaluates(self, server_round: int) -> bool:
+        """Whether the sites evaluate after ``server_round``."""
+        return server_round % self.evaluate_every == 0 or server_round == self.rounds
 
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:

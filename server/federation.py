@@ -268,11 +268,14 @@ def _evaluate_round(
     coord: Coordinator, strategy: FedLoraStrategy, grid: Grid, server_round: int, arrays: Any
 ) -> tuple[StageLog, dict[str, float]]:
     start = time.perf_counter()
-    replies = grid.send_and_receive(
-        strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-        timeout=coord.cfg.federation.round_timeout,
-    )
-    strategy.aggregate_evaluate(server_round, replies)
+    if coord.cfg.federation.site_evaluates(server_round):
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            timeout=coord.cfg.federation.round_timeout,
+        )
+        strategy.aggregate_evaluate(server_round, replies)
+    else:  # federation.evaluate-every: this round the sites only train
+        strategy.eval_log = StageLog()
     server_metrics = _global_eval(coord, arrays.to_torch_state_dict())
     strategy.eval_log.seconds = time.perf_counter() - start
     return strategy.eval_log, server_metrics

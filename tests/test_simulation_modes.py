@@ -138,3 +138,13 @@ def test_median_aggregation_with_server_clipping(tmp_path: Path) -> None:
     run = run_tiny(tmp_path / "run", "aggregation.robust='median'", "aggregation.server-clip=1.0")
     assert all(m["rejected"] == [] for m in run["metrics"])
     assert run["metrics"][-1]["eval_loss"] < run["metrics"][0]["eval_loss"]
+
+
+def test_sites_evaluate_every_nth_round_and_the_last(tmp_path: Path) -> None:
+    run = run_tiny(tmp_path / "run", "federation.rounds=3", "federation.evaluate-every=2")
+    metrics = run["metrics"]
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+    evaluated = [m["round"] for m in metrics if m["eval_loss"] is not None]
+    assert evaluated == [0, 2, 3]
+    assert all("evaluate" not in site for site in metrics[1]["sites"].values())
+    assert len(metrics[1]["cohort"]) == 3 and metrics[1]["rejected"] == []  # round 1 trained
