@@ -132,6 +132,26 @@ def test_fingerprint_changes_when_one_weight_element_changes() -> None:
     assert fingerprint(loaded.model, loaded.tokenizer) == loaded.fingerprint
 
 
+def test_fingerprint_covers_every_element_of_every_kind_of_tensor() -> None:
+    """First, middle and last element of one tensor of each kind (embedding, each projection,
+    each norm, the head): a digest over part of a tensor (e.g. its first 4 KiB) fails here."""
+    loaded = _tiny()
+    kinds: dict[str, str] = {}
+    for name, _ in loaded.model.named_parameters():
+        kinds.setdefault(".".join(p for p in name.split(".") if not p.isdigit()), name)
+    params = dict(loaded.model.named_parameters())
+    assert len(kinds) >= 8, sorted(kinds)  # embed, q/k/v/o, gate/up/down, norms (+ head)
+    for name in kinds.values():
+        flat = params[name].data.view(-1)
+        for index in (0, flat.numel() // 2, flat.numel() - 1):
+            original = flat[index].item()
+            flat[index] = original + 1.0
+            changed = fingerprint(loaded.model, loaded.tokenizer)
+            flat[index] = original
+            assert changed != loaded.fingerprint, (name, index)
+    assert fingerprint(loaded.model, loaded.tokenizer) == loaded.fingerprint
+
+
 def test_fingerprint_covers_config_but_not_runtime_flags() -> None:
     loaded = _tiny()
     loaded.model.config.use_cache = False
