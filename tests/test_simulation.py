@@ -27,6 +27,7 @@ from common.errors import UpdateRejected
 from common.fingerprint import fingerprint
 from common.models import load_base
 from server.app import make_server_app
+from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
 from server.registry import Registry
 
@@ -311,6 +312,15 @@ def test_site_with_foreign_base_refuses_and_round_goes_on(tmp_path: Path) -> Non
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["cohort"] == ["site-0", "site-1"]
     reasons = [r["reason"] for r in metrics[1]["rejected"]]
-    assert any("fingerprint mismatch at site-2" in r for r in reasons), reasons
     assert any(coord.host.base.fingerprint in r for r in reasons), reasons
+    # The site itself refuses at each stage, before it trains or evaluates on a foreign base
+    # (a site that skipped its check on train would be caught only by the coordinator).
+    refused = {
+        e["stage"]  # named by its node: an error reply claims no site
+        for e in read_entries(tmp_path / AUDIT_FILE)
+        if e["event"] == EVENT_REPLY_REJECTED
+        and e["round"] == 1
+        and "fingerprint mismatch at site-2" in e["reason"]
+    }
+    assert refused == {"train", "evaluate"}, refused
     assert Registry(tmp_path / "registry").latest("shared").version == 1  # type: ignore[union-attr]
