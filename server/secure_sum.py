@@ -31,6 +31,7 @@ from common.secagg import (
     SecAggParams,
     max_abs_error_per_coordinate,
     params_for,
+    verify_advert,
 )
 from common.secagg_records import (
     adverts_from_record,
@@ -151,16 +152,23 @@ class SecureSumRound:
                 self.log.reject(site, f"site reported an error: {reply.error.reason}")
                 continue
             number = self.numbers.get(site)
-            if number is None or number in self.nodes:
-                self.log.reject(site, "unknown or duplicate site in secure-sum round")
+            if number is None:
+                self.log.reject(site, "unknown site in secure-sum round")
                 continue
             try:
                 record = reply.content.config_records[P.SECAGG_RECORD]
-                adverts[number] = adverts_from_record(dict(record))[number]
-                self.log.bytes_up += record_bytes(record)
+                advert = adverts_from_record(dict(record))[number]
+                # Checked before the reply takes the site's slot, so that a node merely
+                # claiming a site cannot lock the real one out of the round.
+                verify_advert(advert, self.keys[number], self.context)
             except (SecAggError, KeyError) as exc:
-                self.log.reject(site, f"malformed key advert: {exc}")
+                self.log.reject(site, f"malformed or unsigned key advert: {exc}")
                 continue
+            if number in self.nodes:
+                self.log.reject(site, "a second signed advert from this site in the round")
+                continue
+            adverts[number] = advert
+            self.log.bytes_up += record_bytes(record)
             self.nodes[number] = reply.metadata.src_node_id
             # No per-site figures in secure-sum mode: a site's loss, example count or clip
             # scale would single it out of the sum (the sites do not send them).

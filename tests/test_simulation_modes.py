@@ -148,3 +148,27 @@ def test_sites_evaluate_every_nth_round_and_the_last(tmp_path: Path) -> None:
     assert evaluated == [0, 2, 3]
     assert all("evaluate" not in site for site in metrics[1]["sites"].values())
     assert len(metrics[1]["cohort"]) == 3 and metrics[1]["rejected"] == []  # round 1 trained
+
+
+def test_secure_sum_advert_signed_by_another_key_never_takes_the_slot(tmp_path: Path) -> None:
+    """Stage 1 checks each advert's signature before the reply takes its site's slot."""
+    out = tmp_path / "run"
+    keys = out / "keys"
+    allow = tmp_path / "allow-list.json"
+    for site in ("site-0", "site-1", "site-2"):
+        add_site(allow, site, public_path_for(generate_site_key(keys, site)))
+    for suffix in (".key", ".pub"):  # site-2 now signs with a key nobody enrolled
+        (keys / f"site-2{suffix}").unlink()
+    generate_site_key(keys, "site-2")
+    run = run_tiny(
+        out,
+        "privacy.mode='secure-sum'",
+        f"privacy.allow-list='{allow}'",
+        "federation.min-sites=2",
+        "federation.rounds=1",
+    )
+    rejected = run["metrics"][1]["rejected"]  # train stage first, then evaluate
+    assert {r["site"] for r in rejected} == {"site-2"}, rejected
+    assert "unsigned key advert" in rejected[0]["reason"], rejected
+    assert "signature invalid" in rejected[1]["reason"], rejected  # its sealed eval report
+    assert run["metrics"][1]["cohort"] == ["site-0", "site-1"]
