@@ -21,13 +21,12 @@ from common import protocol as P
 from common.adapters import AdapterState, aggregate_fedavg, apply_delta
 from common.config import RunConfig, load_config
 from common.encoding import decode_delta
-from common.envelope import EnvelopeContext, open_delta
 from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
 from common.modules import split_modules
 from fedlora.inference import load_with_adapters
 from server.federation import prepare, run_federation
 from server.registry import Registry
-from tests.test_simulation import RecordingGrid, payload_bytes
+from tests.recording import RecordingGrid, open_envelope, payload_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -94,35 +93,18 @@ def _train_replies(run: dict[str, Any], server_round: int) -> dict[str, Message]
     return replies
 
 
-def _open_one(run: dict[str, Any], reply: Message, module: str, key: str) -> bytes:
-    """One envelope of a reply, opened as the coordinator does (the test holds its key)."""
-    coord, update = run["coord"], reply.content.config_records[P.UPDATE_RECORD]
-    context = EnvelopeContext(
-        run_id=coord.run_id,
-        round=int(update[P.KEY_ROUND]),  # type: ignore[arg-type]
-        site_id=str(update[P.KEY_SITE]),
-        module=module,
-        version=int(update[P.KEY_VERSION]),  # type: ignore[arg-type]
-        base_fingerprint=coord.host.base.fingerprint,
-    )
-    envelope = update[key]
-    assert isinstance(envelope, bytes)
-    sealing = coord.sealing
-    return open_delta(envelope, sealing.coordinator, sealing.allow_list, context, 1 << 30)
-
-
 def _opened(run: dict[str, Any], reply: Message) -> dict[str, AdapterState]:
     """Every module delta of a reply, opened as the coordinator does."""
     update = reply.content.config_records[P.UPDATE_RECORD]
     return {
-        module: decode_delta(_open_one(run, reply, module, P.delta_key(module)), 1 << 30)
+        module: decode_delta(open_envelope(run["coord"], reply, module), 1 << 30)
         for module in P.delta_modules(update.keys())
     }
 
 
 def _weight(run: dict[str, Any], reply: Message) -> float:
     """The example count from the site's sealed report."""
-    report = P.parse_report(_open_one(run, reply, P.REPORT_MODULE, P.KEY_REPORT))
+    report = P.parse_report(open_envelope(run["coord"], reply, P.REPORT_MODULE))
     return float(report[P.METRIC_EXAMPLES])
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ from common import protocol as P
 from common.adapters import AdapterState, aggregate_fedavg, apply_delta
 from common.config import RunConfig, load_config
 from common.encoding import decode_delta
-from common.envelope import EnvelopeContext, open_delta
 from common.errors import UpdateRejected
 from common.fingerprint import fingerprint
 from common.models import load_base
@@ -30,45 +27,11 @@ from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
 from server.registry import Registry
+from tests.recording import RecordingGrid, open_envelope, payload_bytes
 
 pytestmark = pytest.mark.slow
 
 CANARY = "CANARY-7f3a9c-do-not-leak"
-
-
-@dataclass
-class RecordingGrid:
-    """A Grid proxy that keeps every instruction and reply that crosses it."""
-
-    inner: Grid
-    sent: list[Message] = field(default_factory=list)
-    received: list[Message] = field(default_factory=list)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
-        messages = list(messages)
-        self.sent.extend(messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        self.received.extend(replies)
-        return replies
-
-
-def payload_bytes(message: Message) -> bytes:
-    """Every byte of a message's content: array data, config values, metric values."""
-    if not message.has_content():
-        return (message.error.reason or "").encode()
-    parts: list[bytes] = []
-    for record in message.content.array_records.values():
-        parts.extend(array.data for array in record.values())
-    for record in message.content.config_records.values():
-        for key, value in record.items():
-            parts.append(key.encode())
-            parts.append(value if isinstance(value, bytes) else str(value).encode())
-    for record in message.content.metric_records.values():
-        parts.append(repr(dict(record)).encode())
-    return b"".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -150,24 +113,7 @@ def test_bytes_are_counted(run: dict[str, Any]) -> None:
 
 
 def _open(run: dict[str, Any], reply: Message, module: str = "shared") -> bytes:
-    """Open a captured envelope as the coordinator does (the test holds its key)."""
-    coord = run["coord"]
-    update = reply.content.config_records[P.UPDATE_RECORD]
-    reports = (P.REPORT_MODULE, P.EVAL_REPORT_MODULE)
-    key = P.KEY_REPORT if module in reports else P.delta_key(module)
-    envelope = update[key]
-    assert isinstance(envelope, bytes)
-    context = EnvelopeContext(
-        run_id=coord.run_id,
-        round=int(update[P.KEY_ROUND]),  # type: ignore[arg-type]
-        site_id=str(update[P.KEY_SITE]),
-        module=module,
-        version=int(update[P.KEY_VERSION]),  # type: ignore[arg-type]
-        base_fingerprint=coord.host.base.fingerprint,
-    )
-    return open_delta(
-        envelope, coord.sealing.coordinator, coord.sealing.allow_list, context, 1 << 30
-    )
+    return open_envelope(run["coord"], reply, module)
 
 
 def test_no_plaintext_delta_on_the_wire(run: dict[str, Any]) -> None:
