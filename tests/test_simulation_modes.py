@@ -103,7 +103,9 @@ def test_unenrolled_site_is_rejected(tmp_path: Path) -> None:
         add_site(allow, site, public_path_for(keys / f"{site}.key"))
     run = run_tiny(out, f"privacy.allow-list='{allow}'", "federation.min-sites=2")
     rejected = run["metrics"][1]["rejected"]
-    assert [r["site"] for r in rejected] == ["site-2"]
+    # Its delta and its (sealed, signed) evaluation figures are both refused.
+    assert [r["site"] for r in rejected] == ["site-2", "site-2"]
+    assert all("not enrolled" in r["reason"] for r in rejected), rejected
     assert run["metrics"][1]["cohort"] == ["site-0", "site-1"]
 
 
