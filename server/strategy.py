@@ -188,7 +188,7 @@ class FedLoraStrategy(Strategy):
                 f"{update.get(P.KEY_VERSION)!r}, expected {server_round} / {self.version}"
             )
         site = self._site_of(reply, reply.metadata.src_node_id)
-        metrics = self._report(reply, update, site, server_round)
+        metrics = self._figures(reply, site, server_round)
         examples = metrics.get(P.METRIC_EXAMPLES)
         if not isinstance(examples, int) or not 0 < examples <= self.cfg.aggregation.max_examples:
             raise UpdateRejected(
@@ -205,39 +205,26 @@ class FedLoraStrategy(Strategy):
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return AcceptedUpdate(site, examples, delta, values, wire_bytes)
 
-    def _report(
-        self, reply: Message, update: ConfigRecord, site: str, server_round: int
+    def _figures(
+        self, reply: Message, site: str, server_round: int, evaluate: bool = False
     ) -> Mapping[str, object]:
-        """The site's train figures: opened from its sealed report (sealed mode), else the
-        clear metrics record (mode ``none``)."""
-        if self.cfg.privacy.mode != "sealed":
-            metrics = reply.content.metric_records.get(P.METRICS_RECORD)
-            if metrics is None:
-                raise UpdateRejected("reply lacks the metrics record")
-            return metrics
-        envelope = update.get(P.KEY_REPORT)
-        if not isinstance(envelope, bytes) or len(envelope) > max_envelope_bytes(
-            P.MAX_REPORT_BYTES
-        ):
-            raise UpdateRejected("reply lacks its sealed site report (or it is oversized)")
-        return P.parse_report(self._open(envelope, site, server_round, P.REPORT_MODULE))
-
-    def _eval_report(self, reply: Message, site: str, server_round: int) -> Mapping[str, object]:
-        """An evaluate reply's figures: its sealed, signed report where the mode has keys
-        (sealed, secure-sum), else the clear metrics record (mode ``none``)."""
+        """A reply's per-site figures: in the clear in mode ``none``, else opened from its
+        sealed, signed report (secure-sum train replies carry none and never come here)."""
+        what = "evaluate reply" if evaluate else "reply"
         if self.cfg.privacy.mode == "none":
             metrics = reply.content.metric_records.get(P.METRICS_RECORD)
             if metrics is None:
-                raise UpdateRejected("evaluate reply lacks metrics")
+                raise UpdateRejected(f"{what} lacks the metrics record")
             return metrics
         update = reply.content.config_records.get(P.UPDATE_RECORD)
         envelope = None if update is None else update.get(P.KEY_REPORT)
-        if not isinstance(envelope, bytes) or len(envelope) > max_envelope_bytes(
-            P.MAX_REPORT_BYTES
-        ):
-            raise UpdateRejected("evaluate reply lacks its sealed report (or it is oversized)")
-        opened = self._open(envelope, site, server_round, P.EVAL_REPORT_MODULE)
-        return P.parse_report(opened, P.EVAL_REPORT_KEYS, P.EVAL_REPORT_OPTIONAL)
+        bound = max_envelope_bytes(P.MAX_REPORT_BYTES)
+        if not isinstance(envelope, bytes) or len(envelope) > bound:
+            raise UpdateRejected(f"{what} lacks its sealed report (or it is oversized)")
+        if evaluate:
+            opened = self._open(envelope, site, server_round, P.EVAL_REPORT_MODULE)
+            return P.parse_report(opened, P.EVAL_REPORT_KEYS, P.EVAL_REPORT_OPTIONAL)
+        return P.parse_report(self._open(envelope, site, server_round, P.REPORT_MODULE))
 
     def _check_modules(self, site: str, got: list[str]) -> list[str]:
         """The modules ``site`` must send; a reply carrying others or lacking one is rejected."""
@@ -386,7 +373,7 @@ class FedLoraStrategy(Strategy):
                 self.eval_log.reject(site, "a second evaluate reply from this site this round")
                 continue
             try:
-                metrics = self._eval_report(reply, site, server_round)
+                metrics = self._figures(reply, site, server_round, evaluate=True)
             except UpdateRejected as exc:
                 self.eval_log.reject(site, str(exc))
                 continue
