@@ -124,8 +124,8 @@ def test_int8_all_zero_tensor() -> None:
 
 
 def test_unknown_encoding_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="'int4'"):
-        encode_delta(small_delta(), "int4")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="'int2'"):
+        encode_delta(small_delta(), "int2")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"\['fp32'\]"):
         encode_delta(small_delta(), ["fp32"])  # type: ignore[arg-type]
 
@@ -158,7 +158,7 @@ def test_payload_sizes_shrink_with_the_encoding() -> None:
     assert 0.24 < int8 / fp32 < 0.27  # int8 header also carries 60 scales
 
 
-@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8", "int8-block", "int4"])
 def test_max_encoded_size_bounds_the_payload(encoding: Encoding) -> None:
     for delta in (realistic_delta(), small_delta(), {"x" * 300: torch.zeros(1)}):
         bound = max_encoded_size(state_shapes(delta), encoding)
@@ -169,7 +169,7 @@ def test_max_encoded_size_bounds_the_payload(encoding: Encoding) -> None:
 # --- negatives: every failure is UpdateRejected and nothing else -----------------------------
 
 
-@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8", "int8-block", "int4"])
 def test_every_truncation_is_rejected(encoding: Encoding) -> None:
     payload = encode_delta(small_delta(), encoding)
     for length in range(len(payload)):
@@ -177,7 +177,7 @@ def test_every_truncation_is_rejected(encoding: Encoding) -> None:
             decode_delta(payload[:length], MAX_BYTES)
 
 
-@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8", "int8-block", "int4"])
 def test_every_flipped_header_byte_is_rejected(encoding: Encoding) -> None:
     delta = small_delta()
     payload = encode_delta(delta, encoding)
@@ -189,7 +189,7 @@ def test_every_flipped_header_byte_is_rejected(encoding: Encoding) -> None:
             decode_delta(bytes(tampered), MAX_BYTES, state_shapes(delta))
 
 
-@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8", "int8-block", "int4"])
 def test_random_bit_flips_raise_nothing_but_update_rejected(encoding: Encoding) -> None:
     delta = small_delta()
     payload = encode_delta(delta, encoding)
@@ -379,7 +379,7 @@ def test_dtype_other_than_the_encodings_is_rejected(tensor: torch.Tensor, encodi
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
-        ({"encoding": "int4"}, "unknown delta encoding 'int4'"),
+        ({"encoding": "int2"}, "unknown delta encoding 'int2'"),
         ({"encoding": ""}, "unknown delta encoding ''"),
         ({"format": "fedlora-delta/2"}, "format is 'fedlora-delta/2', expected 'fedlora-delta/1'"),
         ({"format": "pytorch"}, "format is 'pytorch'"),
