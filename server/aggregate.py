@@ -5,11 +5,18 @@ the rule sends) -> the rule's aggregate
 (or, with DP, the noisy fixed-denominator mean of clipped deltas) -> the server optimizer's
 step on those keys -> the new global adapter. Everything that must survive a restart is in
 ``state_tensors`` / ``state_meta`` so that a resumed run continues bit for bit.
+
+When the mean needs only the weighted sum (a sum-only rule, no DP, no server clipping, no
+robust mean: ``Aggregator.streams``), ``aggregate_streaming`` takes the validated payloads
+instead of decoded deltas and folds them one at a time into a flat float64 sum
+(``common.streaming``): memory is one adapter whatever the number of sites, and the result is
+bit-identical to ``aggregate`` on the decoded deltas (same fractions, same order, float64).
 """
 
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +33,14 @@ from common.dp import (
     dp_aggregate_mean,
     secure_generator,
 )
-from common.errors import ConfigError
+from common.encoding import decode_delta_flat
+from common.errors import ConfigError, UpdateRejected
 from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
 from common.modules import PRIVATE, join_modules, split_modules
 from common.robust import aggregate_median, aggregate_trimmed_mean
 from common.rules import get_rule, sum_only_aggregate
 from common.server_opt import server_optimizer_for
+from common.streaming import FlatLayout, StreamingMean
 
 OPTIMIZER_PREFIX = "optimizer/"
 
@@ -41,6 +50,15 @@ class SiteDelta:
     site: str
     examples: int
     delta: AdapterState  # ``<module>/<key>``: the keys the rule sends, of the site's modules
+
+
+@dataclass(frozen=True)
+class SitePayloads:
+    """One accepted reply for ``Aggregator.aggregate_streaming``: still encoded."""
+
+    site: str
+    examples: int
+    payloads: dict[str, bytes]  # module -> opened, already validated payload (the sent keys)
 
 
 class Aggregator:
@@ -102,6 +120,60 @@ class Aggregator:
         )
 
     # -- one round --------------------------------------------------------------------------
+    @property
+    def streams(self) -> bool:
+        """True when every module's mean follows from the weighted sum alone, so replies can
+        be summed one at a time (``aggregate_streaming``)."""
+        agg = self.cfg.aggregation
+        return (
+            self.rule.sum_only
+            and not self.cfg.privacy.dp.enabled
+            and agg.robust == "none"
+            and agg.server_clip is None
+        )
+
+    def aggregate_streaming(
+        self, global_state: AdapterState, updates: Sequence[SitePayloads]
+    ) -> AdapterState:
+        """``aggregate`` for rounds where ``streams`` holds, from still-encoded payloads.
+
+        Each module's replies are decoded one at a time into one scratch vector and added
+        into one float64 sum, in the order of ``updates``: memory is one adapter per module.
+        A module no update carries stays as it is.
+        """
+        if not self.streams:
+            raise AggregationError(f"rule {self.rule.name!r} with this config cannot stream")
+        if not updates:
+            raise AggregationError("no accepted updates to aggregate")
+        by_module = split_modules(global_state)
+        means: dict[str, AdapterState] = {}
+        for name, state in by_module.items():
+            members = [u for u in updates if name in u.payloads]
+            if members:
+                means[name] = self._streamed_mean(name, state, members)
+        new = dict(by_module)
+        if means:
+            stepped = self.apply_mean(join_modules(by_module), join_modules(means))
+            new.update({n: s for n, s in split_modules(stepped).items() if n in means})
+        return join_modules({name: new[name] for name in by_module})
+
+    def _streamed_mean(
+        self, module: str, state: AdapterState, members: Sequence[SitePayloads]
+    ) -> AdapterState:
+        layout = FlatLayout({k: tuple(state[k].shape) for k in self.rule.sent_keys(state)})
+        # The same fractions as aggregate_fedavg: w_i / fsum(w), accumulated in float64.
+        total = math.fsum(float(u.examples) for u in members)
+        mean = StreamingMean(layout, total, torch.float64, check=self.rule.check_payload)
+        scratch = torch.empty(layout.numel, dtype=torch.float32)
+        bound = self.cfg.privacy.max_payload_bytes
+        for u in members:
+            try:
+                flat = decode_delta_flat(u.payloads[module], bound, layout, scratch)
+                mean.add(flat, u.examples)
+            except UpdateRejected as exc:  # validated before: decoding is deterministic
+                raise AggregationError(f"{u.site}, module {module!r}: {exc}") from exc
+        return mean.mean()
+
     def aggregate(
         self,
         global_state: AdapterState,

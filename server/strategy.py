@@ -5,6 +5,12 @@ A bad reply (error, wrong base, wrong round, duplicate, malformed, oversized, no
 wrongly shaped delta, implausible example count), or none within the round timeout, is logged
 with its reason and left out; the round aggregates the rest. ``AggregationError`` is raised
 only when too few replies remain.
+
+Every reply is validated in full (its delta decoded and checked) before any is aggregated, so
+the aggregation weights are known. When the mean needs only the weighted sum
+(``Aggregator.streams``), an accepted reply keeps its opened payload, not its decoded delta,
+and the aggregator decodes and sums the payloads one at a time: the coordinator holds the
+encoded payloads and one adapter, not N decoded adapters.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -34,9 +41,10 @@ from common.config import RunConfig, SitePlan
 from common.encoding import decode_delta
 from common.envelope import EnvelopeContext, max_envelope_bytes, open_delta
 from common.errors import FedloraError, UpdateRejected
+from common.instructions import sign_instruction
 from common.keys import CoordinatorPrivateKey, KeyMaterialError
 from common.modules import PRIVATE, join_modules, sent_modules, split_modules
-from server.aggregate import Aggregator, SiteDelta
+from server.aggregate import Aggregator, SiteDelta, SitePayloads
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +53,21 @@ MetricValue = MetricRecordValues
 
 @dataclass(frozen=True)
 class Sealing:
-    """What the coordinator needs to open sealed envelopes."""
+    """What the coordinator needs to open sealed envelopes and sign its instructions."""
 
     coordinator: CoordinatorPrivateKey
     allow_list: AllowList
+    instruction_key: Ed25519PrivateKey  # every site pins its public half (common.instructions)
 
 
 @dataclass(frozen=True)
 class AcceptedUpdate:
     site: str
     examples: int
-    delta: AdapterState
+    delta: AdapterState  # decoded; empty when the aggregator streams
     metrics: dict[str, float]
     payload_bytes: int
+    payloads: dict[str, bytes] = field(default_factory=dict)  # module -> opened, when streaming
 
 
 @dataclass
@@ -131,10 +141,19 @@ class FedLoraStrategy(Strategy):
             }
         )
 
+    def signed(self, content: RecordDict, message_type: str) -> RecordDict:
+        """``content`` signed with the instruction key (where the mode has keys), in place."""
+        if self.sealing is not None:
+            sign_instruction(content, message_type, self.sealing.instruction_key)
+        return content
+
     def _instructions(
         self, server_round: int, arrays: ArrayRecord, message_type: str, log: StageLog
     ) -> list[Message]:
-        content = RecordDict({P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: self._header(server_round)})
+        header = self._header(server_round)
+        content = self.signed(
+            RecordDict({P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: header}), message_type
+        )
         log.bytes_down = array_record_bytes(arrays) * len(self.node_ids)
         self._sent = [
             Message(content, dst_node_id=node, message_type=message_type) for node in self.node_ids
@@ -199,11 +218,16 @@ class FedLoraStrategy(Strategy):
         payloads = [update.get(P.delta_key(m)) for m in modules]
         wire_bytes = sum(len(x) for x in payloads if isinstance(x, bytes))
         delta: AdapterState = {}
+        kept: dict[str, bytes] = {}
+        streams = self.aggregator.streams
         for module, payload in zip(modules, payloads, strict=True):
-            opened = self._open_module(module, payload, site, server_round)
-            delta.update(join_modules({module: opened}))
+            opened, plain = self._open_module(module, payload, site, server_round)
+            if streams:  # the decoded delta is dropped here: it was only checked
+                kept[module] = plain
+            else:
+                delta.update(join_modules({module: opened}))
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        return AcceptedUpdate(site, examples, delta, values, wire_bytes)
+        return AcceptedUpdate(site, examples, delta, values, wire_bytes, kept)
 
     def _figures(
         self, reply: Message, site: str, server_round: int, evaluate: bool = False
@@ -248,8 +272,9 @@ class FedLoraStrategy(Strategy):
 
     def _open_module(
         self, module: str, payload: object, site: str, server_round: int
-    ) -> AdapterState:
-        """Open, decode and validate one module's payload against what the site started from."""
+    ) -> tuple[AdapterState, bytes]:
+        """Open, decode and validate one module's payload against what the site started from;
+        the decoded delta and the opened payload."""
         if not isinstance(payload, bytes):
             raise UpdateRejected(f"module {module!r}: delta payload is not bytes")
         bound = self.cfg.privacy.max_payload_bytes
@@ -272,7 +297,7 @@ class FedLoraStrategy(Strategy):
             self.aggregator.rule.check_payload(delta)
         except UpdateRejected as exc:
             raise UpdateRejected(f"module {module!r}: {exc}") from None
-        return delta
+        return delta, payload
 
     def _open(self, envelope: bytes, site: str, server_round: int, module: str) -> bytes:
         """Verify the site's signature and decrypt, in memory only, for this exact context."""
@@ -326,8 +351,12 @@ class FedLoraStrategy(Strategy):
         # Replies arrive in any order; summing in site order makes the result reproducible
         # bit for bit (floating-point addition is not associative).
         accepted.sort(key=lambda a: a.site)
-        updates = [SiteDelta(a.site, a.examples, a.delta) for a in accepted]
-        new_state = self.aggregator.aggregate(self._global, updates, server_round, self.version)
+        if self.aggregator.streams:
+            streamed = [SitePayloads(a.site, a.examples, a.payloads) for a in accepted]
+            new_state = self.aggregator.aggregate_streaming(self._global, streamed)
+        else:
+            updates = [SiteDelta(a.site, a.examples, a.delta) for a in accepted]
+            new_state = self.aggregator.aggregate(self._global, updates, server_round, self.version)
         return ArrayRecord(new_state), MetricRecord(_weighted(self.train_log.accepted))
 
     def _note_silent(self, log: StageLog, sent: Mapping[str, int], answered: set[int]) -> None:

@@ -25,7 +25,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from common import protocol as P
 from common.adapters import AggregationError
 from common.config import RunConfig, load_config, site_plan
-from common.encoding import encode_delta
+from common.encoding import Encoding, encode_delta
+from server.aggregate import Aggregator
 from server.strategy import FedLoraStrategy
 
 FINGERPRINT = "f" * 64
@@ -160,6 +161,63 @@ def test_error_reply_and_duplicate_site_are_rejected(strategy: FedLoraStrategy) 
     assert any("same site" in r for r in reasons)
     assert any("fingerprint mismatch at site-9" in r for r in reasons)
     assert list(strategy.train_log.accepted) == ["s1"]
+
+
+def _random_delta(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "a.lora_A.weight": torch.randn(2, 4, generator=gen) * 10.0 ** (seed % 5 - 3),
+        "a.lora_B.weight": torch.randn(4, 2, generator=gen),
+    }
+
+
+def _mixed_round(keys: tuple[str, ...]) -> list[Message]:
+    """Replies out of site order, in every encoding, with a rejected one (a wrong shape)."""
+
+    def payload(seed: int, encoding: Encoding) -> bytes:
+        return encode_delta({k: v for k, v in _random_delta(seed).items() if k in keys}, encoding)
+
+    wrong = {k: torch.ones(5, 5) for k in keys}
+    return [
+        reply("s3", payload(3, "fp16"), examples=7),
+        reply("s1", payload(1, "int8-block"), examples=11),
+        reply("bad", encode_delta(wrong), examples=999),
+        reply("s4", payload(4, "int4"), examples=5),
+        reply("s2", payload(2, "fp32"), examples=13),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rule", "keys"),
+    [("fedavg", ("a.lora_A.weight", "a.lora_B.weight")), ("ffa", ("a.lora_B.weight",))],
+)
+def test_streamed_round_is_bit_identical_to_the_list_round(
+    examples_dir: Path, monkeypatch: pytest.MonkeyPatch, rule: str, keys: tuple[str, ...]
+) -> None:
+    """The coordinator's streamed sum (payloads decoded one at a time after validation) gives
+    exactly the new global of the list path; the rejected reply touches neither."""
+
+    def run() -> dict[str, torch.Tensor]:
+        cfg = load_config(
+            examples_dir / "tiny.toml",
+            ["federation.min-sites=1", "privacy.mode=none", f"aggregation.rule='{rule}'"],
+        )
+        strategy = FedLoraStrategy(cfg, site_plan(cfg), FINGERPRINT, run_id="run")
+        strategy.node_ids = list(range(1, 20))
+        list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), None))  # type: ignore[arg-type]
+        arrays, _ = strategy.aggregate_train(1, _mixed_round(keys))
+        assert [r["site"] for r in strategy.train_log.rejected] == ["bad"]
+        assert arrays is not None
+        return arrays.to_torch_state_dict()
+
+    assert Aggregator(load_config(examples_dir / "tiny.toml")).streams
+    streamed = run()
+    monkeypatch.setattr(Aggregator, "streams", property(lambda self: False))
+    listed = run()
+    assert list(streamed) == list(listed)
+    for key in listed:
+        assert torch.equal(streamed[key], listed[key]), key
+    assert not torch.equal(streamed["shared/a.lora_B.weight"], GLOBAL["shared/a.lora_B.weight"])
 
 
 def test_too_few_valid_replies_is_an_aggregation_error(examples_dir: Path) -> None:
