@@ -132,7 +132,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def local_loss(
-    model: PeftModel,
+    model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     cfg: TrainConfig,
     counts: torch.Tensor | None,
@@ -151,7 +151,7 @@ def local_loss(
 
 
 def train_local(
-    model: PeftModel,
+    model: torch.nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
     cfg: TrainConfig,
     seed: int,

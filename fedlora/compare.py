@@ -38,8 +38,12 @@ the federation reaches 90 % and 95 % of centralized at its best evaluated round 
 a centralized run that diverges late is no reference). The federated arm is evaluated every
 round; the in-process arms about ``--curve-points`` times.
 
+``centralized-full``
+    The ``centralized`` arm's data, steps and settings on a fresh copy of the base model with
+    every parameter trainable (``fedlora.compare_full``): the reference LoRA is measured
+    against. Skipped, with the reason in the table, where it would not fit the device's memory.
+
 Writes ``DIR/compare.json``, ``DIR/compare.md`` and the federated run under ``DIR/federated``.
-Centralized full fine-tuning is not an arm yet.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ from fedlora.compare_curves import (
     plot_curves,
     rounds_to_reach,
 )
+from fedlora.compare_full import NAME as FULL_ARM
+from fedlora.compare_full import centralized_full, full_lines, skipped_row
 from server.metrics import read_metrics
 from server.registry import Registry
 
@@ -98,6 +104,7 @@ ARMS = (
     "personalized",
     "centralized",
     "centralized-equal-steps",
+    "centralized-full",
 )
 LATENCY_REPEATS = 5
 # In-process arms are evaluated about this many times over the rounds (compare --curve-points).
@@ -678,9 +685,16 @@ def compare(
         "centralized-equal-steps": equal_curve,
     }
     reach = _rounds_to_reach(curves["federated"], central_curve, classification)
+    # After the other arms: its fresh full model must not inflate their peak RSS.
+    full = centralized_full(comparison)
+    if full.arm is not None:
+        arms[FULL_ARM] = full.arm
+        curves[FULL_ARM] = full.curve
     plots = plot_curves(curves, out, classification)
     latency = comparison.latency(federated_state)
     table = markdown_table(list(arms.values()), classification)
+    if full.arm is None:
+        table += "\n" + skipped_row(full, table.splitlines()[0].count("|") - 1)
     per_site = site_table(list(arms.values()), comparison.groups(), classification)
     lines = verdicts(arms, classification, reach.get("centralized_best"))
     base_parameters = sum(p.numel() for p in comparison.host.base.model.parameters())
@@ -693,6 +707,7 @@ def compare(
         "global_examples": len(comparison.global_examples),
         "base_parameters_incl_adapter": base_parameters,
         "arms": {name: asdict(arm) for name, arm in arms.items()},
+        "centralized_full": full.details,
         "latency": latency,
         "verdicts": lines,
         "personalize_steps": steps,
@@ -719,6 +734,7 @@ def compare(
             per_site,
             latency_line,
             "\n".join(f"- {line}" for line in lines),
+            "\n".join(full_lines(full, federated, cfg.federation, classification)),
             _reach_lines(reach, cfg.federation.rounds, classification),
             "Curves (federated: every round; the other arms: every "
             f"{comparison.curve_rounds[0]} rounds):",

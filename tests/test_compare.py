@@ -11,6 +11,7 @@ import pytest
 
 from common.config import load_config
 from common.errors import ConfigError
+from common.models import load_base
 from fedlora.cli import main
 from fedlora.compare import ARMS, Comparison, compare, reference_train
 from server.metrics import read_metrics
@@ -82,14 +83,20 @@ def test_figures_are_measured_and_consistent(compared: tuple[Path, dict[str, Any
 def test_curves_and_personalized_arm(compared: tuple[Path, dict[str, Any]]) -> None:
     out, result = compared
     curves = result["curves"]
-    assert sorted(curves) == ["centralized", "centralized-equal-steps", "federated", "local-only"]
+    assert sorted(curves) == [
+        "centralized",
+        "centralized-equal-steps",
+        "centralized-full",
+        "federated",
+        "local-only",
+    ]
     rounds = read_metrics(out / "federated")
     # The federated curve is every round of the run's metrics, bytes accumulated.
     assert [p["round"] for p in curves["federated"]] == [0, 1, 2]
     assert [p["own"] for p in curves["federated"]] == [r["eval_perplexity"] for r in rounds]
     assert curves["federated"][-1]["bytes"] == result["arms"]["federated"]["bytes_moved"]
     # The in-process arms' last point is the arm's own final figure.
-    for arm in ("local-only", "centralized", "centralized-equal-steps"):
+    for arm in ("local-only", "centralized", "centralized-equal-steps", "centralized-full"):
         assert [p["round"] for p in curves[arm]] == [1, 2], arm
         final = result["arms"][arm]["quality"]
         assert curves[arm][-1]["global"] == pytest.approx(final["global_perplexity"]), arm
@@ -107,6 +114,26 @@ def test_curves_and_personalized_arm(compared: tuple[Path, dict[str, Any]]) -> N
     assert result["personalize_steps"] == 4  # tiny.toml's train.local-steps
     assert personal["site_loss"] < fed["site_loss"]
     assert arms["personalized"]["bytes_moved"] == 0
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_arm_is_reported(compared: tuple[Path, dict[str, Any]]) -> None:
+    out, result = compared
+    full, details = result["arms"]["centralized-full"], result["centralized_full"]
+    cfg = load_config(TINY)
+    numel = sum(p.numel() for p in load_base(cfg.model).model.parameters())
+    assert full["trainable_parameters"] == numel
+    lora = result["arms"]["centralized"]["trainable_parameters"]
+    assert full["trainable_parameters"] > 10 * lora
+    assert full["bytes_moved"] == result["arms"]["centralized"]["bytes_moved"]  # same pooled data
+    assert full["quality"]["site_loss"] < result["arms"]["base"]["quality"]["site_loss"]
+    assert full["peak_rss_bytes"] > 0
+    assert details["full_federation_bytes_per_round_per_site"] == 8 * numel
+    assert details["steps"] == 2 * 4 * 3  # rounds x local steps x sites, as centralized
+    assert details["seconds_per_step"] > 0 and "skipped" not in details
+    text = (out / "compare.md").read_text()
+    assert "| centralized-full | " in text
+    assert "a federation of full models would move" in text and "per optimizer step" in text
 
 
 def test_refuses_fedsa_and_a_used_folder(tmp_path: Path) -> None:
