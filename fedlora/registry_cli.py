@@ -5,9 +5,10 @@ fedlora registry show RUN_DIR MODULE VERSION
 fedlora registry export RUN_DIR --module M [--version N] --out DIR
 fedlora registry export RUN_DIR --modules a,b[:N] --out DIR [--merge [--weights 1,1] ...]
 fedlora registry verify RUN_DIR [--model MODEL] [--coordinator-key FILE]
+fedlora registry check-base REGISTRY --model NAME [--set model.KEY=VALUE]
 
-Exit status: 0 on success, 1 when ``verify`` finds problems, 2 for an error (a missing run
-folder, an unknown module or version, an impossible option).
+Exit status: 0 on success, 1 when ``verify`` finds problems or ``check-base`` a misfit, 2 for
+an error (a missing run folder, an unknown module or version, an impossible option).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors import safe_open
 from common.errors import FedloraError, RegistryError
 from common.keys import COORDINATOR_KEY_NAME, load_coordinator_private
 from common.progress import console
+from fedlora.check_base_cli import add_check_base, run_check_base
 from server.audit import (
     AUDIT_FILE,
     EVENT_VERSION_PUBLISHED,
@@ -48,6 +50,7 @@ examples:
   fedlora registry export runs/b77 --modules shared,group-a --out exported/both
   fedlora registry export runs/b77 --modules shared,group-a --merge --weights 1,1 --out merged
   fedlora registry verify runs/tiny --model tiny-llama
+  fedlora registry check-base runs/tiny --model tiny-llama --set model.seed=1
 """
 
 
@@ -59,7 +62,7 @@ def add_registry_parser(subparsers: Any) -> None:
     """Add ``registry`` and its actions to the ``fedlora`` command's subparsers."""
     parser = subparsers.add_parser(
         "registry",
-        help="list, show, export and verify a run's adapter versions",
+        help="list, show, export, verify a run's adapter versions; check them on a new base",
         description="Inspect RUN_DIR/registry/<module>/vNNNN (PEFT adapter + manifest.json) "
         "and RUN_DIR/audit.jsonl. Exit 0 on success, 1 when verify finds problems, 2 on errors.",
         epilog=EPILOG,
@@ -109,6 +112,7 @@ def add_registry_actions(parser: argparse.ArgumentParser) -> None:
     )
     _add_model_options(verify, "load this base model (alias, folder, .gguf) and compare "
                        "its fingerprint with every manifest's")  # fmt: skip
+    add_check_base(actions)
 
 
 def _add_export(actions: Any, run_help: str) -> None:
@@ -145,7 +149,13 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None
 
 def run_registry(args: argparse.Namespace) -> int:
     """Run the parsed ``fedlora registry`` action; return the exit status (0, 1 or 2)."""
-    actions = {"list": _list, "show": _show, "export": _export, "verify": _verify}
+    actions = {
+        "list": _list,
+        "show": _show,
+        "export": _export,
+        "verify": _verify,
+        "check-base": run_check_base,
+    }
     try:
         return actions[args.registry_command](args)
     except FedloraError as exc:

@@ -261,6 +261,25 @@ class Registry:
         return export_merged(self, selection, out_dir, base, weights, combination_type, svd_rank)
 
 
+def find_registry(path: Path) -> Registry:
+    """The registry at ``path``: a run folder (``path/registry``) or a registry folder itself.
+
+    A registry folder holds module folders of ``v<NNNN>`` versions; anything else is a
+    RegistryError naming the path.
+    """
+    if not path.is_dir():
+        raise RegistryError(f"{path}: no such folder (expected a run folder or its registry/)")
+    if (path / "registry").is_dir():
+        return Registry(path / "registry")
+    registry = Registry(path)
+    if not any(registry.versions(m) for m in registry.modules() if MODULE_NAME.fullmatch(m)):
+        raise RegistryError(
+            f"{path}: holds no fedlora registry (neither a registry/ folder nor module folders "
+            "with v0000, v0001, ... versions)"
+        )
+    return registry
+
+
 def utc_stamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
