@@ -27,6 +27,11 @@ Task = Literal["causal-lm", "classification"]
 DataFormat = Literal["auto", "instruction", "classification", "text"]
 Partition = Literal["iid", "dirichlet", "by-column", "pathological"]
 PositiveInt = Annotated[int, Field(gt=0)]
+# Delta encodings on the up-link (``common.encoding``); int8 has one scale per tensor,
+# int8-block and int4 one bf16 scale per block of values.
+DeltaEncoding = Literal["fp32", "fp16", "int8", "int8-block", "int4"]
+# Those that quantise; secure-sum masks its own fixed-point levels instead.
+QUANTISED_ENCODINGS = ("int8", "int8-block", "int4")
 
 
 def _kebab(name: str) -> str:
@@ -253,7 +258,8 @@ class PrivacyConfig(Section):
     # none: plain deltas, for debugging and benchmarks (marked as such in every manifest).
     mode: Literal["sealed", "secure-sum", "none"] = "sealed"
     kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
-    encoding: Literal["fp32", "fp16", "int8"] = "fp32"
+    # sealed and none modes only: secure-sum sends fixed-point levels (privacy.secure-sum).
+    encoding: DeltaEncoding = "fp32"
     # Largest delta payload (bytes) the coordinator accepts from one site.
     max_payload_bytes: PositiveInt = 256 * 1024 * 1024
     # Key files; in simulation, missing ones are created under <out>/keys.
@@ -269,6 +275,13 @@ class PrivacyConfig(Section):
                 "privacy.dp.placement = 'distributed' needs privacy.mode = 'secure-sum' "
                 "(in sealed mode the coordinator would see each delta with a fraction of the "
                 "noise); use placement = 'central'"
+            )
+        if self.mode == "secure-sum" and self.encoding in QUANTISED_ENCODINGS:
+            raise ValueError(
+                f"privacy.encoding = {self.encoding!r} applies to privacy.mode 'sealed' and "
+                "'none' only: secure-sum masks its own fixed-point levels, whose precision "
+                "privacy.secure-sum.clip-range sets; use encoding 'fp32' or 'fp16' (ignored "
+                "there) or privacy.mode = 'sealed'"
             )
         return self
 
@@ -540,7 +553,7 @@ class SitePlan(Section):
     train: TrainConfig
     modules: dict[str, ModuleConfig]
     rule: Rule
-    encoding: Literal["fp32", "fp16", "int8"]
+    encoding: DeltaEncoding
     privacy_mode: Literal["sealed", "secure-sum", "none"]
     # Sites clip their delta to this L2 norm before sending (DP); None = no clipping.
     clip: float | None = None

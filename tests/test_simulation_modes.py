@@ -48,6 +48,20 @@ def test_ffa_keeps_a_fixed_and_sends_half(tmp_path: Path, fedavg: dict[str, Any]
     assert run["metrics"][-1]["eval_loss"] < run["metrics"][0]["eval_loss"]
 
 
+@pytest.mark.parametrize(("encoding", "bound"), [("int8-block", 0.45), ("int4", 0.3)])
+def test_block_encodings_through_a_sealed_simulation(
+    tmp_path: Path, fedavg: dict[str, Any], encoding: str, bound: float
+) -> None:
+    """Sites quantise with per-block scales, the coordinator decodes and streams the sum; the
+    tiny adapter's names and the envelopes weigh more than at SmolLM2 size (0.26 / 0.14)."""
+    run = run_tiny(tmp_path / "run", f"privacy.encoding='{encoding}'")
+    assert [v.version for v in run["registry"].versions("shared")] == [0, 1, 2]
+    assert all(not m["rejected"] for m in run["metrics"])
+    assert run["metrics"][1]["bytes_up"] < bound * fedavg["metrics"][1]["bytes_up"]
+    assert run["metrics"][-1]["eval_loss"] < run["metrics"][0]["eval_loss"]
+    assert abs(run["metrics"][-1]["eval_loss"] - fedavg["metrics"][-1]["eval_loss"]) < 0.05
+
+
 def test_fedsa_keeps_b_at_the_sites(tmp_path: Path) -> None:
     run = run_tiny(tmp_path / "run", "aggregation.rule='fedsa'")
     v0, v2 = run["registry"].load("shared", 0), run["registry"].load("shared", 2)

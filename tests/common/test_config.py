@@ -65,6 +65,13 @@ def test_examples_parse(examples_dir: Path) -> None:
         ("[aggregation]\nrule = 'median'\n", "aggregation.rule"),
         ("[privacy]\nmode = 'secure-sum'\n[aggregation]\nrule = 'exact'\n", "sum-only rule"),
         ("[privacy]\nmode = 'secure-sum'\n[federation]\nsites = 2\n", "sites >= 3"),
+        ("[privacy]\nencoding = 'int2'\n", "privacy.encoding"),
+        (
+            "[privacy]\nmode = 'secure-sum'\nencoding = 'int4'\n",
+            "privacy.encoding = 'int4' applies to privacy.mode 'sealed' and 'none' only",
+        ),
+        ("[privacy]\nmode = 'secure-sum'\nencoding = 'int8-block'\n", "fixed-point levels"),
+        ("[privacy]\nmode = 'secure-sum'\nencoding = 'int8'\n", "privacy.secure-sum.clip-range"),
         ("[privacy.dp]\nenabled = true\nplacement = 'distributed'\n", "placement"),
         ("[privacy.dp]\nenabled = true\nclip = 0\n", "privacy.dp.clip"),
     ],
@@ -136,6 +143,15 @@ def test_site_plan_roundtrips_as_json(config_file: Path) -> None:
     again = type(plan).model_validate_json(plan.model_dump_json(by_alias=True))
     assert again == plan
     assert again.train.local_steps == 7
+
+
+@pytest.mark.parametrize("encoding", ["int8-block", "int4"])
+def test_block_encodings_are_sent_to_sites_in_sealed_and_plain_modes(
+    config_file: Path, encoding: str
+) -> None:
+    for mode in ("sealed", "none"):
+        cfg = load_config(config_file, [f"privacy.mode='{mode}'", f"privacy.encoding='{encoding}'"])
+        assert site_plan(cfg).encoding == encoding
 
 
 def test_dp_with_exact_rule_is_refused(config_file: Path) -> None:
