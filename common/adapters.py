@@ -165,6 +165,17 @@ def check_delta(
     """
     check_shapes(state_shapes(delta), state_shapes(reference))
     check_values(delta)
+    check_norm(delta, max_norm)
+
+
+def check_norm(delta: Mapping[str, torch.Tensor], max_norm: float | None) -> None:
+    """Check that ``delta_norm(delta)`` is at most ``max_norm`` (``None``: no bound).
+
+    Raises
+    ------
+    UpdateRejected
+        Giving the norm and the bound.
+    """
     if max_norm is not None:
         norm = delta_norm(delta)
         if norm > max_norm:

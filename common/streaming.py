@@ -27,7 +27,13 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from common.adapters import AdapterState, AggregationError, check_shapes, state_shapes
+from common.adapters import (
+    AdapterState,
+    AggregationError,
+    check_norm,
+    check_shapes,
+    state_shapes,
+)
 from common.errors import UpdateRejected
 
 
@@ -118,7 +124,7 @@ class StreamingMean:
         Accumulator dtype: ``torch.float32`` (default) or ``torch.float64`` (bit-identical to
         ``aggregate_fedavg`` when the deltas are added in the same order).
     max_norm
-        Reject a delta whose L2 norm (float64) exceeds this; ``None`` for no bound.
+        Reject a delta whose ``delta_norm`` exceeds this; ``None`` for no bound.
     check
         A rule's payload check (``Rule.check_payload``), run on the delta's tensors before
         it is added.
@@ -163,14 +169,11 @@ class StreamingMean:
         """
         _check_weight(weight, "weight")
         check_flat_values(flat, self.layout.numel)
-        if self.max_norm is not None:
-            norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
-            if norm > self.max_norm:
-                raise UpdateRejected(
-                    f"delta L2 norm {norm:.6g} exceeds the bound {self.max_norm:.6g}"
-                )
-        if self.check is not None:
-            self.check(self.layout.unflatten(flat))
+        if self.max_norm is not None or self.check is not None:
+            named = self.layout.unflatten(flat)
+            check_norm(named, self.max_norm)  # per tensor, as check_delta: the same verdict
+            if self.check is not None:
+                self.check(named)
         alpha = weight if self.total_weight is None else float(weight) / self.total_weight
         if flat.dtype != self._sum.dtype:
             # Cast first: the same float64 operands and one add, as aggregate_fedavg does.

@@ -34,14 +34,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import protocol as P
-from common.adapters import AdapterState, AggregationError, check_delta
+from common.adapters import AdapterState, AggregationError, check_delta, check_norm
 from common.allow_list import AllowList
 from common.config import RunConfig, SitePlan
-from common.encoding import decode_delta
+from common.encoding import decode_delta, decode_delta_flat
 from common.envelope import EnvelopeContext, max_envelope_bytes, open_delta
 from common.errors import FedloraError, UpdateRejected
 from common.keys import CoordinatorPrivateKey, KeyMaterialError
 from common.modules import PRIVATE, join_modules, sent_modules, split_modules
+from common.streaming import FlatLayout
 from server.aggregate import Aggregator, SiteDelta, SitePayloads
 
 logger = logging.getLogger(__name__)
@@ -279,9 +280,20 @@ class FedLoraStrategy(Strategy):
         start = self.aggregator.site_start(module, site, self._global_modules[module], self.version)
         reference = {k: start[k] for k in self.aggregator.rule.sent_keys(start)}
         shapes = {k: tuple(v.shape) for k, v in reference.items()}
-        delta = decode_delta(payload, self.cfg.privacy.max_payload_bytes, expected=shapes)
+        max_norm = self.cfg.aggregation.max_delta_norm
+        if self.aggregator.streams:
+            # One flat decode checks names, shapes and finite values (a reply's delta is only
+            # checked here; the aggregator decodes it again when it adds it).
+            layout = FlatLayout(shapes)
+            flat = decode_delta_flat(payload, self.cfg.privacy.max_payload_bytes, layout)
+            delta = layout.unflatten(flat)
+        else:
+            delta = decode_delta(payload, self.cfg.privacy.max_payload_bytes, expected=shapes)
         try:
-            check_delta(delta, reference, max_norm=self.cfg.aggregation.max_delta_norm)
+            if self.aggregator.streams:
+                check_norm(delta, max_norm)
+            else:
+                check_delta(delta, reference, max_norm=max_norm)
             self.aggregator.rule.check_payload(delta)
         except UpdateRejected as exc:
             raise UpdateRejected(f"module {module!r}: {exc}") from None
