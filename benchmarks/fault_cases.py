@@ -43,7 +43,13 @@ from client.app import SiteKeys, make_client_app
 from common.config import load_config
 from common.errors import FedloraError
 from common.keys import COORDINATOR_KEY_NAME, generate_site_key, public_path_for
-from fedlora.simulate import backend_config, prepare_environment, provision_keys, simulate
+from fedlora.simulate import (
+    backend_config,
+    provision_keys,
+    scratch_folders,
+    set_offline_environment,
+    simulate,
+)
 from server.app import make_server_app
 from server.audit import (
     AUDIT_FILE,
@@ -126,9 +132,7 @@ MATRIX_COLUMNS = [
 # -- running a faulty federation and reading back what it left ---------------------------------
 def run_faulty(out: Path, overrides: list[str], faults: tuple[Fault, ...]) -> None:
     """Simulate ``examples/tiny.toml`` with ``overrides``; the sites misbehave as ``faults``."""
-    prepare_environment(out)
-    from flwr.simulation import run_simulation  # after the environment is set
-
+    set_offline_environment()
     cfg = load_config(TINY, overrides)
     sealing, _ = provision_keys(cfg, out)
     rogue = out / "rogue-keys"  # a key pair nobody enrolled, and the coordinator's public key
@@ -138,7 +142,9 @@ def run_faulty(out: Path, overrides: list[str], faults: tuple[Fault, ...]) -> No
     plan = FaultPlan(faults, out / "keys", rogue, out, cfg.aggregation.max_examples)
     plan.marks.mkdir()
     app = faulty_app(make_client_app(cfg, SiteKeys(out / "keys"), out / "sites"), plan)
-    with RunDirLock(out):
+    with scratch_folders(), RunDirLock(out):
+        from flwr.simulation import run_simulation  # after the environment is set
+
         coord = prepare(cfg, out, sealing)
         run_simulation(
             make_server_app(coord), app, cfg.federation.sites, backend_config=backend_config(cfg)

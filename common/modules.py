@@ -14,12 +14,14 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import torch
-
-from common.adapters import AdapterState, _quote
 from common.errors import UpdateRejected
 
-if TYPE_CHECKING:  # common.config imports this module for its validation
+if TYPE_CHECKING:
+    # common.config imports this module for its validation, and the CLI imports common.config
+    # to check a config before anything loads torch (about 1 s of the 2-core budget).
+    import torch
+
+    from common.adapters import AdapterState
     from common.config import ModuleConfig
 
 SEPARATOR = "/"
@@ -86,6 +88,8 @@ def split_modules(flat: Mapping[str, torch.Tensor]) -> dict[str, AdapterState]:
     UpdateRejected
         For a key without a valid module name before the first ``/``.
     """
+    from common.adapters import _quote  # imports torch: see the imports above
+
     out: dict[str, AdapterState] = {}
     for key, tensor in flat.items():
         module, sep, rest = key.partition(SEPARATOR)

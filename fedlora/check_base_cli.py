@@ -18,6 +18,7 @@ from safetensors import safe_open
 from common.config import ModelConfig, parse_override, validate_config
 from common.errors import FedloraError, RegistryError
 from common.progress import console
+from fedlora.help_text import doc_after_title
 from server.registry import ADAPTER_FILE, Registry, find_registry
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def add_check_base(actions: Any) -> None:
     parser = actions.add_parser(
         "check-base",
         help="does every module's latest version fit a new base model? (targets, shapes)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=doc_after_title(__doc__),
     )
     parser.add_argument(
         "registry", type=Path, metavar="REGISTRY", help="a run folder or its registry/ folder"

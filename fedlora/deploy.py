@@ -39,6 +39,7 @@ from fedlora.deploy_flower import (
     write_connection,
 )
 from fedlora.deploy_keys import CA_CERT, SUPERNODES_DIR, TLS_CERT, TLS_KEY
+from fedlora.help_text import plain
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent  # pyproject.toml [tool.flwr.app] + packages
 APP_PACKAGES = ("common", "client", "server", "fedlora")
@@ -221,19 +222,35 @@ def add_coordinator_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "coordinator",
         help="the coordinator service: SuperLink with TLS + site auth, submit federation runs",
-        description=__doc__.split("\n\n")[2] if __doc__ else None,
+        description=plain(__doc__.split("\n\n")[2]) if __doc__ else None,
         epilog=COORDINATOR_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="coordinator_command", required=True, metavar="COMMAND")
-    start = sub.add_parser("start", help="run the SuperLink (foreground); resume a killed run")
+    start = sub.add_parser(
+        "start",
+        help="run the SuperLink (foreground); resume a killed run",
+        description="Run the SuperLink in the foreground with TLS and SuperNode authentication, "
+        "register every enrolled site's SuperNode key and resubmit the last run if it did not "
+        "finish (the ServerApp resumes it from its last completed round).",
+    )
     start.add_argument("--config", type=Path, required=True, help="coordinator.toml")
-    run = sub.add_parser("run", help="submit a federation run (the ServerApp) to the SuperLink")
+    run = sub.add_parser(
+        "run",
+        help="submit a federation run (the ServerApp) to the SuperLink",
+        description="Check RUN.toml, then submit it to the running SuperLink as a Flower run; "
+        "its output goes to a run folder under the coordinator's runs folder.",
+    )
     run.add_argument("run_config", type=Path, metavar="RUN.toml", help="fedlora run config")
     run.add_argument("--config", type=Path, required=True, help="coordinator.toml")
     run.add_argument("--name", help="run directory name under coordinator.runs (default: stem)")
     run.add_argument("--stream", action="store_true", help="follow the run's log until it ends")
-    register = sub.add_parser("register", help="register enrolled sites' SuperNode keys")
+    register = sub.add_parser(
+        "register",
+        help="register enrolled sites' SuperNode keys",
+        description="Register with the running SuperLink the SuperNode key of every site "
+        "enrolled since it started (after `fedlora keys add-site`).",
+    )
     register.add_argument("--config", type=Path, required=True, help="coordinator.toml")
 
 

@@ -51,6 +51,7 @@ from common.keys import (
     write_new_file,
 )
 from common.progress import console
+from fedlora.help_text import doc_after_title
 
 # File names inside a provisioning folder (the coordinator and site configs refer to them).
 CA_KEY = "ca.key"
@@ -309,7 +310,7 @@ def add_deployment_parsers(sub: Any) -> None:
     init = sub.add_parser(
         "init",
         help="deployment: create the CA, TLS certificate, coordinator keys and site bundles",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=doc_after_title(__doc__),
         epilog=DEPLOYMENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -324,6 +325,10 @@ def add_deployment_parsers(sub: Any) -> None:
     add = sub.add_parser(
         "add-site",
         help="deployment: create and enroll one more site's bundle (--replace rotates)",
+        description="Create SITE's bundle under DIR/sites/SITE (envelope signing key, SuperNode "
+        "key, the CA certificate and the coordinator's public keys) and enroll its public keys "
+        "in the coordinator's allow-list and supernodes/ folder. With --replace, an enrolled "
+        "site gets new keys and its old ones are dropped.",
         epilog=DEPLOYMENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -42,6 +42,7 @@ from common.progress import console, print_message
 from common.site_config import SiteConfig, load_site_config
 from fedlora.deploy_flower import executable, flower_env
 from fedlora.deploy_keys import NODE_KEY
+from fedlora.help_text import plain
 
 if TYPE_CHECKING:
     from client.deploy_app import PreloadedBase
@@ -218,11 +219,17 @@ def add_site_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "site",
         help="the site daemon: check data, keys and base model, then run the SuperNode",
-        description=__doc__.split("\n\n")[2] if __doc__ else None,
+        description=plain(__doc__.split("\n\n")[2]) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="site_command", required=True, metavar="COMMAND")
-    start = sub.add_parser("start", help="check the site, then run its SuperNode (foreground)")
+    start = sub.add_parser(
+        "start",
+        help="check the site, then run its SuperNode (foreground)",
+        description="Check the keys bundle, the data file and the base model, then serve the "
+        "site's worker and run flower-supernode as a child until it exits (SIGTERM and SIGINT "
+        "are passed on). With --check, only the checks run.",
+    )
     start.add_argument("--config", type=Path, required=True, help="site.toml")
     start.add_argument(
         "--expect-fingerprint", metavar="HEX", help="refuse unless the base model has this digest"

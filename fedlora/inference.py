@@ -9,7 +9,6 @@ an adapter whose manifest names another base fingerprint is refused before it is
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -22,29 +21,7 @@ from client.tokens import prompt_text
 from common.config import ModelConfig
 from common.errors import FingerprintMismatch, ModelError
 from common.models import LoadedBase, load_base
-from common.progress import console
 from server.registry import ADAPTER_FILE, MANIFEST_FILE
-
-
-def add_inference_parsers(sub: Any) -> None:
-    """The ``generate`` and ``predict`` subcommands."""
-    for name, text_flag, what in (
-        ("generate", "--prompt", "generate a reply (greedy) with base + adapters"),
-        ("predict", "--text", "classify a text with base + adapters"),
-    ):
-        parser = sub.add_parser(name, help=what, description=what.capitalize() + ".")
-        parser.add_argument("--model", required=True, help="alias, HF folder or .gguf (the base)")
-        parser.add_argument(
-            "--adapters",
-            nargs="+",
-            type=Path,
-            required=True,
-            help="adapter folders, applied together",
-        )
-        parser.add_argument(text_flag, dest="text", required=True, help="the input text")
-        if name == "generate":
-            parser.add_argument("--max-new-tokens", type=int, default=64)
-        parser.add_argument("--seed", type=int, default=0, help="model.seed of the run")
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
@@ -115,12 +92,3 @@ def predict(model: str, adapters: list[Path], text: str, seed: int = 0) -> tuple
     names = manifests[0].get("labels")
     label = str(names[index]) if isinstance(names, list) and index < len(names) else str(index)
     return label, float(probs[index])
-
-
-def run_inference(args: argparse.Namespace) -> int:
-    if args.command == "generate":
-        console.print(generate(args.model, args.adapters, args.text, args.max_new_tokens))
-    else:
-        label, probability = predict(args.model, args.adapters, args.text, args.seed)
-        console.print(f"{label}\t{probability:.3f}")
-    return 0

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedloraError
+from fedlora.report_cli import add_report_arguments, run_report
 from fedlora.run_plots import Series, draw_plots, finite_number
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.metrics import METRICS_FILE, read_metrics
@@ -309,37 +310,12 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Report:
 # ---------------------------------------------------------------------------- command line
 
 
-def add_report_parser(subparsers: Any) -> None:
-    """Add ``report`` to the ``fedlora`` command's subparsers."""
-    parser = subparsers.add_parser(
-        "report",
-        help="plots and a Markdown report of a run folder",
-        description="Read RUN_DIR (metrics.jsonl, summary.json, config.json, registry, "
-        "audit.jsonl) and write loss/accuracy/bytes/seconds PNGs and report.md.",
-    )
-    _add_arguments(parser)
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a fedlora run folder")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output folder (default RUN_DIR/report)"
-    )
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """Run ``fedlora report`` with parsed arguments; 0 on success (errors raise ReportError)."""
-    report = write_report(args.run_dir, args.out)
-    print(f"wrote {report.markdown} and {len(report.plots)} plots")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fedlora.report RUN_DIR [--out DIR]``; exit 2 on a ReportError."""
     parser = argparse.ArgumentParser(
         prog="fedlora report", description=(__doc__ or "").splitlines()[0]
     )
-    _add_arguments(parser)
+    add_report_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run_report(args)

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from common.keys import (
 from common.progress import print_message
 from fedlora.deploy_flower import OFFLINE_ENVIRONMENT
 from server.app import make_server_app
-from server.federation import prepare
+from server.federation import load_inputs, prepare
 from server.rundir import RunDirLock, check_start
 from server.strategy import Sealing
 
@@ -40,15 +42,33 @@ logger = logging.getLogger(__name__)
 _ENVIRONMENT = {**OFFLINE_ENVIRONMENT, "RAY_DEDUP_LOGS": "0"}
 
 
-def prepare_environment(out_dir: Path) -> None:
-    """Set the offline/no-telemetry variables and private Flower/Ray folders for this run."""
+def set_offline_environment() -> None:
+    """The offline/no-telemetry variables (those already set are kept), before a model loads."""
     for key, value in _ENVIRONMENT.items():
         os.environ.setdefault(key, value)
-    scratch = Path(tempfile.mkdtemp(prefix="fedlora-"))
-    os.environ.setdefault("FLWR_HOME", str(scratch / "flwr"))
+
+
+@contextmanager
+def scratch_folders() -> Iterator[None]:
+    """Private Flower and Ray folders for one run.
+
+    They live in a scratch folder (``$TMPDIR/fedlora-XXXXXXXX``) that is removed when the run
+    ends, however it ends (an error, Ctrl-C), and the variables naming them are unset again;
+    ``FLWR_HOME`` or ``RAY_TMPDIR`` set by the user are used as they are.
+    """
     # Ray's socket paths must stay short (AF_UNIX limit of 107 bytes), so not under out_dir.
-    os.environ.setdefault("RAY_TMPDIR", str(scratch / "ray"))
-    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    # A Ray worker still shutting down may hold a file open: cleanup errors leave that file.
+    with tempfile.TemporaryDirectory(prefix="fedlora-", ignore_cleanup_errors=True) as scratch:
+        folders = {"FLWR_HOME": Path(scratch) / "flwr", "RAY_TMPDIR": Path(scratch) / "ray"}
+        added = [key for key in folders if key not in os.environ]
+        for key in added:
+            os.environ[key] = str(folders[key])
+        Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+        try:
+            yield
+        finally:
+            for key in added:
+                os.environ.pop(key, None)
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -93,18 +113,23 @@ def provision_keys(cfg: RunConfig, out_dir: Path) -> tuple[Sealing | None, SiteK
 
 
 def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Prepare the coordinator, run (or resume) all rounds, return ``summary.json``."""
-    prepare_environment(out_dir)
-    from flwr.simulation import run_simulation  # after the environment is set
+    """Prepare the coordinator, run (or resume) all rounds, return ``summary.json``.
 
+    Every check that can fail (the run folder's state, the data, the model) runs before
+    anything is written, so that a failed start leaves the run folder as it was.
+    """
+    check_start(out_dir, resume)
+    set_offline_environment()
     print_message(
         f"[bold]fedlora simulate[/]: {cfg.federation.sites} sites, "
         f"{cfg.federation.rounds} rounds, model {cfg.model.name}, output {out_dir}"
     )
-    check_start(out_dir, resume)
-    with RunDirLock(out_dir):
+    inputs = load_inputs(cfg)
+    with scratch_folders(), RunDirLock(out_dir):
+        from flwr.simulation import run_simulation  # after the environment is set
+
         sealing, site_keys = provision_keys(cfg, out_dir)
-        coord = prepare(cfg, out_dir, sealing)
+        coord = prepare(cfg, out_dir, sealing, inputs=inputs)
         run_simulation(
             server_app=make_server_app(coord, resume=resume),
             client_app=make_client_app(cfg, site_keys, out_dir / SITES_FOLDER),

@@ -129,25 +129,48 @@ def _check_simulated_groups(cfg: RunConfig) -> None:
             )
 
 
-def prepare(
-    cfg: RunConfig, out_dir: Path, sealing: Sealing | None = None, *, deployed: bool = False
-) -> Coordinator:
+@dataclass(frozen=True)
+class RunInputs:
+    """What a coordinator reads before it writes anything: labels, eval set, base + adapter."""
+
+    labels: list[str] | None
+    eval_set: Dataset | None
+    host: AdapterHost
+
+
+def load_inputs(cfg: RunConfig, deployed: bool = False) -> RunInputs:
     """Check the data before any model loads, then load the base and the adapter.
 
+    Writes nothing to the run folder, so that a data or model error leaves it as it was.
     ``deployed``: the sites hold the data, ``data.path`` is not read (see ``run_labels``).
     """
     labels, eval_set = run_labels(cfg, deployed)
     sent = {name: m for name, m in cfg.modules.items() if m.scope != PRIVATE}
     host = AdapterHost(cfg.model, sent, len(labels) if labels else None)
+    return RunInputs(labels=labels, eval_set=eval_set, host=host)
+
+
+def prepare(
+    cfg: RunConfig,
+    out_dir: Path,
+    sealing: Sealing | None = None,
+    *,
+    deployed: bool = False,
+    inputs: RunInputs | None = None,
+) -> Coordinator:
+    """The coordinator of a run: ``inputs`` (loaded here when None), ``config.json`` written,
+    the registry and the audit log opened."""
+    if inputs is None:
+        inputs = load_inputs(cfg, deployed)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", config_to_dict(cfg))  # the latest start's
     config_json = config_to_dict(cfg)
     return Coordinator(
         cfg=cfg,
         out_dir=out_dir,
-        host=host,
-        labels=labels,
-        eval_set=eval_set,
+        host=inputs.host,
+        labels=inputs.labels,
+        eval_set=inputs.eval_set,
         registry=Registry(out_dir / "registry"),
         run_id=uuid.uuid4().hex,
         config_digest=config_digest(config_json),

@@ -25,15 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peft import LoraConfig
-from safetensors.torch import load_file, save_file
-
-from common.adapters import AdapterState
 from common.atomic import fsync_dir, write_json_atomic
 from common.errors import RegistryError
 from common.modules import MODULE_NAME
 
 if TYPE_CHECKING:
+    # Type names only: `fedlora registry list` and `report` read manifests without torch or peft
+    # (seconds of imports on a small machine); the methods that move tensors import them.
+    from peft import LoraConfig
+
+    from common.adapters import AdapterState
     from server.registry_export import BaseModelLike, Combination, Selection
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -140,6 +141,8 @@ class Registry:
             parent = None if number == 0 else number - 1
         final = self.module_dir(module) / f"v{number:04d}"
         final.parent.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file  # imports torch: see the imports above
+
         tmp = Path(tempfile.mkdtemp(prefix=f".v{number:04d}.", dir=final.parent))
         try:
             tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -185,6 +188,8 @@ class Registry:
             raise RegistryError(
                 f"{path / ADAPTER_FILE}: SHA-256 {actual} does not match the manifest's {expected}"
             )
+        from safetensors.torch import load_file  # imports torch: see the imports above
+
         return load_file(str(path / ADAPTER_FILE))
 
     def verify(self, module: str | None = None, model_fingerprint: str | None = None) -> list[str]:

@@ -68,7 +68,15 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def check_start(run_dir: Path, resume: bool) -> None:
-    """A fresh run needs an empty folder; ``resume`` needs one with a run in it."""
+    """A fresh run needs an empty folder; ``resume`` needs one with a run in it.
+
+    Checked before anything is written: a refused start leaves ``run_dir`` as it was.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a folder: choose another output folder")
+    if resume and not holds_run(run_dir):
+        what = "does not exist" if not run_dir.exists() else "holds no run"
+        raise RunDirError(f"{run_dir} {what}, so there is nothing to resume; drop --resume")
     if not resume and holds_run(run_dir):
         raise RunDirError(
             f"{run_dir} already holds a run; pass --resume to continue it, or choose another "

@@ -45,3 +45,18 @@ def test_fresh_run_refuses_a_used_folder(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="--resume"):
         check_start(tmp_path, resume=False)
     check_start(tmp_path, resume=True)
+
+
+def test_resume_needs_a_run(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="does not exist, so there is nothing to resume"):
+        check_start(tmp_path / "missing", resume=True)
+    with pytest.raises(RunDirError, match="holds no run, so there is nothing to resume"):
+        check_start(tmp_path, resume=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_file_is_no_run_folder(tmp_path: Path, resume: bool) -> None:
+    (tmp_path / "out").write_text("")
+    with pytest.raises(RunDirError, match="is a file, not a folder"):
+        check_start(tmp_path / "out", resume=resume)

@@ -1,0 +1,95 @@
+"""``fedlora compare``'s command line, kept apart from ``fedlora.compare`` (torch, peft,
+datasets) so that ``fedlora --help`` and ``fedlora compare --help`` answer without loading them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+# The in-process arms are evaluated about this many times over the rounds (the curves' points).
+DEFAULT_CURVE_POINTS = 10
+
+DESCRIPTION = """\
+The pilot's ROI table on one data split and seed. Every arm is evaluated on the same global set
+(data.eval-path, else every site's held-out examples pooled) and on every site's own held-out
+split:
+
+  base                     the base model untouched (LoRA B = 0)
+  local-only               each site trains alone, the federation's rounds x local steps
+  federated                `fedlora simulate` of the config, its last registry version
+  personalized             each site fine-tunes the federated adapter for --personalize-steps
+  centralized              all sites' training data pooled, the federation's examples budget
+  centralized-equal-steps  the pooled data, only the federation's sequential steps
+
+Per arm: loss, perplexity (causal LM) or accuracy (classification), trainable parameters, bytes
+moved, wall seconds and peak resident memory. Writes DIR/compare.json, DIR/compare.md, the
+curves curves-round.png and curves-bytes.png, and the federated run under DIR/federated.
+"""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def add_compare_parser(subparsers: Any) -> None:
+    """Add ``compare`` to the ``fedlora`` sub-parsers."""
+    parser = subparsers.add_parser(
+        "compare",
+        help="the ROI table: base, local-only, federated and centralized LoRA on one split",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable), as for `fedlora simulate`",
+    )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="train.KEY=VALUE",
+        help="train setting of the in-process arms (local-only, centralized, personalized) "
+        "where it should differ from the federation's, e.g. --reference train.optimizer=adamw "
+        "--reference train.lr=5e-3 when the sites run SGD (repeatable)",
+    )
+    parser.add_argument(
+        "--curve-points",
+        type=_positive,
+        default=DEFAULT_CURVE_POINTS,
+        metavar="N",
+        help="evaluate the in-process arms about N times over the rounds for the curves "
+        f"(default {DEFAULT_CURVE_POINTS}; the federated arm is evaluated every round)",
+    )
+    parser.add_argument(
+        "--personalize-steps",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="local steps each site fine-tunes the federated adapter for the personalized "
+        "arm (default: train.local-steps)",
+    )
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Run ``fedlora compare`` with parsed arguments; 0 on success (errors raise)."""
+    from common.config import load_config
+    from fedlora.compare import compare, reference_train
+
+    cfg = load_config(args.config, args.overrides)
+    reference = reference_train(cfg, args.reference)
+    compare(cfg, args.out, args.curve_points, args.personalize_steps, reference)
+    return 0
