@@ -21,6 +21,7 @@ from typing import Any
 
 from common.errors import FedloraError
 from common.progress import console
+from fedlora.arg_types import output_folder
 from fedlora.compare_cli import add_compare_parser, run_compare
 from fedlora.deploy import add_coordinator_parser, run_coordinator
 from fedlora.deploy_site import add_site_parser, run_site
@@ -141,7 +142,7 @@ def _add_simulate_parsers(sub: Any) -> None:
         "per round) and DIR/summary.json.",
     )
     sim.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
-    sim.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    sim.add_argument("--out", type=output_folder, required=True, help="output folder (created)")
     sim.add_argument(
         "--set",
         dest="overrides",
@@ -157,7 +158,7 @@ def _add_simulate_parsers(sub: Any) -> None:
         help="the quick-start run: SmolLM2-135M on a dolly slice, 3 sites by category",
         description=f"Runs `fedlora simulate {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])}`.",
     )
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    demo.add_argument("--out", type=output_folder, default=Path("runs/demo"), help="output folder")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     demo.add_argument("--resume", action="store_true", help=resume_help)
 

@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fedlora.arg_types import output_folder
+
 # The in-process arms are evaluated about this many times over the rounds (the curves' points).
 DEFAULT_CURVE_POINTS = 10
 
@@ -48,7 +50,9 @@ def add_compare_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    parser.add_argument(
+        "--out", type=output_folder, required=True, help="output folder (new or empty)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

@@ -51,6 +51,7 @@ from common.keys import (
     write_new_file,
 )
 from common.progress import console
+from fedlora.arg_types import output_folder
 from fedlora.help_text import doc_after_title
 
 # File names inside a provisioning folder (the coordinator and site configs refer to them).
@@ -314,7 +315,7 @@ def add_deployment_parsers(sub: Any) -> None:
         epilog=DEPLOYMENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    init.add_argument("--out", type=Path, required=True, help="folder (created 0700)")
+    init.add_argument("--out", type=output_folder, required=True, help="folder (created 0700)")
     init.add_argument("--sites", required=True, help="comma-separated site ids, e.g. a,b,c")
     init.add_argument(
         "--san",
@@ -332,7 +333,9 @@ def add_deployment_parsers(sub: Any) -> None:
         epilog=DEPLOYMENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add.add_argument("--out", type=Path, required=True, help="the folder `keys init` wrote")
+    add.add_argument(
+        "--out", type=output_folder, required=True, help="the folder `keys init` wrote"
+    )
     add.add_argument("site_id", metavar="SITE", help="the new site's id")
     add.add_argument("--replace", action="store_true", help="rotate an enrolled site's keys")
 

@@ -33,6 +33,7 @@ from common.keys import (
     public_path_for,
 )
 from common.progress import console
+from fedlora.arg_types import output_folder
 from fedlora.deploy_keys import add_deployment_parsers, run_deployment_command
 
 KEYS_DESCRIPTION = """\
@@ -89,7 +90,9 @@ def _add_generate_parsers(sub: Any) -> None:
         "decrypts every site's delta and never leaves the coordinator; coordinator.pub goes "
         "to every site.",
     )
-    coordinator.add_argument("--out", type=Path, required=True, help="folder (created 0700)")
+    coordinator.add_argument(
+        "--out", type=output_folder, required=True, help="folder (created 0700)"
+    )
     coordinator.add_argument(
         "--kem",
         choices=KEMS,
@@ -104,7 +107,7 @@ def _add_generate_parsers(sub: Any) -> None:
         "the site's envelopes and stays at the site; send SITE_ID.pub to the coordinator.",
     )
     site.add_argument("site_id", metavar="SITE_ID", help="the site's id, e.g. hospital-a")
-    site.add_argument("--out", type=Path, required=True, help="folder (created 0700)")
+    site.add_argument("--out", type=output_folder, required=True, help="folder (created 0700)")
 
 
 def _add_export_and_enroll_parsers(sub: Any) -> None:

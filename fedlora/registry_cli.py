@@ -28,6 +28,7 @@ from safetensors import safe_open
 from common.errors import FedloraError, RegistryError
 from common.keys import COORDINATOR_KEY_NAME, load_coordinator_private
 from common.progress import console
+from fedlora.arg_types import output_folder
 from fedlora.check_base_cli import add_check_base, run_check_base
 from server.audit import (
     AUDIT_FILE,
@@ -132,7 +133,7 @@ def _add_export(actions: Any, run_help: str) -> None:
     export.add_argument(
         "--modules", help="comma-separated modules, each MODULE or MODULE:VERSION (default latest)"
     )
-    export.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    export.add_argument("--out", type=output_folder, required=True, help="output folder (created)")
     export.add_argument("--merge", action="store_true", help="merge --modules into one adapter")
     export.add_argument("--weights", help="comma-separated merge weights (default 1 each)")
     export.add_argument("--combination", choices=["cat", "svd"], default="cat", help="merge kind")

@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fedlora.arg_types import output_folder
+
 
 def add_report_parser(subparsers: Any) -> None:
     """Add ``report`` to the ``fedlora`` command's subparsers."""
@@ -24,7 +26,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """RUN_DIR and ``--out``: shared by ``fedlora report`` and ``python -m fedlora.report``."""
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a fedlora run folder")
     parser.add_argument(
-        "--out", type=Path, default=None, help="output folder (default RUN_DIR/report)"
+        "--out", type=output_folder, default=None, help="output folder (default RUN_DIR/report)"
     )
 
 

@@ -52,12 +52,27 @@ def test_resume_without_a_run_is_an_error(tmp_path: Path, command: list[str]) ->
     assert list(empty.iterdir()) == []
 
 
-def test_out_naming_a_file_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "arguments"),
+    [
+        ("simulate", ["examples/tiny.toml"]),
+        ("demo", []),
+        ("compare", ["examples/tiny.toml"]),
+        ("report", ["runs/none"]),
+        ("keys init", ["--sites", "a"]),
+        ("registry export", ["runs/none", "--module", "shared"]),
+    ],
+)
+def test_out_naming_a_file_is_a_usage_error(
+    tmp_path: Path, command: str, arguments: list[str]
+) -> None:
     out = tmp_path / "notes.txt"
     out.write_text("mine\n")
-    result = fedlora("simulate", "examples/tiny.toml", "--out", str(out))
-    one_error_line(result, str(out), "is a file")
-    assert len(result.stdout.strip().splitlines()) == 1
+    result = fedlora(*command.split(), *arguments, "--out", str(out))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"fedlora {command}: error: argument --out: {out} is a file, not a folder"
     assert out.read_text() == "mine\n"
 
 
