@@ -117,6 +117,10 @@ class FederationConfig(Section):
     # Sites evaluate on their held-out data in round 0, every N-th round and the last round
     # (the coordinator's own global evaluation, data.eval-path, still runs every round).
     evaluate_every: PositiveInt = 1
+    # Start from published adapter versions (server/init_from.py): "PATH" (a run folder or its
+    # registry/, relative to the working directory: every sent module's latest version),
+    # "PATH:MODULE" or "PATH:MODULE:VERSION". Version 0 of this run is then that version.
+    init_from: str | None = None
 
     def site_evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate after ``server_round``."""

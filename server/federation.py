@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from server.init_from import InitSource, check_init_sources, read_init_sources
 from server.metrics import read_metrics, record_round, report_round, run_summary, truncate_metrics
 from server.registry import ADAPTER_FILE, Registry, RegistryVersion
 from server.secure_sum import SecureSumRound
@@ -78,6 +79,11 @@ class Coordinator:
     config_digest: str
     audit: AuditLog
     sealing: Sealing | None = None
+    # federation.init-from: where the modules' version 0 comes from (server/init_from.py).
+    init_from: dict[str, InitSource] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_init_sources(self.init_from, self.host.base.fingerprint, self.host.initial)
 
     @property
     def eval_examples(self) -> list[Example]:
@@ -162,6 +168,7 @@ def prepare(
     the registry and the audit log opened."""
     if inputs is None:
         inputs = load_inputs(cfg, deployed)
+    init_from = read_init_sources(cfg)  # before config.json, registry or audit log
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", config_to_dict(cfg))  # the latest start's
     config_json = config_to_dict(cfg)
@@ -176,6 +183,7 @@ def prepare(
         config_digest=config_digest(config_json),
         audit=_open_audit(out_dir, sealing),
         sealing=sealing,
+        init_from=init_from,
     )
 
 
@@ -275,6 +283,7 @@ def _publish_module(
             "examples": sum(examples.get(site, 0) for site in cohort),
             "site_ranks": {site: config.for_site(site).rank for site in cohort},
             "labels": coord.labels,
+            **_init_lineage(coord, module, server_round),
         },
     )
     coord.audit.append(
@@ -285,6 +294,12 @@ def _publish_module(
         sha256=version.manifest["sha256"][ADAPTER_FILE],
     )
     return version.version
+
+
+def _init_lineage(coord: Coordinator, module: str, server_round: int) -> dict[str, Any]:
+    """Version 0's manifest records the init-from source it copies (``init_from``)."""
+    source = coord.init_from.get(module)
+    return {"init_from": source.lineage} if server_round == 0 and source is not None else {}
 
 
 def _evaluate_round(
@@ -406,7 +421,10 @@ def _stop_if_unwritable(coord: Coordinator, server_round: int) -> Iterator[None]
 def _start_fresh(
     coord: Coordinator, strategy: FedLoraStrategy, grid: Grid
 ) -> tuple[int, ArrayRecord]:
-    arrays = ArrayRecord(join_modules(coord.host.states()))
+    states = coord.host.states()
+    # federation.init-from: version 0 is the source version's tensors, bit for bit.
+    states.update({module: source.state for module, source in coord.init_from.items()})
+    arrays = ArrayRecord(join_modules(states))
     started = time.perf_counter()
     with _stop_if_unwritable(coord, 0):
         _checkpoint_and_publish(coord, strategy, 0, arrays)
