@@ -79,11 +79,8 @@ class Coordinator:
     config_digest: str
     audit: AuditLog
     sealing: Sealing | None = None
-    # federation.init-from: where the modules' version 0 comes from (server/init_from.py).
+    # federation.init-from: where the modules' version 0 comes from (load_inputs checked it).
     init_from: dict[str, InitSource] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_init_sources(self.init_from, self.host.base.fingerprint, self.host.initial)
 
     @property
     def eval_examples(self) -> list[Example]:
@@ -142,6 +139,8 @@ class RunInputs:
     labels: list[str] | None
     eval_set: Dataset | None
     host: AdapterHost
+    # federation.init-from: where the modules' version 0 comes from (server/init_from.py).
+    init_from: dict[str, InitSource] = field(default_factory=dict)
 
 
 def load_inputs(cfg: RunConfig, deployed: bool = False) -> RunInputs:
@@ -151,9 +150,11 @@ def load_inputs(cfg: RunConfig, deployed: bool = False) -> RunInputs:
     ``deployed``: the sites hold the data, ``data.path`` is not read (see ``run_labels``).
     """
     labels, eval_set = run_labels(cfg, deployed)
+    init_from = read_init_sources(cfg)  # a bad federation.init-from fails before the model loads
     sent = {name: m for name, m in cfg.modules.items() if m.scope != PRIVATE}
     host = AdapterHost(cfg.model, sent, len(labels) if labels else None)
-    return RunInputs(labels=labels, eval_set=eval_set, host=host)
+    check_init_sources(init_from, host.base.fingerprint, host.initial)
+    return RunInputs(labels=labels, eval_set=eval_set, host=host, init_from=init_from)
 
 
 def prepare(
@@ -168,7 +169,6 @@ def prepare(
     the registry and the audit log opened."""
     if inputs is None:
         inputs = load_inputs(cfg, deployed)
-    init_from = read_init_sources(cfg)  # before config.json, registry or audit log
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", config_to_dict(cfg))  # the latest start's
     config_json = config_to_dict(cfg)
@@ -183,7 +183,7 @@ def prepare(
         config_digest=config_digest(config_json),
         audit=_open_audit(out_dir, sealing),
         sealing=sealing,
-        init_from=init_from,
+        init_from=inputs.init_from,
     )
 
 

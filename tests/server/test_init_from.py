@@ -102,6 +102,18 @@ def test_source_from_another_base_is_refused_with_both_fingerprints(source: Path
         check_init_sources(sources, old, wrong)
 
 
+def test_a_bad_start_leaves_no_run_folder(source: Path, tmp_path: Path) -> None:
+    from fedlora.simulate import simulate
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="holds no fedlora registry"):
+        simulate(_cfg(str(tmp_path)), out)
+    old = read_init_sources(_cfg(str(source)))["shared"].base_fingerprint
+    with pytest.raises(ConfigError, match=rf"trained on base {old}, this run's base is [0-9a-f]+"):
+        simulate(_cfg(str(source), "model.seed=1"), out)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_version_0_of_a_new_run_is_the_source_version(source: Path, tmp_path: Path) -> None:
     from fedlora.simulate import simulate
