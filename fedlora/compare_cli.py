@@ -24,10 +24,14 @@ split:
   personalized             each site fine-tunes the federated adapter for --personalize-steps
   centralized              all sites' training data pooled, the federation's examples budget
   centralized-equal-steps  the pooled data, only the federation's sequential steps
+  centralized-full         centralized's data and steps with every base parameter trained (full
+                           fine-tuning); skipped, saying why, where it would not fit in memory
 
 Per arm: loss, perplexity (causal LM) or accuracy (classification), trainable parameters, bytes
-moved, wall seconds and peak resident memory. Writes DIR/compare.json, DIR/compare.md, the
-curves curves-round.png and curves-bytes.png, and the federated run under DIR/federated.
+moved, wall seconds and peak resident memory; for centralized-full also seconds per step and
+the bytes a federation of full models would move per round per site. Writes DIR/compare.json,
+DIR/compare.md, the curves curves-round.png and curves-bytes.png, and the federated run under
+DIR/federated.
 """
 
 
