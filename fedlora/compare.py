@@ -655,8 +655,12 @@ def compare(
     curve_points: int = DEFAULT_CURVE_POINTS,
     personalize_steps: int | None = None,
     reference: TrainConfig | None = None,
+    full_lr: float | None = None,
 ) -> dict[str, Any]:
-    """Run every arm on ``cfg``'s split and seed; write compare.json and compare.md in ``out``."""
+    """Run every arm on ``cfg``'s split and seed; write compare.json and compare.md in ``out``.
+
+    ``full_lr``: the centralized-full arm's learning rate (default: the centralized arm's).
+    """
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty; compare writes a fresh folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -686,7 +690,7 @@ def compare(
     }
     reach = _rounds_to_reach(curves["federated"], central_curve, classification)
     # After the other arms: its fresh full model must not inflate their peak RSS.
-    full = centralized_full(comparison)
+    full = centralized_full(comparison, full_lr)
     if full.arm is not None:
         arms[FULL_ARM] = full.arm
         curves[FULL_ARM] = full.curve

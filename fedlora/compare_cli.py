@@ -45,6 +45,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def add_compare_parser(subparsers: Any) -> None:
     """Add ``compare`` to the ``fedlora`` sub-parsers."""
     parser = subparsers.add_parser(
@@ -90,6 +100,14 @@ def add_compare_parser(subparsers: Any) -> None:
         help="local steps each site fine-tunes the federated adapter for the personalized "
         "arm (default: train.local-steps)",
     )
+    parser.add_argument(
+        "--full-lr",
+        type=_positive_float,
+        default=None,
+        metavar="LR",
+        help="learning rate of the centralized-full arm (default: the centralized arm's); full "
+        "fine-tuning usually wants a far smaller one than LoRA, e.g. 5e-5",
+    )
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -99,5 +117,5 @@ def run_compare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     reference = reference_train(cfg, args.reference)
-    compare(cfg, args.out, args.curve_points, args.personalize_steps, reference)
+    compare(cfg, args.out, args.curve_points, args.personalize_steps, reference, args.full_lr)
     return 0

@@ -169,8 +169,12 @@ class _FullEvaluator:
         return _quality(self._evaluate(model, self.global_items), own)
 
 
-def centralized_full(comparison: Comparison) -> FullResult:
-    """Train every parameter of a fresh base on the pooled data, or say why not."""
+def centralized_full(comparison: Comparison, lr: float | None = None) -> FullResult:
+    """Train every parameter of a fresh base on the pooled data, or say why not.
+
+    ``lr``: its learning rate where it should differ from the centralized arm's (full
+    fine-tuning usually wants a far smaller one than LoRA).
+    """
     from fedlora.compare import Arm, PeakRSS  # compare imports this module
 
     details = fit_check(comparison)
@@ -180,7 +184,7 @@ def centralized_full(comparison: Comparison) -> FullResult:
     before = process_rss_bytes()
     start = time.perf_counter()
     with PeakRSS() as rss:
-        trained = _train_full(comparison)
+        trained = _train_full(comparison, lr)
     quality = trained.by_round[comparison.cfg.federation.rounds]  # always a curve round
     arm = Arm(
         NAME, quality, trained.trainable, trained.moved, time.perf_counter() - start, rss.peak
@@ -215,7 +219,7 @@ class _Trained:
     optimizer: str
 
 
-def _train_full(comparison: Comparison) -> _Trained:
+def _train_full(comparison: Comparison, lr: float | None) -> _Trained:
     """The training loop of ``centralized_full``: centralized's plan, batches and rounds."""
     from fedlora.compare import _data_bytes  # compare imports this module
 
@@ -224,6 +228,8 @@ def _train_full(comparison: Comparison) -> _Trained:
     pooled = [e for split in comparison.splits for e in split.train]
     steps = comparison.plan.train.local_steps * len(comparison.sites)
     train = comparison._plain_plan(steps).train
+    if lr is not None:
+        train = train.model_copy(update={"lr": lr})
     print(f"{NAME}: {len(pooled)} pooled examples, {steps} steps per round, every parameter")
     full = load_base(cfg.model, num_labels=len(labels) if labels else None)
     model = full.model

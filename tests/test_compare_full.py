@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from common.config import load_config
 from common.models import load_base
 from fedlora import compare_full
 from fedlora.compare import Comparison
+from fedlora.compare_cli import add_compare_parser
 from fedlora.compare_full import (
     BYTES_PER_PARAMETER,
     NAME,
@@ -44,14 +46,14 @@ def _classification_config(folder: Path) -> Path:
     return folder / "run.toml"
 
 
-def _capture_trained(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
-    """Record the model the arm hands to ``train_local``."""
-    seen: list[torch.nn.Module] = []
+def _capture_trained(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.nn.Module, Any]]:
+    """Record the model and train settings the arm hands to ``train_local``."""
+    seen: list[tuple[torch.nn.Module, Any]] = []
     real = compare_full.train_local
 
-    def recording(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        seen.append(model)
-        return real(model, *args, **kwargs)
+    def recording(model: torch.nn.Module, batches: Any, cfg: Any, *args: Any) -> Any:
+        seen.append((model, cfg))
+        return real(model, batches, cfg, *args)
 
     monkeypatch.setattr(compare_full, "train_local", recording)
     return seen
@@ -76,7 +78,8 @@ def test_full_arm_trains_every_parameter(
     if task == "classification":
         assert any(name.startswith("score.") for name, _ in fresh.named_parameters())
     # Every tensor moved away from the base: the arm really trained all of them.
-    (model,) = set(seen)
+    (model,) = {m for m, _ in seen}
+    assert {cfg.lr for _, cfg in seen} == {comparison.plain.train.lr}  # centralized's settings
     trained = dict(model.named_parameters())
     assert sorted(trained) == sorted(name for name, _ in fresh.named_parameters())
     unchanged = [n for n, p in fresh.named_parameters() if torch.equal(p, trained[n].detach())]
@@ -87,6 +90,21 @@ def test_full_arm_trains_every_parameter(
     assert details["seconds_per_step"] > 0
     assert result.arm.peak_rss_bytes is not None and result.arm.peak_rss_bytes > 0
     assert [p.round for p in result.curve] == [1]
+
+
+def test_full_arm_takes_its_own_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    comparison = Comparison(load_config(TINY, SHORT))
+    seen = _capture_trained(monkeypatch)
+    result = centralized_full(comparison, lr=5e-5)
+    assert {cfg.lr for _, cfg in seen} == {5e-5} and result.details["lr"] == 5e-5
+    assert {cfg.local_steps for _, cfg in seen} == {len(comparison.sites)}  # 1 step x 3 sites
+    parser = argparse.ArgumentParser()
+    add_compare_parser(parser.add_subparsers())
+    args = parser.parse_args(["compare", str(TINY), "--out", "x", "--full-lr", "5e-5"])
+    assert args.full_lr == 5e-5
+    for bad in ("0", "-1", "inf", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["compare", str(TINY), "--out", "x", "--full-lr", bad])
 
 
 def test_full_arm_refuses_where_it_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
