@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import (
     ConfigRecord,
     Context,
@@ -26,10 +26,11 @@ from flwr.clientapp import ClientApp
 from client.site_api import EvalResult, Site, SiteUpdate
 from common import protocol as P
 from common.adapters import AdapterState
-from common.config import RunConfig, SitePlan
+from common.config import RunConfig, SitePlan, SitePolicy, simulation_policy
 from common.encoding import encode_delta
 from common.envelope import EnvelopeContext, seal_delta
 from common.errors import DataError, FedloraError
+from common.instructions import INSTRUCTION_PUBLIC_NAME, verify_instruction
 from common.keys import (
     COORDINATOR_KEY_NAME,
     PRIVATE_SUFFIX,
@@ -37,10 +38,13 @@ from common.keys import (
     KeyMaterialError,
     load_coordinator_public,
     load_site_private,
+    load_site_public,
     public_path_for,
 )
 from common.modules import site_modules, split_modules
 from common.progress import print_step
+from common.roster import ENROLL_PUBLIC_NAME
+from common.site_policy import check_plan
 
 if TYPE_CHECKING:  # the simulation's in-process sites: torch, transformers, peft, datasets
     from client.data import Dataset
@@ -112,10 +116,15 @@ def _global(msg: Message) -> AdapterState:
     return msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict()
 
 
-def _signing_key(keys: SiteKeys | None, site: Site) -> Ed25519PrivateKey:
+def _secure_sum_keys(
+    keys: SiteKeys | None, site: Site, header: ConfigRecord
+) -> tuple[Ed25519PrivateKey, dict[int, Ed25519PublicKey]]:
+    """The site's signing key, and its peers' keys from the signed roster in ``header``."""
+    from client.secure_sum import peer_keys
+
     if keys is None:
-        raise KeyMaterialError("this privacy mode needs the site's signing key; none configured")
-    return keys.load(site.site_id)[1]
+        raise KeyMaterialError("secure sum needs the site's keys; none configured")
+    return keys.load(site.site_id)[1], peer_keys(header, keys.enroll_key(site.site_id))
 
 
 def _report(update: SiteUpdate) -> dict[str, int | float]:
@@ -163,13 +172,43 @@ def _refuse(msg: Message, exc: Exception) -> Message:
 
 @dataclass(frozen=True)
 class SiteKeys:
-    """A site's sealing keys: ``<folder>/coordinator.pub`` and ``<folder>/<site-id>.key``."""
+    """A site's keys: ``<folder>/coordinator.pub`` (seal to), ``<folder>/<site-id>.key`` (sign
+    with) and ``<folder>/coordinator-sign.pub`` (the coordinator's pinned instruction key)."""
 
     folder: Path
 
     def load(self, site_id: str) -> tuple[CoordinatorPublicKey, Ed25519PrivateKey]:
         public = load_coordinator_public(public_path_for(self.folder / COORDINATOR_KEY_NAME))
         return public, load_site_private(self.folder / f"{site_id}{PRIVATE_SUFFIX}")
+
+    def instruction_key(self, site_id: str) -> Ed25519PublicKey:
+        """The public key every instruction to ``site_id`` must be signed with."""
+        return load_site_public(self.folder / INSTRUCTION_PUBLIC_NAME)
+
+    def enroll_key(self, site_id: str) -> Ed25519PublicKey:
+        """The enrollment authority's key, which signs the roster of site keys."""
+        return load_site_public(self.folder / ENROLL_PUBLIC_NAME)
+
+
+# The policy a site applies to the plans it receives, by site id (``common.site_policy``).
+PolicyProvider = Callable[[str], SitePolicy]
+
+
+def _admit(
+    msg: Message,
+    site: Site,
+    header: ConfigRecord,
+    plan: SitePlan,
+    keys: SiteKeys | None,
+    policy: PolicyProvider,
+) -> None:
+    """Refuse (raise) an instruction without the pinned coordinator signature, or whose plan
+    is below the site's policy. A site with keys never acts on an unsigned instruction."""
+    if keys is not None:
+        verify_instruction(
+            msg.content, msg.metadata.message_type, keys.instruction_key(site.site_id)
+        )
+    check_plan(policy(site.site_id), plan, header)
 
 
 def _seal(
@@ -265,12 +304,21 @@ def simulation_sites(cfg: RunConfig, sites_dir: Path) -> SiteProvider:
 
 
 def make_client_app(cfg: RunConfig, keys: SiteKeys | None, sites_dir: Path) -> ClientApp:
-    """A ClientApp whose virtual sites read their partition of ``cfg.data``."""
-    return client_app(simulation_sites(cfg, sites_dir), keys)
+    """A ClientApp whose virtual sites read their partition of ``cfg.data`` and all apply
+    ``cfg.site-policy``."""
+    return client_app(simulation_sites(cfg, sites_dir), keys, lambda _site: cfg.site_policy)
 
 
-def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
-    """The fedlora ClientApp: train and evaluate instructions for the sites ``sites`` gives."""
+def client_app(
+    sites: SiteProvider,
+    keys: SiteKeys | None = None,
+    policy: PolicyProvider = lambda _site: simulation_policy(),
+) -> ClientApp:
+    """The fedlora ClientApp: train and evaluate instructions for the sites ``sites`` gives.
+
+    With ``keys``, every instruction must carry the coordinator's signature (the key pinned in
+    ``keys``); every plan must meet the site's ``policy``.
+    """
     app = ClientApp()
 
     @app.train()
@@ -278,13 +326,15 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
         try:
             header, plan = _header(msg)
             site = sites(plan, context)
+            _admit(msg, site, header, plan, keys, policy)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             stage = str(header.get(P.KEY_STAGE, P.STAGE_TRAIN))
             if stage != P.STAGE_TRAIN:  # secure-sum stages 2-4: no training, no adapter
                 from client.secure_sum import continue_round  # dp_accounting, scipy: ~2.5 s
 
                 payload = msg.content.config_records[P.SECAGG_RECORD]
-                content = continue_round(context, stage, payload, _signing_key(keys, site))
+                signing, peers = _secure_sum_keys(keys, site, header)
+                content = continue_round(context, stage, payload, signing, peers)
                 content.config_records[P.UPDATE_RECORD] = ConfigRecord({P.KEY_SITE: site.site_id})
                 return Message(content, reply_to=msg)
             server_round = int(str(header[P.KEY_ROUND]))
@@ -299,9 +349,9 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
             if plan.privacy_mode == "secure-sum":
                 from client.secure_sum import start_round
 
-                signing = _signing_key(keys, site)
+                signing, peers = _secure_sum_keys(keys, site, header)
                 content = start_round(
-                    context, header, site.site_id, signing, update, plan.site_noise_std
+                    context, header, site.site_id, signing, update, plan.site_noise_std, peers
                 )
             else:
                 payloads = _wire_payloads(update, plan, header, site, keys)
@@ -316,6 +366,7 @@ def client_app(sites: SiteProvider, keys: SiteKeys | None = None) -> ClientApp:
         try:
             header, plan = _header(msg)
             site = sites(plan, context)
+            _admit(msg, site, header, plan, keys, policy)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             version, run_id = int(str(header[P.KEY_VERSION])), str(header[P.KEY_RUN_ID])
             result = site.evaluate(_global(msg), plan, version, run_id)

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import Context
 
 from client.app import SiteKeys, client_app
 from client.remote_site import RemoteSite
 from client.site_api import Site
-from common.config import SitePlan
+from common.config import SitePlan, SitePolicy
 from common.errors import ConfigError
 from common.keys import CoordinatorPublicKey, KeyMaterialError
 from common.modules import site_groups, site_modules
@@ -40,6 +40,8 @@ WORKER_CONFIG_KEY = "site-worker"
 # Per process: one runtime per (site config, module and task), and each site's keys bundle.
 _RUNTIMES: dict[str, SiteRuntime] = {}
 _BUNDLES: dict[str, Path] = {}
+# Site id -> the [policy] of its site.toml, loaded with the bundle.
+_POLICIES: dict[str, SitePolicy] = {}
 
 
 def run_label_names(cfg: SiteConfig, plan: SitePlan) -> list[str] | None:
@@ -133,12 +135,14 @@ def node_site(plan: SitePlan, context: Context) -> Site:
     if WORKER_CONFIG_KEY in context.node_config:
         cfg = load_site_config(Path(path))  # for the keys bundle: a TOML file, milliseconds
         _BUNDLES[cfg.site.id] = cfg.site.keys
+        _POLICIES[cfg.site.id] = cfg.policy
         return RemoteSite(Path(str(context.node_config[WORKER_CONFIG_KEY])), plan)
     key = f"{path}|{runtime_key(plan)}"
     if key not in _RUNTIMES:
         cfg = load_site_config(Path(path))
         _RUNTIMES[key] = build_runtime(cfg, plan)
         _BUNDLES[cfg.site.id] = cfg.site.keys
+        _POLICIES[cfg.site.id] = cfg.policy
     return _RUNTIMES[key]
 
 
@@ -153,5 +157,22 @@ class BundleKeys(SiteKeys):
             raise KeyMaterialError(f"no keys bundle is known for site {site_id!r}")
         return SiteKeys(_BUNDLES[site_id]).load(site_id)
 
+    def instruction_key(self, site_id: str) -> Ed25519PublicKey:
+        if site_id not in _BUNDLES:
+            raise KeyMaterialError(f"no keys bundle is known for site {site_id!r}")
+        return SiteKeys(_BUNDLES[site_id]).instruction_key(site_id)
 
-app = client_app(node_site, BundleKeys())
+    def enroll_key(self, site_id: str) -> Ed25519PublicKey:
+        if site_id not in _BUNDLES:
+            raise KeyMaterialError(f"no keys bundle is known for site {site_id!r}")
+        return SiteKeys(_BUNDLES[site_id]).enroll_key(site_id)
+
+
+def node_policy(site_id: str) -> SitePolicy:
+    """The policy of the site ``node_site`` loaded (its ``site.toml`` ``[policy]``)."""
+    if site_id not in _POLICIES:
+        raise KeyMaterialError(f"no site config is known for site {site_id!r}")
+    return _POLICIES[site_id]
+
+
+app = client_app(node_site, BundleKeys(), node_policy)

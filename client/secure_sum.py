@@ -9,16 +9,18 @@ flattened delta, never leaves the site, and is deleted after the unmask stage.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.site_api import SiteUpdate
 from common import protocol as P
 from common.dp import add_gaussian_noise, secure_generator
 from common.fixedpoint import flatten
+from common.roster import parse_roster
 from common.secagg import SecAggError, SecAggParams
 from common.secagg_client import SecAggSite
 from common.secagg_records import (
@@ -45,6 +47,22 @@ def _number(header: ConfigRecord, site_id: str) -> int:
     return int(numbers[site_id])
 
 
+def peer_keys(header: ConfigRecord, enroll_key: Ed25519PublicKey) -> dict[int, Ed25519PublicKey]:
+    """Every numbered site's identity key, from the roster the enrollment authority signed.
+
+    The coordinator numbers the sites; the keys come only from the signed roster, so a
+    coordinator that substitutes a neighbour's advert is caught by the site itself.
+    """
+    roster = parse_roster(header.get(P.KEY_ROSTER), enroll_key)  # type: ignore[arg-type]
+    numbers = json.loads(str(header[P.KEY_SITE_NUMBERS]))
+    if len(set(numbers.values())) != len(numbers):
+        raise SecAggError("the round's secure-sum numbering gives two sites one number")
+    missing = sorted(site for site in numbers if site not in roster)
+    if missing:
+        raise SecAggError(f"sites {missing} of this round are not in the signed roster")
+    return {int(number): roster[site] for site, number in numbers.items()}
+
+
 def _params(header: ConfigRecord) -> SecAggParams:
     return SecAggParams(**json.loads(str(header[P.KEY_SECAGG_PARAMS])))
 
@@ -56,6 +74,7 @@ def start_round(
     signing_key: Ed25519PrivateKey,
     update: SiteUpdate,
     noise_std: float,
+    peer_keys: Mapping[int, Ed25519PublicKey],
 ) -> RecordDict:
     """Stage 1 (after local training): keep the delta here, reply with a signed key advert."""
     delta = update.delta
@@ -68,20 +87,22 @@ def start_round(
     weight = min(weight, params.max_weight)
     number = _number(header, site_id)
     protocol_context = P.secure_sum_context(header)
-    site = SecAggSite(params, number, protocol_context, signing_key)
+    site = SecAggSite(params, number, protocol_context, signing_key, peer_keys)
     advert = site.advertise()
     context.state.config_records[STATE_RECORD] = _config({**site.to_state(), "weight": weight})
     context.state.array_records[DELTA_RECORD] = ArrayRecord([vector.astype(np.float32)])
     return RecordDict({P.SECAGG_RECORD: _config(dict(adverts_to_record({number: advert})))})
 
 
-def _restore(context: Context, signing_key: Ed25519PrivateKey) -> tuple[SecAggSite, float]:
+def _restore(
+    context: Context, signing_key: Ed25519PrivateKey, peer_keys: Mapping[int, Ed25519PublicKey]
+) -> tuple[SecAggSite, float]:
     record = context.state.config_records.get(STATE_RECORD)
     if record is None:
         raise SecAggError("no secure-sum round in progress at this site")
     state = dict(record)
     weight = float(state.pop("weight"))  # type: ignore[arg-type]
-    return SecAggSite.from_state(state, signing_key), weight
+    return SecAggSite.from_state(state, signing_key, peer_keys), weight
 
 
 def _save(context: Context, site: SecAggSite, weight: float) -> None:
@@ -89,14 +110,18 @@ def _save(context: Context, site: SecAggSite, weight: float) -> None:
 
 
 def continue_round(
-    context: Context, stage: str, payload: ConfigRecord, signing_key: Ed25519PrivateKey
+    context: Context,
+    stage: str,
+    payload: ConfigRecord,
+    signing_key: Ed25519PrivateKey,
+    peer_keys: Mapping[int, Ed25519PublicKey],
 ) -> RecordDict:
     """Stages 2-4: share keys, masked input, unmask; the reply for the coordinator.
 
     The state is saved even when a stage fails: a stage counts as used once entered, so a
     coordinator can never replay one (e.g. ask twice for unmask shares) against old state.
     """
-    site, weight = _restore(context, signing_key)
+    site, weight = _restore(context, signing_key, peer_keys)
     try:
         return _run_stage(context, site, weight, stage, payload)
     finally:

@@ -32,6 +32,11 @@ PositiveInt = Annotated[int, Field(gt=0)]
 DeltaEncoding = Literal["fp32", "fp16", "int8", "int8-block", "int4"]
 # Those that quantise; secure-sum masks its own fixed-point levels instead.
 QUANTISED_ENCODINGS = ("int8", "int8-block", "int4")
+PrivacyMode = Literal["sealed", "secure-sum", "none"]
+PRIVACY_MODES: tuple[PrivacyMode, ...] = ("sealed", "secure-sum", "none")
+_DEPLOYED_MODES: tuple[PrivacyMode, ...] = ("sealed", "secure-sum")
+NoisePlacement = Literal["central", "distributed"]
+_PLACEMENTS: tuple[NoisePlacement, ...] = ("central", "distributed")
 
 
 def _kebab(name: str) -> str:
@@ -260,7 +265,7 @@ class SecureSumConfig(Section):
 class PrivacyConfig(Section):
     # sealed: HPKE envelopes signed by each site (default); secure-sum: masked sums only;
     # none: plain deltas, for debugging and benchmarks (marked as such in every manifest).
-    mode: Literal["sealed", "secure-sum", "none"] = "sealed"
+    mode: PrivacyMode = "sealed"
     kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
     # sealed and none modes only: secure-sum sends fixed-point levels (privacy.secure-sum).
     encoding: DeltaEncoding = "fp32"
@@ -290,6 +295,34 @@ class PrivacyConfig(Section):
         return self
 
 
+class SitePolicy(Section):
+    """The least protection a site accepts: a plan below it is refused, naming the key.
+
+    A deployed site states it in ``site.toml``'s ``[policy]``; in simulation ``[site-policy]``
+    stands for what every virtual site's own file would say. Unset bounds do not bind.
+    """
+
+    # Privacy modes the site takes part in; a deployed site never sends plain deltas unless
+    # its own policy lists "none".
+    privacy_modes: list[PrivacyMode] = Field(default_factory=lambda: list(_DEPLOYED_MODES))
+    # Refuse plans without DP, or with a smaller noise multiplier (sigma).
+    min_noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    # Where the noise may be added: "distributed" means the site adds its share itself.
+    dp_placements: list[NoisePlacement] = Field(default_factory=lambda: list(_PLACEMENTS))
+    # The site's own accountant: refuse a round after which epsilon (at the site's delta below,
+    # whatever the plan says) would exceed this. Needs DP in the plan.
+    max_epsilon: Annotated[float, Field(gt=0)] | None = None
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    rules: list[str] | None = None  # aggregation rules accepted (None: any)
+    modules: list[str] | None = None  # module names the site trains (None: any)
+    max_rounds: PositiveInt | None = None  # refuse instructions for later rounds
+
+
+def simulation_policy() -> SitePolicy:
+    """A virtual site's policy unless the run says otherwise: every mode, no bound."""
+    return SitePolicy(privacy_modes=list(PRIVACY_MODES))
+
+
 class SimulationConfig(Section):
     cpus_per_site: PositiveInt = 1
     gpus_per_site: Annotated[float, Field(ge=0)] = 0.0
@@ -310,6 +343,8 @@ class RunConfig(Section):
     aggregation: AggregationConfig = AggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     simulation: SimulationConfig = SimulationConfig()
+    # Simulation only: the policy every virtual site applies to the plans it receives.
+    site_policy: SitePolicy = Field(default_factory=simulation_policy)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -547,6 +582,14 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", by_alias=True)
 
 
+class PlanDp(Section):
+    """The DP settings a plan declares (never the coordinator's noise seed)."""
+
+    noise_multiplier: float
+    placement: NoisePlacement
+    epsilon_budget: float | None = None
+
+
 class SitePlan(Section):
     """What the coordinator tells every site each round (sent as JSON in the train instruction).
 
@@ -558,9 +601,11 @@ class SitePlan(Section):
     modules: dict[str, ModuleConfig]
     rule: Rule
     encoding: DeltaEncoding
-    privacy_mode: Literal["sealed", "secure-sum", "none"]
+    privacy_mode: PrivacyMode
     # Sites clip their delta to this L2 norm before sending (DP); None = no clipping.
     clip: float | None = None
+    # The run's DP settings, for the site's policy and its own accountant; None = no DP.
+    dp: PlanDp | None = None
     # Distributed DP (secure-sum): std of the Gaussian noise each site adds to its delta.
     site_noise_std: float = 0.0
     max_eval_examples: PositiveInt
@@ -601,6 +646,17 @@ def _site_noise_std(cfg: RunConfig) -> float:
     return site_noise_std(dp.noise_multiplier, dp.clip, dp.placement, fewest_survivors(cfg))
 
 
+def _plan_dp(cfg: RunConfig) -> PlanDp | None:
+    dp = cfg.privacy.dp
+    if not dp.enabled:
+        return None
+    return PlanDp(
+        noise_multiplier=dp.noise_multiplier,
+        placement=dp.placement,
+        epsilon_budget=dp.epsilon_budget,
+    )
+
+
 def site_plan(cfg: RunConfig, labels: list[str] | None = None) -> SitePlan:
     """The part of a run config that the coordinator sends to sites (with the run's labels)."""
     return SitePlan(
@@ -611,6 +667,7 @@ def site_plan(cfg: RunConfig, labels: list[str] | None = None) -> SitePlan:
         encoding=cfg.privacy.encoding,
         privacy_mode=cfg.privacy.mode,
         clip=cfg.privacy.dp.clip if cfg.privacy.dp.enabled else None,
+        dp=_plan_dp(cfg),
         site_noise_std=_site_noise_std(cfg),
         max_eval_examples=cfg.data.max_eval_examples,
         labels=labels,

@@ -45,12 +45,17 @@ KEY_MODULE = "module"
 KEY_VERSION = "version"
 KEY_FINGERPRINT = "base-fingerprint"
 KEY_PLAN = "plan"
+# The coordinator's Ed25519 signature over the whole instruction (``common.instructions``).
+KEY_SIGNATURE = "signature"
 
 # Secure-sum stages: the stage name, public parameters and site numbering travel in the header;
 # stage payloads (adverts, sealed shares, masked input, unmask requests/replies) in SECAGG_RECORD.
 KEY_STAGE = "stage"
 KEY_SECAGG_PARAMS = "secagg-params"
 KEY_SITE_NUMBERS = "site-numbers"
+# The enrollment authority's signed roster of site identity keys (``common.roster``): sites
+# check their neighbours' adverts against it, never against keys the coordinator chose.
+KEY_ROSTER = "roster"
 SECAGG_RECORD = "secagg"
 STAGE_TRAIN = "train"
 STAGE_SHARE = "secagg-share"

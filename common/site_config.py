@@ -20,6 +20,7 @@ from common.config import (
     DataFormat,
     ModelConfig,
     Section,
+    SitePolicy,
     read_toml,
     resolve_paths,
     validate_config,
@@ -117,6 +118,9 @@ class SiteConfig(Section):
     data: SiteDataSection
     supernode: SupernodeSection = SupernodeSection()
     resources: ResourcesSection = ResourcesSection()
+    # The least this site accepts from a plan (common.site_policy): by default sealed or
+    # secure-sum, never plain deltas.
+    policy: SitePolicy = SitePolicy()
 
     @property
     def root_certificates(self) -> Path:

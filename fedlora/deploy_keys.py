@@ -3,13 +3,17 @@
 ``fedlora keys init --out DIR --sites a,b,c [--san 127.0.0.1,localhost]`` writes::
 
     DIR/ca/ca.key, ca.crt                 the private CA (keep ca.key offline once done)
+        enroll.key, enroll.pub                        signs the roster of site keys (offline too)
     DIR/coordinator/                      everything the coordinator needs
         ca.crt, superlink.crt, superlink.key          SuperLink TLS (cert signed by the CA)
         coordinator.key, coordinator.pub              HPKE envelope key (sites seal to it)
+        coordinator-sign.key, coordinator-sign.pub    Ed25519 key that signs every instruction
+        roster.signed                                 site keys signed by the enrollment key
         allow-list.json                               site envelope public keys (Ed25519)
         supernodes/<site>.pub                         SuperNode auth public keys (OpenSSH)
     DIR/sites/<site>/                     one bundle per site, handed to that site only
-        ca.crt, coordinator.pub                       whom to trust
+        ca.crt, coordinator.pub, coordinator-sign.pub whom to trust
+        enroll.pub                                    checks the roster of site keys
         <site>.key, <site>.pub                        envelope signing key (Ed25519)
         supernode.key, supernode.pub                  SuperNode auth key (ECDSA P-256, OpenSSH)
 
@@ -36,7 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.markup import escape
 
-from common.allow_list import add_site
+from common.allow_list import add_site, load_allow_list
+from common.instructions import INSTRUCTION_KEY_ID, INSTRUCTION_KEY_NAME, INSTRUCTION_PUBLIC_NAME
 from common.keys import (
     COORDINATOR_KEY_NAME,
     KEMS,
@@ -45,12 +50,20 @@ from common.keys import (
     check_site_id,
     generate_coordinator_key,
     generate_site_key,
+    load_site_private,
     load_site_public,
     public_fingerprint,
     public_path_for,
     write_new_file,
 )
 from common.progress import console
+from common.roster import (
+    ENROLL_KEY_ID,
+    ENROLL_KEY_NAME,
+    ENROLL_PUBLIC_NAME,
+    ROSTER_FILE,
+    write_roster,
+)
 from fedlora.arg_types import output_folder
 from fedlora.help_text import doc_after_title
 
@@ -278,6 +291,40 @@ def init_deployment(out: Path, sites: list[str], san: list[str], kem: str = "x25
     return layout
 
 
+def instruction_public(layout: Layout) -> Path:
+    """The coordinator's instruction key (``common.instructions``), created if missing (a keys
+    folder made before instructions were signed); returns its public half for the bundles."""
+    private = layout.coordinator / INSTRUCTION_KEY_NAME
+    if not private.exists():
+        generate_site_key(layout.coordinator, INSTRUCTION_KEY_ID)
+        fingerprint = public_fingerprint(load_site_public(public_path_for(private)))
+        _report("wrote the coordinator's instruction key", private, fingerprint)
+    return public_path_for(private)
+
+
+def enroll_public(layout: Layout) -> Path:
+    """The enrollment key (beside the CA: keep both offline), created if missing; returns its
+    public half, which every bundle pins to check the signed roster (``common.roster``)."""
+    private = layout.ca / ENROLL_KEY_NAME
+    if not private.exists():
+        generate_site_key(layout.ca, ENROLL_KEY_ID)
+        fingerprint = public_fingerprint(load_site_public(public_path_for(private)))
+        _report("wrote the enrollment key (signs the site roster; keep it offline)", private,
+                fingerprint)  # fmt: skip
+    return public_path_for(private)
+
+
+def sign_roster(layout: Layout) -> Path:
+    """Re-sign the roster of every enrolled site's key into the coordinator's folder."""
+    enrolled = load_allow_list(layout.allow_list)
+    keys = {site: enrolled.public_key(site) for site in enrolled}
+    path = write_roster(
+        layout.coordinator / ROSTER_FILE, keys, load_site_private(layout.ca / ENROLL_KEY_NAME)
+    )
+    _report(f"signed the roster of {len(keys)} sites", path)
+    return path
+
+
 def enroll_site(layout: Layout, site_id: str, replace: bool = False) -> Path:
     """Create ``site_id``'s bundle and enroll both of its public keys at the coordinator."""
     bundle = layout.site(site_id)
@@ -291,10 +338,13 @@ def enroll_site(layout: Layout, site_id: str, replace: bool = False) -> Path:
     bundle.mkdir(mode=0o700, parents=True)
     _copy_public(layout.coordinator / CA_CERT, bundle / CA_CERT)
     _copy_public(coordinator_pub, bundle / COORDINATOR_PUB)
+    _copy_public(instruction_public(layout), bundle / INSTRUCTION_PUBLIC_NAME)
+    _copy_public(enroll_public(layout), bundle / ENROLL_PUBLIC_NAME)
     envelope = generate_site_key(bundle, site_id)
     make_node_key(bundle)
     add_site(layout.allow_list, site_id, public_path_for(envelope), replace=replace)
     _copy_public(bundle / NODE_PUB, layout.supernodes / f"{site_id}.pub", replace=replace)
+    sign_roster(layout)
     envelope_fp = public_fingerprint(load_site_public(public_path_for(envelope)))
     _report(f"site {site_id}: bundle", bundle)
     _report(f"  envelope key {site_id}{PRIVATE_SUFFIX} enrolled", layout.allow_list, envelope_fp)

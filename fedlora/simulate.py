@@ -19,6 +19,7 @@ from typing import Any
 from client.app import SiteKeys, make_client_app
 from common.allow_list import add_site, load_allow_list
 from common.config import RunConfig
+from common.instructions import INSTRUCTION_KEY_ID, INSTRUCTION_PUBLIC_NAME, instruction_key_path
 from common.keys import (
     COORDINATOR_KEY_NAME,
     PRIVATE_SUFFIX,
@@ -26,9 +27,11 @@ from common.keys import (
     generate_coordinator_key,
     generate_site_key,
     load_coordinator_private,
+    load_site_private,
     public_path_for,
 )
 from common.progress import print_message
+from common.roster import ENROLL_KEY_ID, ENROLL_KEY_NAME, roster_bytes
 from fedlora.deploy_flower import OFFLINE_ENVIRONMENT
 from server.app import make_server_app
 from server.federation import load_inputs, prepare
@@ -87,7 +90,8 @@ SITES_FOLDER = "sites"
 
 
 def provision_keys(cfg: RunConfig, out_dir: Path) -> tuple[Sealing | None, SiteKeys | None]:
-    """Sealed mode in simulation: the coordinator key and one signing key per virtual site.
+    """Keys in simulation: the coordinator's envelope and instruction keys, one signing key per
+    virtual site.
 
     Missing keys are created under ``<out>/keys`` (private halves 0600) and every site is
     enrolled in the allow-list; existing ones (a resumed run, or ``privacy.coordinator-key``
@@ -108,7 +112,25 @@ def provision_keys(cfg: RunConfig, out_dir: Path) -> tuple[Sealing | None, SiteK
             key = generate_site_key(folder, site)
             if cfg.privacy.allow_list is None:
                 add_site(allow_list, site, public_path_for(key))
-    sealing = Sealing(load_coordinator_private(coordinator_key), load_allow_list(allow_list))
+    instruction = instruction_key_path(coordinator_key)
+    if not instruction.exists():
+        generate_site_key(instruction.parent, INSTRUCTION_KEY_ID)
+    if not (folder / INSTRUCTION_PUBLIC_NAME).exists():  # what every site pins
+        export_public(instruction, folder / INSTRUCTION_PUBLIC_NAME)
+    # The enrollment authority (here, the simulation itself) signs the roster of site keys.
+    enroll = folder / ENROLL_KEY_NAME
+    if not enroll.exists():
+        generate_site_key(folder, ENROLL_KEY_ID)
+    enrolled = load_allow_list(allow_list)
+    roster = roster_bytes(
+        {site: enrolled.public_key(site) for site in enrolled}, load_site_private(enroll)
+    )
+    sealing = Sealing(
+        load_coordinator_private(coordinator_key),
+        enrolled,
+        load_site_private(instruction),
+        roster,
+    )
     return sealing, SiteKeys(folder)
 
 

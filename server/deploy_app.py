@@ -17,8 +17,10 @@ from flwr.serverapp import Grid, ServerApp
 from common.allow_list import load_allow_list
 from common.config import RunConfig, load_config
 from common.errors import ConfigError
-from common.keys import COORDINATOR_KEY_NAME, load_coordinator_private
+from common.instructions import instruction_key_path
+from common.keys import COORDINATOR_KEY_NAME, load_coordinator_private, load_site_private
 from common.progress import print_message
+from common.roster import ROSTER_FILE
 from server.checkpoint import CHECKPOINT_FILE
 from server.federation import prepare, run_federation
 from server.rundir import RunDirLock, check_start
@@ -62,7 +64,26 @@ def load_sealing(cfg: RunConfig, keys: Path | None) -> Sealing | None:
             "privacy.allow-list "
             "(or the coordinator's keys folder)"
         )
-    return Sealing(load_coordinator_private(key), load_allow_list(allow))
+    instruction = instruction_key_path(key)
+    if not instruction.is_file():
+        raise ConfigError(
+            f"the coordinator's instruction key {instruction} is missing (sites refuse "
+            "unsigned instructions); `fedlora keys init` writes it, and `fedlora keys "
+            "add-site` adds it to an older keys folder"
+        )
+    roster_path = key.parent / ROSTER_FILE
+    if cfg.privacy.mode == "secure-sum" and not roster_path.is_file():
+        raise ConfigError(
+            f"privacy.mode = 'secure-sum' needs the signed site roster {roster_path} (sites check "
+            "their neighbours' keys against it); `fedlora keys add-site` writes it"
+        )
+    roster = roster_path.read_bytes() if roster_path.is_file() else None
+    return Sealing(
+        load_coordinator_private(key),
+        load_allow_list(allow),
+        load_site_private(instruction),
+        roster,
+    )
 
 
 def run_deployed(grid: Grid, run: DeployedRun) -> None:

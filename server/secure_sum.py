@@ -107,6 +107,14 @@ class SecureSumRound:
         header[P.KEY_STAGE] = stage
         header[P.KEY_SECAGG_PARAMS] = json.dumps(dataclasses.asdict(self.params))
         header[P.KEY_SITE_NUMBERS] = json.dumps(self.numbers)
+        roster = self.strategy.sealing.roster if self.strategy.sealing else None
+        if roster is None:
+            raise SecAggError(
+                "secure sum needs the enrollment authority's signed site roster (keys folder "
+                "roster.signed, written by `fedlora keys init` / `add-site`): without it sites "
+                "cannot check their neighbours' keys"
+            )
+        header[P.KEY_ROSTER] = roster
         return header
 
     def _exchange(
@@ -116,6 +124,7 @@ class SecureSumRound:
         messages = []
         for number, content in payloads.items():
             content.config_records[P.HEADER_RECORD] = self._header(stage)
+            self.strategy.signed(content, MessageType.TRAIN)
             messages.append(
                 Message(content, dst_node_id=self.nodes[number], message_type=MessageType.TRAIN)
             )
@@ -138,6 +147,7 @@ class SecureSumRound:
         content = RecordDict(
             {P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: self._header(P.STAGE_TRAIN)}
         )
+        self.strategy.signed(content, MessageType.TRAIN)
         messages = [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
             for node in self.strategy.node_ids

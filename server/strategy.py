@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -40,6 +41,7 @@ from common.config import RunConfig, SitePlan
 from common.encoding import decode_delta, decode_delta_flat
 from common.envelope import EnvelopeContext, max_envelope_bytes, open_delta
 from common.errors import FedloraError, UpdateRejected
+from common.instructions import sign_instruction
 from common.keys import CoordinatorPrivateKey, KeyMaterialError
 from common.modules import PRIVATE, join_modules, sent_modules, split_modules
 from common.streaming import FlatLayout
@@ -52,10 +54,13 @@ MetricValue = MetricRecordValues
 
 @dataclass(frozen=True)
 class Sealing:
-    """What the coordinator needs to open sealed envelopes."""
+    """What the coordinator needs to open sealed envelopes and sign its instructions."""
 
     coordinator: CoordinatorPrivateKey
     allow_list: AllowList
+    instruction_key: Ed25519PrivateKey  # every site pins its public half (common.instructions)
+    # The enrollment authority's signed roster (common.roster), relayed to secure-sum sites.
+    roster: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -139,10 +144,19 @@ class FedLoraStrategy(Strategy):
             }
         )
 
+    def signed(self, content: RecordDict, message_type: str) -> RecordDict:
+        """``content`` signed with the instruction key (where the mode has keys), in place."""
+        if self.sealing is not None:
+            sign_instruction(content, message_type, self.sealing.instruction_key)
+        return content
+
     def _instructions(
         self, server_round: int, arrays: ArrayRecord, message_type: str, log: StageLog
     ) -> list[Message]:
-        content = RecordDict({P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: self._header(server_round)})
+        header = self._header(server_round)
+        content = self.signed(
+            RecordDict({P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: header}), message_type
+        )
         log.bytes_down = array_record_bytes(arrays) * len(self.node_ids)
         self._sent = [
             Message(content, dst_node_id=node, message_type=message_type) for node in self.node_ids

@@ -25,7 +25,8 @@ from common.config import (
     site_plan,
 )
 from common.errors import ConfigError
-from common.keys import KeyMaterialError
+from common.keys import KeyMaterialError, load_site_public
+from common.roster import parse_roster
 from common.site_config import load_coordinator_config, load_site_config
 from fedlora.deploy import _run_config_arg, stage_app, superlink_command, unfinished_run
 from fedlora.deploy_keys import Layout, enroll_site, init_deployment
@@ -64,8 +65,21 @@ def test_a_site_bundle_holds_only_what_that_site_needs(layout: Layout) -> None:
     bundle = layout.site("a")
     names = sorted(p.name for p in bundle.iterdir())
     assert names == sorted(
-        ["a.key", "a.pub", "ca.crt", "coordinator.pub", "supernode.key", "supernode.pub"]
+        [
+            "a.key",
+            "a.pub",
+            "ca.crt",
+            "coordinator.pub",
+            "coordinator-sign.pub",
+            "enroll.pub",
+            "supernode.key",
+            "supernode.pub",
+        ]
     )
+    # The instruction key the site pins is the coordinator's (its private half stays there).
+    pinned = (bundle / "coordinator-sign.pub").read_bytes()
+    assert pinned == (layout.coordinator / "coordinator-sign.pub").read_bytes()
+    assert _mode(layout.coordinator / "coordinator-sign.key") == 0o600
     assert _mode(bundle / "a.key") == _mode(bundle / "supernode.key") == 0o600
     node = load_ssh_private_key((bundle / "supernode.key").read_bytes(), password=None)
     assert isinstance(node, ec.EllipticCurvePrivateKey)  # Flower's SuperNode auth: ECDSA
@@ -78,6 +92,11 @@ def test_a_site_bundle_holds_only_what_that_site_needs(layout: Layout) -> None:
 def test_add_site_enrolls_later_and_rotates_only_when_asked(layout: Layout) -> None:
     enroll_site(layout, "c")
     assert sorted(load_allow_list(layout.allow_list)) == [*SITES, "c"]
+    # The signed roster follows the allow-list, and verifies with the key each bundle pins.
+    pinned = load_site_public(layout.site("a") / "enroll.pub")
+    roster = parse_roster((layout.coordinator / "roster.signed").read_bytes(), pinned)
+    assert sorted(roster) == [*SITES, "c"]
+    assert not (layout.coordinator / "enroll.key").exists()  # it stays with the CA
     old = (layout.supernodes / "c.pub").read_bytes()
     with pytest.raises(KeyMaterialError, match="--replace"):
         enroll_site(layout, "c")
