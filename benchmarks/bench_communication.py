@@ -1,8 +1,9 @@
 """Bytes per site per round: fedlora's delta encodings vs the full adapter and the base model.
 
 For each adapter (SmolLM2-135M r=8 on q,v and on every linear layer; Mistral-7B r=32 on q,v
-and on every linear layer) the up-link payload of one site and round is sized for fp32, fp16
-and int8 deltas, each with every LoRA tensor (``fedavg``) or the B factors only (``ffa``,
+and on every linear layer) the up-link payload of one site and round is sized for fp32, fp16,
+int8 (per-tensor scale), int8-block (a bf16 scale per 128 values) and int4 (a bf16 scale per 64
+values) deltas, each with every LoRA tensor (``fedavg``) or the B factors only (``ffa``,
 ``common.rules.ffa_sent_keys``). References: the full adapter state in fp32 as Flower ndarrays
 (``np.save`` per tensor: what the FlowerTune baseline sends each way) and the base model.
 
@@ -14,7 +15,9 @@ real payload (``estimate_minus_measured`` in the JSON; int8 scales vary in lengt
 ``--measure-7b`` encodes random 7B-shaped tensors too (about 2 GiB of memory, a minute).
 
 The sealed envelope's overhead (``common.envelope``, both KEMs) is measured on one payload, and
-the int8/fp16 error is measured on a real aggregated delta of ``runs/demo`` (v0003 - v0002).
+each encoding's error is measured on real aggregated deltas ``v<k> - v<k-1>`` of a run's
+registry (``--run-dir``; ``runs/demo`` by default, or any SmolLM2 run such as ``fedlora
+compare``'s federated run), with the bytes of each payload against fp32.
 
     python benchmarks/bench_communication.py [--run-dir runs/demo] [--measure-7b] [--no-model]
 """
@@ -35,10 +38,11 @@ import torch
 from bench_output import REPO, header, print_table, write_result
 
 from common.adapters import num_parameters
-from common.encoding import Encoding, decode_delta, encode_delta
+from common.block_quant import block_count
+from common.encoding import BLOCK_ENCODINGS, Encoding, decode_delta, encode_delta
 from common.rules import ffa_sent_keys
 
-ENCODINGS: tuple[Encoding, ...] = ("fp32", "fp16", "int8")
+ENCODINGS: tuple[Encoding, ...] = ("fp32", "fp16", "int8", "int8-block", "int4")
 _WIRE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 _HEADER_DTYPE = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
 # np.save's header for a small-rank float array (bytes): magic, version, dict, padding to 64.
@@ -118,6 +122,26 @@ def real_smollm2_shapes(targets: tuple[str, ...], rank: int) -> tuple[dict[str, 
 # ---------------------------------------------------------------------------- sizes
 
 
+def block_payload_bytes(shapes: dict[str, tuple], encoding: Encoding) -> int:
+    """int8-block / int4 payload size from shapes: codes, bf16 scales and the header with the
+    layout (names and shapes) in its metadata."""
+    block = BLOCK_ENCODINGS[encoding][1]
+    sizes = [math.prod(shapes[k]) for k in sorted(shapes)]
+    codes = sum(sizes) if encoding == "int8-block" else -(-sum(sizes) // 2)
+    scales = 2 * block_count(sizes, block)
+    layout = json.dumps([[k, list(shapes[k])] for k in sorted(shapes)], separators=(",", ":"))
+    metadata = {"format": "fedlora-delta/1", "encoding": encoding,
+                "block": str(block), "layout": layout}  # fmt: skip
+    dtype = "I8" if encoding == "int8-block" else "U8"
+    entries = {
+        "__metadata__": metadata,
+        "codes": {"dtype": dtype, "shape": [codes], "data_offsets": [scales, scales + codes]},
+        "scales": {"dtype": "BF16", "shape": [scales // 2], "data_offsets": [0, scales]},
+    }
+    text = json.dumps(entries, separators=(",", ":"))
+    return 8 + math.ceil(len(text.encode()) / 8) * 8 + codes + scales
+
+
 def header_bytes(shapes: dict[str, tuple], encoding: Encoding) -> int:
     """Length of the safetensors header ``encode_delta`` writes (8-byte prefix included).
 
@@ -142,6 +166,8 @@ def header_bytes(shapes: dict[str, tuple], encoding: Encoding) -> int:
 
 def estimated_payload(shapes: dict[str, tuple], encoding: Encoding) -> int:
     """``encode_delta`` payload size from shapes alone: header plus exact data bytes."""
+    if encoding in BLOCK_ENCODINGS:
+        return block_payload_bytes(shapes, encoding)
     data = sum(math.prod(s) for s in shapes.values()) * _WIRE_BYTES[encoding]
     return header_bytes(shapes, encoding) + data
 
@@ -255,18 +281,21 @@ def registry_delta(run_dir: Path, newer: int, older: int) -> dict[str, torch.Ten
 
 
 def quality(run_dir: Path) -> list[dict[str, Any]]:
-    """int8 and fp16 errors on the real deltas v1 - v0 and v3 - v2 of ``run_dir``."""
+    """Every encoding's error and bytes on the real deltas v1 - v0, v3 - v2 and v5 - v4."""
     results = []
-    for newer, older in ((1, 0), (3, 2)):
+    for newer, older in ((1, 0), (3, 2), (5, 4)):
         try:
             delta = registry_delta(run_dir, newer, older)
         except (FileNotFoundError, OSError) as exc:
             print(f"skipping v{newer} - v{older} of {run_dir}: {exc}")
             continue
         norm = math.sqrt(sum(float(t.double().norm()) ** 2 for t in delta.values()))
-        for encoding in ("fp16", "int8"):
+        fp32 = measured_payload(delta, "fp32")
+        for encoding in ENCODINGS[1:]:
+            size = measured_payload(delta, encoding)
             results.append({"delta": f"v{newer:04d} - v{older:04d}", "encoding": encoding,
                             "delta_l2_norm": norm, "parameters": num_parameters(delta),
+                            "bytes": size, "vs_fp32_payload": size / fp32,
                             **encoding_error(delta, encoding)})  # fmt: skip
     return results
 
@@ -323,9 +352,11 @@ def main() -> int:
     errors = quality(args.run_dir)
     print_table(
         f"encoding error on real aggregated deltas of {args.run_dir}",
-        ["delta", "encoding", "parameters", "delta L2", "relative L2 error", "worst tensor"],
+        ["delta", "encoding", "parameters", "delta L2", "bytes", "vs fp32", "relative L2 error",
+         "worst tensor"],
         [[e["delta"], e["encoding"], f"{e['parameters']:,}", f"{e['delta_l2_norm']:.4g}",
-          f"{e['relative_l2']:.2e}", f"{e['worst_tensor_relative_l2']:.2e}"] for e in errors],
+          f"{e['bytes']:,}", f"{e['vs_fp32_payload']:.4f}", f"{e['relative_l2']:.2e}",
+          f"{e['worst_tensor_relative_l2']:.2e}"] for e in errors],
     )  # fmt: skip
     flowertune = next(t for t in tables if t["adapter"] == "mistral-7b r=32 q,v")
     result = {**started, "adapters": tables,
