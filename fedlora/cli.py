@@ -110,7 +110,7 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlora",
-        description="Federated LoRA fine-tuning: sites train adapters on private data and "
+        description="Federated LoRA fine-tuning: sites train adapters on private data and\n"
         "exchange only adapter deltas with a coordinator.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -156,10 +156,19 @@ def _add_simulate_parsers(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="the quick-start run: SmolLM2-135M on a dolly slice, 3 sites by category",
-        description=f"Runs `fedlora simulate {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])}`.",
+        description=f"Runs `fedlora simulate {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])}`"
+        ": SmolLM2-135M-Instruct fine-tuned on a slice of dolly, split by instruction category "
+        "over 3 simulated sites, for 3 rounds.",
     )
     demo.add_argument("--out", type=output_folder, default=Path("runs/demo"), help="output folder")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    demo.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a key of the demo config, e.g. --set federation.rounds=1 (repeatable)",
+    )
     demo.add_argument("--resume", action="store_true", help=resume_help)
 
     fp = sub.add_parser(
