@@ -210,8 +210,13 @@ def test_streamed_round_is_bit_identical_to_the_list_round(
         assert arrays is not None
         return arrays.to_torch_state_dict()
 
+    def never(*args: object) -> None:
+        raise AssertionError("a sum-only round must not take the list path")
+
     assert Aggregator(load_config(examples_dir / "tiny.toml")).streams
-    streamed = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(Aggregator, "aggregate", never)
+        streamed = run()
     monkeypatch.setattr(Aggregator, "streams", property(lambda self: False))
     listed = run()
     assert list(streamed) == list(listed)
