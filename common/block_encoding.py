@@ -104,6 +104,7 @@ def read_layout(metadata: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def read_block(metadata: dict[str, Any]) -> int:
+    """The ``block`` metadata: a decimal power of two in ``BLOCK_SIZES``."""
     text = metadata.get(META_BLOCK)
     block = int(text) if isinstance(text, str) and text.isdigit() and len(text) <= 5 else 0
     if block not in BLOCK_SIZES:
@@ -122,7 +123,15 @@ def decode_blocks(
     expected: Mapping[str, tuple[int, ...]] | None,
     out: torch.Tensor | None = None,
 ) -> tuple[FlatLayout, torch.Tensor]:
-    """The payload's layout and its values as one float32 vector in that (sorted) order."""
+    """The payload's layout and its values as one float32 vector in that (sorted) order.
+
+    Raises
+    ------
+    UpdateRejected
+        A bad block size or layout, names or shapes other than ``expected``, entries other
+        than ``codes`` and ``scales``, byte counts that do not match the layout, a negative or
+        non-finite scale, or a decoded value that is not finite.
+    """
     block = read_block(metadata)
     shapes = read_layout(metadata)
     if expected is not None:
