@@ -333,6 +333,10 @@ def client_app(
                 from client.secure_sum import continue_round  # dp_accounting, scipy: ~2.5 s
 
                 payload = msg.content.config_records[P.SECAGG_RECORD]
+                if stage == P.STAGE_MASK:  # the redo rule: one masked input per (run, round)
+                    site.claim_masked_input(
+                        str(header[P.KEY_RUN_ID]), int(str(header[P.KEY_ROUND]))
+                    )
                 signing, peers = _secure_sum_keys(keys, site, header)
                 content = continue_round(context, stage, payload, signing, peers)
                 content.config_records[P.UPDATE_RECORD] = ConfigRecord({P.KEY_SITE: site.site_id})

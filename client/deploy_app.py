@@ -136,7 +136,7 @@ def node_site(plan: SitePlan, context: Context) -> Site:
         cfg = load_site_config(Path(path))  # for the keys bundle: a TOML file, milliseconds
         _BUNDLES[cfg.site.id] = cfg.site.keys
         _POLICIES[cfg.site.id] = cfg.policy
-        return RemoteSite(Path(str(context.node_config[WORKER_CONFIG_KEY])), plan)
+        return RemoteSite(Path(str(context.node_config[WORKER_CONFIG_KEY])), plan, cfg.state_dir)
     key = f"{path}|{runtime_key(plan)}"
     if key not in _RUNTIMES:
         cfg = load_site_config(Path(path))

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from client.round_claims import check_run_id, claim
 from client.site_api import EvalResult, SiteUpdate, StepCallback, TrainResult
 from client.worker_wire import (
     KIND_DESCRIBE,
@@ -48,17 +49,24 @@ _REPLY_STATES = frozenset({"delta"})
 class RemoteSite:
     """A proxy of the site served at ``socket_path``, for one round plan."""
 
-    def __init__(self, socket_path: Path, plan: SitePlan) -> None:
+    def __init__(self, socket_path: Path, plan: SitePlan, state_dir: Path | None = None) -> None:
         self.socket_path = socket_path
+        self.state_dir = state_dir  # the site's store (``site.state``): round claims live there
         # The worker builds (or finds) the plan's runtime now: a task or label mismatch is
         # refused here, as building the site in process would.
         reply = self._call({"kind": KIND_DESCRIBE, "plan": plan.model_dump_json()}, KIND_SITE)
         self.site_id = field_of(reply, "site_id", str)
         self._fingerprint = field_of(reply, "fingerprint", str)
+        self._claimed: set[int] = set()
 
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    def claim_masked_input(self, run_id: str, server_round: int) -> None:
+        """``client.round_claims.claim`` in the site's store (shared with its worker)."""
+        root = None if self.state_dir is None else self.state_dir / check_run_id(run_id)
+        claim(root, server_round, self._claimed)
 
     def check_fingerprint(self, expected: str) -> None:
         """Refuse to work for a coordinator whose base model differs from ours."""

@@ -153,6 +153,10 @@ class SiteRuntime:
     def fingerprint(self) -> str:
         return self.host.base.fingerprint
 
+    def claim_masked_input(self, run_id: str, server_round: int) -> None:
+        """Secure sum: one masked input per (run, round), recorded in the store."""
+        self.store.for_run(run_id).claim_masked_input(server_round)
+
     def check_fingerprint(self, expected: str) -> None:
         """Refuse to work for a coordinator whose base model differs from ours."""
         if expected != self.fingerprint:

@@ -60,6 +60,10 @@ class Site(Protocol):
     def check_fingerprint(self, expected: str) -> None:
         """Raise ``FingerprintMismatch`` unless the site's base model is ``expected``."""
 
+    def claim_masked_input(self, run_id: str, server_round: int) -> None:
+        """Secure sum: raise ``UpdateRejected`` if this (run, round) already got a masked
+        input from this site (``client.round_claims``); otherwise record that it does now."""
+
     def train(
         self,
         received: AdapterState,

@@ -27,9 +27,10 @@ from typing import Any
 from peft import LoraConfig
 from safetensors.torch import load, save
 
+from client.round_claims import check_run_id, claim
 from common.adapters import AdapterState
 from common.atomic import write_bytes_atomic
-from common.errors import StorageError, UpdateRejected
+from common.errors import StorageError
 from server.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ REGISTRY_FOLDER = "registry"
 _KEPT_NAME = re.compile(r"after-v(\d{4,})\.safetensors")
 # Kept files beyond the newest few are history the registry already holds (private modules).
 KEEP_LAST = 3
-# A run id names a folder: the coordinator's are 32 hex digits; nothing that could climb out.
-_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class SiteStore:
@@ -50,15 +49,19 @@ class SiteStore:
         self.root = root
         self._memory: dict[int, AdapterState] = {}
         self._runs: dict[str, SiteStore] = {}
+        self._claimed: set[int] = set()
         self.registry = None if root is None else Registry(root / REGISTRY_FOLDER)
 
     def for_run(self, run_id: str) -> SiteStore:
         """The part of this store that belongs to run ``run_id``: ``<root>/<run-id>/``."""
-        if not _RUN_ID.fullmatch(run_id):
-            raise UpdateRejected(f"run id {run_id[:80]!r} is not a plain name (A-Z a-z 0-9 _ -)")
+        check_run_id(run_id)
         if run_id not in self._runs:
             self._runs[run_id] = SiteStore(None if self.root is None else self.root / run_id)
         return self._runs[run_id]
+
+    def claim_masked_input(self, server_round: int) -> None:
+        """``client.round_claims.claim``: this run's ``server_round`` gets one masked input."""
+        claim(self.root, server_round, self._claimed)
 
     def _kept_path(self, version: int) -> Path:
         assert self.root is not None

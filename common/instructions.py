@@ -22,13 +22,16 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import protocol as P
 from common.errors import FedloraError
+
+if TYPE_CHECKING:  # flwr costs ~0.5 s to import; `fedlora keys` needs only the file names
+    from flwr.app import RecordDict
 
 # File names: the coordinator keeps the private half, every site bundle gets the public half.
 INSTRUCTION_KEY_ID = "coordinator-sign"
@@ -66,6 +69,8 @@ def _value(value: object) -> bytes:
 
 
 def _entries(record: object) -> Iterable[bytes]:
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
     if isinstance(record, ArrayRecord):
         for key, array in sorted(record.items()):
             meta = f"{array.dtype}|{list(array.shape)}|{array.stype}".encode()
@@ -79,6 +84,8 @@ def _entries(record: object) -> Iterable[bytes]:
 
 def instruction_digest(content: RecordDict, message_type: str) -> bytes:
     """SHA-256 of ``message_type`` and every record of ``content``, the signature excluded."""
+    from flwr.app import ConfigRecord
+
     digest = hashlib.sha256(_DOMAIN + _field(message_type.encode()))
     for name, record in sorted(content.items()):
         if name == P.HEADER_RECORD and isinstance(record, ConfigRecord):

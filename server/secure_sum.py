@@ -30,6 +30,7 @@ from common.secagg import (
     SecAggError,
     SecAggParams,
     max_abs_error_per_coordinate,
+    max_abs_weight_error,
     params_for,
     verify_advert,
 )
@@ -85,6 +86,37 @@ def secagg_params(cfg: RunConfig, num_sites: int) -> SecAggParams:
         threshold=ss.threshold,
         min_survivors=cfg.federation.min_sites,
     )
+
+
+def check_sum_bounds(result: SecAggResult, params: SecAggParams) -> None:
+    """Refuse an unmasked sum that no set of honest inputs can produce.
+
+    Each honest site weighs between 1 (DP, or one example) and ``max-weight``, and clips every
+    coordinate to ``clip-range`` before weighting, so ``n`` survivors' total weight lies in
+    ``[n, n * max-weight]`` and every coordinate of the weighted sum within ``total weight *
+    clip-range`` (plus the fixed-point error). A site that wraps its weight or its values
+    around the field to rescale the aggregate lands outside (unless it stays within what one
+    honest site could send: masked inputs cannot be range-checked one by one).
+
+    Raises
+    ------
+    SecAggError
+        Naming the bound that failed; the round then publishes nothing.
+    """
+    n = len(result.survivors)
+    weight_error = max_abs_weight_error(params, n)
+    if not n - weight_error <= result.total_weight <= n * params.max_weight + weight_error:
+        raise SecAggError(
+            f"unmasked total weight {result.total_weight:g} outside [{n}, "
+            f"{n * params.max_weight:g}] for {n} survivors: a site's weight was out of range"
+        )
+    bound = result.total_weight * params.clip_range + max_abs_error_per_coordinate(params, n)
+    largest = float(np.max(np.abs(result.weighted_sum))) if result.weighted_sum.size else 0.0
+    if not largest <= bound:  # NaN-safe
+        raise SecAggError(
+            f"unmasked sum has a coordinate of size {largest:.6g}, above total weight x "
+            f"clip-range = {bound:.6g}: a site's input was out of range"
+        )
 
 
 class SecureSumRound:
@@ -254,6 +286,7 @@ class SecureSumRound:
         for number in result.survivors:
             self.strategy.node_sites[self.nodes[number]] = self.names[number]
         self.log.accepted = {s: m for s, m in self.log.accepted.items() if s in survivors}
+        check_sum_bounds(result, self.params)
         weighted_sum = unflatten(result.weighted_sum, layout)
         aggregator = self.strategy.aggregator
         mean = aggregator.mean_from_sum(weighted_sum, result.total_weight)

@@ -10,23 +10,29 @@ nothing and the coordinator learns no delta.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from client.app import SiteKeys, make_client_app
+from common import protocol as P
 from common.config import load_config
 from common.secagg import KeyAdvert, advert_message
 from common.secagg_server import SecAggServer
 from fedlora.simulate import backend_config, provision_keys
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
-from server.federation import prepare
+from server.federation import prepare, run_federation
 from server.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -72,3 +78,108 @@ def test_substituted_advert_is_refused_by_the_sites(
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "failed" in metrics[1], metrics[1]
     assert Registry(tmp_path / "registry").latest("shared").version == 0  # type: ignore[union-attr]
+
+
+def rescaling(inner: ClientApp, weight: float) -> ClientApp:
+    """Site 0 adds ``weight`` to the weight slot of its masked input (the last element): masks
+    add mod 2**32, so the unmasked total weight moves by as much."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = inner(msg, context)
+        header = msg.content.config_records[P.HEADER_RECORD]
+        stage = header.get(P.KEY_STAGE, P.STAGE_TRAIN)
+        if stage == P.STAGE_MASK and int(context.node_config["partition-id"]) == 0:
+            masked = reply.content.array_records[P.SECAGG_RECORD].to_numpy_ndarrays()[0]
+            scale = json.loads(str(header[P.KEY_SECAGG_PARAMS]))["weight_scale"]
+            masked = masked.copy()
+            masked[-1] = np.uint32((int(masked[-1]) + round(weight * scale)) % 2**32)
+            reply.content.array_records[P.SECAGG_RECORD] = ArrayRecord([masked])
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
+    return app
+
+
+# +31,000: above 3 sites x max-weight 10,000; -200: more than the honest sites' ~120 examples.
+@pytest.mark.parametrize("weight", [31_000.0, -200.0])
+def test_a_site_rescaling_the_aggregate_is_caught(tmp_path: Path, weight: float) -> None:
+    """A weight wrapped around the field (far above max-weight, or negative to shrink the
+    denominator) makes the unmasked total weight impossible: the round publishes nothing."""
+    cfg = load_config(
+        TINY, ["federation.rounds=1", "data.partition='iid'", "privacy.mode='secure-sum'"]
+    )
+    sealing, _ = provision_keys(cfg, tmp_path)
+    coord = prepare(cfg, tmp_path, sealing)
+    honest = make_client_app(cfg, SiteKeys(tmp_path / "keys"), tmp_path / "sites")
+    app = rescaling(honest, weight)
+    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "total weight" in metrics[1].get("failed", ""), metrics[1]
+    assert Registry(tmp_path / "registry").latest("shared").version == 0  # type: ignore[union-attr]
+
+
+class CrashBeforeUnmask:
+    """A Grid proxy whose coordinator 'crashes' in round 1 after the masked inputs arrived
+    (before it could unmask and checkpoint): a resumed run then redoes round 1."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:
+            header = msg.content.config_records[P.HEADER_RECORD]
+            if header.get(P.KEY_STAGE) == P.STAGE_UNMASK:
+                raise CoordinatorCrashed
+        return list(self.inner.send_and_receive(messages, timeout=timeout))
+
+
+class CoordinatorCrashed(Exception):
+    pass
+
+
+def test_a_redone_round_gets_no_second_masked_input(tmp_path: Path) -> None:
+    """Masks of one delta under two survivor sets would reveal it: every site refuses the
+    redone round's mask stage, and the run goes on with the next round."""
+    cfg = load_config(
+        TINY, ["federation.rounds=2", "data.partition='iid'", "privacy.mode='secure-sum'"]
+    )
+    sealing, _ = provision_keys(cfg, tmp_path)
+    app = make_client_app(cfg, SiteKeys(tmp_path / "keys"), tmp_path / "sites")
+    coord = prepare(cfg, tmp_path, sealing)
+    crashing = ServerApp()
+
+    @crashing.main()
+    def main(grid: Grid, context: Context) -> None:
+        with contextlib.suppress(CoordinatorCrashed):
+            run_federation(CrashBeforeUnmask(grid), coord)  # type: ignore[arg-type]
+
+    run_simulation(crashing, app, 3, backend_config=backend_config(cfg))
+    claims = sorted(tmp_path.glob("sites/site-*/*/secure-sum/round-1"))
+    assert len(claims) == 3  # every site sent its masked input for round 1
+    assert Registry(tmp_path / "registry").latest("shared").version == 0  # type: ignore[union-attr]
+
+    resumed = prepare(cfg, tmp_path, sealing)
+    run_simulation(
+        make_server_app(resumed, resume=True), app, 3, backend_config=backend_config(cfg)
+    )
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    redo = [m for m in metrics if m["round"] == 1]
+    assert "failed" in redo[-1], redo
+    refusals = [
+        entry["reason"]
+        for entry in read_entries(tmp_path / AUDIT_FILE)
+        if entry["event"] == EVENT_REPLY_REJECTED and entry["round"] == 1
+    ]
+    assert sum("already sent a masked input" in r for r in refusals) == 3, refusals
+    last = metrics[-1]
+    assert last["round"] == 2 and "failed" not in last, last
+    assert Registry(tmp_path / "registry").latest("shared").version == 1  # type: ignore[union-attr]
