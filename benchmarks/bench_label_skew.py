@@ -62,7 +62,7 @@ def federate(overrides: list[str], config: Path, rounds: int, every: int, name: 
     cfg = load_config(config, overrides)
     comparison = Comparison(cfg)
     plan = comparison.plan.model_copy(update={"clip": None})
-    optimizer = server_optimizer_for(cfg.aggregation)
+    optimizer = server_optimizer_for(cfg.aggregation, rounds)
     state = {k: v.clone() for k, v in comparison.initial.items()}
     total = sum(len(site.data.train) for site in comparison.sites)
     curve, start = [], time.perf_counter()

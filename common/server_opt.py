@@ -33,6 +33,8 @@ StateDict = dict[str, torch.Tensor | float | int]
 # Config key of each hyperparameter, for error messages (``[aggregation]`` in the run TOML).
 _CONFIG_KEYS = {
     "lr": "aggregation.server-lr",
+    "lr_final": "aggregation.server-lr-final",
+    "schedule_rounds": "federation.rounds",
     "momentum": "aggregation.server-momentum",
     "beta1": "aggregation.server-beta1",
     "beta2": "aggregation.server-beta2",
@@ -51,6 +53,22 @@ def _check_hyperparameter(
         )
         raise ConfigError(f"{_CONFIG_KEYS[name]} = {value!r}, expected a number {bound}")
     return float(value)
+
+
+def lr_factor(schedule: str, final: float, rounds: int, step: int) -> float:
+    """The learning-rate multiplier of step ``step`` (0-based) of ``rounds``.
+
+    ``constant``: 1. ``cosine``: from 1 at the first step to ``final`` at the last
+    (``final + (1 - final) * (1 + cos(pi * step / (rounds - 1))) / 2``), ``final`` after it.
+    """
+    if schedule == "constant" or rounds <= 1:
+        return 1.0
+    if schedule != "cosine":
+        raise ConfigError(
+            f"aggregation.server-lr-schedule = {schedule!r}, expected 'constant' or 'cosine'"
+        )
+    progress = min(step, rounds - 1) / (rounds - 1)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class ServerOptimizer(ABC):
@@ -73,10 +91,30 @@ class ServerOptimizer(ABC):
         self.lr = _check_hyperparameter("lr", lr, 0.0, open_low=True)
         self.steps = 0
         self.slots: dict[str, AdapterState] = {slot: {} for slot in self.slot_names}
+        self.schedule = "constant"
+        self.lr_final = 1.0
+        self.schedule_rounds = 1
+
+    def set_schedule(self, schedule: str, final: float, rounds: int) -> None:
+        """Decay ``lr`` over ``rounds`` steps (``lr_factor``); ``constant`` leaves it."""
+        lr_factor(schedule, final, rounds, 0)  # validates the name
+        self.schedule = schedule
+        if schedule != "constant":
+            if not (math.isfinite(final) and 0.0 < final <= 1.0):
+                raise ConfigError(f"{_CONFIG_KEYS['lr_final']} = {final!r}, expected (0, 1]")
+            self.lr_final = float(final)
+            self.schedule_rounds = int(rounds)
+
+    def current_lr(self) -> float:
+        """The learning rate of the next step."""
+        return self.lr * lr_factor(self.schedule, self.lr_final, self.schedule_rounds, self.steps)
 
     def hyperparameters(self) -> dict[str, float]:
         """The settings a checkpoint must agree with, by hyperparameter name."""
-        return {"lr": self.lr}
+        if self.schedule == "constant":
+            return {"lr": self.lr}
+        return {"lr": self.lr, "lr_final": self.lr_final,
+                "schedule_rounds": float(self.schedule_rounds)}  # fmt: skip
 
     @abstractmethod
     def _direction(self, delta: AdapterState) -> AdapterState:
@@ -117,8 +155,9 @@ class ServerOptimizer(ABC):
             if not slot:
                 slot.update({key: torch.zeros_like(t) for key, t in delta32.items()})
         direction = self._direction(delta32)
+        lr = self.current_lr()
         self.steps += 1
-        return apply_delta(global_state, direction, self.lr)
+        return apply_delta(global_state, direction, lr)
 
     def state_dict(self) -> StateDict:
         """A copy of the optimizer state: ``steps``, hyperparameters and ``<slot>/<key>`` tensors.
@@ -293,9 +332,10 @@ def make_server_optimizer(
     )
 
 
-def server_optimizer_for(agg: AggregationConfig) -> ServerOptimizer:
-    """The server optimizer a run's ``[aggregation]`` section configures."""
-    return make_server_optimizer(
+def server_optimizer_for(agg: AggregationConfig, rounds: int = 1) -> ServerOptimizer:
+    """The server optimizer a run's ``[aggregation]`` section configures, its lr scheduled over
+    ``rounds`` (``federation.rounds``)."""
+    optimizer = make_server_optimizer(
         agg.server_optimizer,
         agg.server_lr,
         agg.server_momentum,
@@ -303,3 +343,5 @@ def server_optimizer_for(agg: AggregationConfig) -> ServerOptimizer:
         agg.server_beta2,
         agg.server_tau,
     )
+    optimizer.set_schedule(agg.server_lr_schedule, agg.server_lr_final, rounds)
+    return optimizer

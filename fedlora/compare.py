@@ -82,6 +82,7 @@ from common.errors import ConfigError
 from common.modules import join_modules, split_modules
 from common.progress import print_message, print_rule
 from common.rules import all_sent_keys, ffa_sent_keys
+from common.server_opt import lr_factor
 from fedlora.compare_curves import (
     CurvePoint,
     Curves,
@@ -317,9 +318,20 @@ class Comparison:
         after each of ``self.curve_rounds``.
         """
         state = {k: v.clone() for k, v in (start or self.initial).items()}
-        for server_round in range(1, (rounds or self.cfg.federation.rounds) + 1):
+        total = rounds or self.cfg.federation.rounds
+        agg = self.cfg.aggregation
+        for server_round in range(1, total + 1):
             flat = join_modules({self.module: state})
-            update = runtime.train(flat, plan, server_round, server_round - 1)
+            # The federation's lr schedule over rounds (aggregation.server-lr-schedule) decays
+            # these arms' own lr alike, so that the comparison stays like for like.
+            factor = lr_factor(agg.server_lr_schedule, agg.server_lr_final, total, server_round - 1)
+            scheduled = plan
+            if factor != 1.0:
+                lr = plan.train.lr * factor
+                scheduled = plan.model_copy(
+                    update={"train": plan.train.model_copy(update={"lr": lr})}
+                )
+            update = runtime.train(flat, scheduled, server_round, server_round - 1)
             state = apply_delta(state, split_modules(update.delta)[self.module])
             if on_round is not None and server_round in self.curve_rounds:
                 on_round(server_round, state)

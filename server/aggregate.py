@@ -74,7 +74,9 @@ class Aggregator:
         self.cfg = cfg
         self.rule = get_rule(agg.rule)
         self.modules = {n: m for n, m in sorted(cfg.modules.items()) if m.scope != PRIVATE}
-        self.optimizers = {name: server_optimizer_for(agg) for name in self.modules}
+        self.optimizers = {
+            name: server_optimizer_for(agg, cfg.federation.rounds) for name in self.modules
+        }
         self.accountant: PrivacyAccountant | None = None
         self.noise = torch.Generator()
         if dp.enabled:

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from common.adapters import AdapterState, apply_delta
+from common.config import AggregationConfig
 from common.errors import ConfigError, UpdateRejected
-from common.server_opt import ServerOptimizer, make_server_optimizer
+from common.server_opt import (
+    ServerOptimizer,
+    lr_factor,
+    make_server_optimizer,
+    server_optimizer_for,
+)
 
 SHAPES = {
     "layers.0.q_proj.lora_A.weight": (4, 12),
@@ -209,3 +215,48 @@ def test_a_mismatched_delta_leaves_the_state_unchanged() -> None:
     after = optimizer.state_dict()
     assert after["steps"] == 1
     assert all(torch.equal(v, after[k]) for k, v in saved.items() if isinstance(v, torch.Tensor))
+
+
+# --- learning-rate schedule ------------------------------------------------------------------
+
+
+def test_cosine_factor_known_values() -> None:
+    assert lr_factor("constant", 0.1, 10, 7) == 1.0
+    assert lr_factor("cosine", 0.1, 5, 0) == 1.0
+    assert lr_factor("cosine", 0.1, 5, 2) == pytest.approx(0.55)  # halfway: (1 + 0.1) / 2
+    assert lr_factor("cosine", 0.1, 5, 4) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0.1, 5, 9) == pytest.approx(0.1)  # past the end: stays
+    assert lr_factor("cosine", 0.1, 1, 0) == 1.0
+    with pytest.raises(ConfigError, match="server-lr-schedule"):
+        lr_factor("linear", 0.1, 5, 0)
+
+
+def test_cosine_schedule_scales_each_sgd_step() -> None:
+    """SGD moves by lr * factor(step) * delta: the known answer over 3 steps."""
+    optimizer = make_server_optimizer("sgd", lr=1.0)
+    optimizer.set_schedule("cosine", 0.2, 3)
+    state, delta = random_state(0), random_state(1)
+    moved = state
+    for step in range(3):
+        factor = [1.0, 0.6, 0.2][step]
+        expected = {k: moved[k] + factor * delta[k] for k in KEYS}
+        moved = optimizer.step(moved, delta)
+        assert all(torch.allclose(moved[k], expected[k], atol=1e-6) for k in KEYS)
+
+
+def test_config_schedules_over_the_run_and_resume_checks_it() -> None:
+    agg = AggregationConfig(server_optimizer="fedadam", server_lr=0.01, server_lr_schedule="cosine")
+    optimizer = server_optimizer_for(agg, 30)
+    assert optimizer.current_lr() == pytest.approx(0.01)
+    start, steps = random_state(0), deltas(2)
+    run(optimizer, start, steps)
+    assert optimizer.current_lr() == pytest.approx(0.01 * lr_factor("cosine", 0.1, 30, 2))
+    saved = optimizer.state_dict()
+    server_optimizer_for(agg, 30).load_state_dict(saved)  # same run: resumes
+    with pytest.raises(ConfigError, match=r"federation.rounds = 40\.0"):
+        server_optimizer_for(agg, 40).load_state_dict(saved)
+    # A constant-lr checkpoint (written before schedules existed) still loads.
+    constant = AggregationConfig(server_optimizer="fedadam", server_lr=0.01)
+    server_optimizer_for(constant, 30).load_state_dict(
+        server_optimizer_for(constant, 30).state_dict()
+    )
