@@ -67,7 +67,7 @@ def test_coordinator_service_keeps_its_state_and_restarts() -> None:
     assert coordinator["restart"] == "unless-stopped"
     assert coordinator["healthcheck"]["test"][0] == "CMD"
     targets = {volume["target"] for volume in coordinator["volumes"]}
-    assert {"/keys", "/var/lib/fedlora/state", "/var/lib/fedlora/runs"} <= targets
+    assert {"/keys/coordinator", "/var/lib/fedlora/state", "/var/lib/fedlora/runs"} <= targets
     assert coordinator["command"][:3] == ["fedlora", "coordinator", "start"]
 
 
@@ -94,3 +94,19 @@ def test_demo_configs_parse_as_fedlora_configs(tmp_path: Path) -> None:
         assert site.coordinator.address == "coordinator:9092"
     run = tomllib.loads(configs["tiny-run"]["content"])
     assert run["privacy"]["mode"] == "sealed" and run["federation"]["sites"] == 3
+
+
+def test_no_service_mounts_another_partys_keys() -> None:
+    """The coordinator mounts only keys/coordinator and each site only keys/sites/<id>: no
+    running service can read the CA, the enrollment key or another party's private key."""
+    services = _config("sites", "provision")["services"]
+    own = {"coordinator": "coordinator", **{f"site-{n}": f"sites/site-{n}" for n in (1, 2, 3)}}
+    for name, service in services.items():
+        mounts = [m for m in service.get("volumes", []) if m.get("source") == "keys"]
+        if name == "provision":  # the enrollment authority: it writes every folder
+            continue
+        assert name in own, f"unexpected service {name!r} mounts keys"
+        assert mounts, f"{name} has no keys"
+        for mount in mounts:
+            assert mount.get("volume", {}).get("subpath") == own[name], (name, mount)
+            assert mount.get("read_only") is True, (name, mount)
