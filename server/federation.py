@@ -30,7 +30,7 @@ from common.dp import PrivacyBudgetExceeded
 from common.errors import ConfigError, StorageError
 from common.models import peak_memory_bytes
 from common.modules import PRIVATE, SHARED, join_modules, module_members, split_modules
-from common.progress import print_message, print_rule
+from common.progress import RoundClock, print_message, print_rule
 from common.secagg import SecAggError
 from server.audit import (
     AUDIT_FILE,
@@ -524,6 +524,7 @@ def _record_failed_round(
 def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) every round of ``coord.cfg``; return the summary (also on disk)."""
     cfg, started = coord.cfg, time.perf_counter()
+    clock = RoundClock(cfg.federation.rounds)
     strategy = FedLoraStrategy(
         cfg, site_plan(cfg, coord.labels), coord.host.base.fingerprint, coord.run_id, coord.sealing
     )
@@ -551,6 +552,7 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
         first_round, arrays = _start_fresh(coord, strategy, grid)
     else:
         first_round, arrays = _resume(coord, strategy, grid, ckpt)
+    clock.round_done(first_round - 1, None)  # round 0, or the checkpoint's round
     stopped: str | None = None
     for server_round in range(first_round, cfg.federation.rounds + 1):
         try:
@@ -570,12 +572,14 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
             arrays = _train_stage(strategy, grid, server_round, arrays)
         except (AggregationError, SecAggError) as exc:
             _record_failed_round(coord, strategy, server_round, str(exc), t0)
+            clock.round_done(server_round, time.perf_counter() - t0)
             continue
         strategy.train_log.seconds = time.perf_counter() - t0
         _audit_stage(coord.audit, server_round, "train", strategy.train_log)
         with _stop_if_unwritable(coord, server_round):
             _checkpoint_and_publish(coord, strategy, server_round, arrays)
         _evaluate_and_record(coord, strategy, grid, server_round, arrays, strategy.train_log, t0)
+        clock.round_done(server_round, time.perf_counter() - t0)
     facts = _facts(coord, time.perf_counter() - started)
     facts["stopped"] = stopped
     facts["epsilon"] = strategy.aggregator.epsilon

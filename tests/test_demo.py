@@ -39,6 +39,7 @@ def test_demo_improves_every_site(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "round 1" in result.stdout and "step 4/4" in result.stdout  # progress was shown
+    assert "round 1/1, elapsed " in result.stdout and ", ETA 0s" in result.stdout
     rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     base, final = rounds[0]["sites"], rounds[-1]["sites"]
     assert sorted(base) == ["site-0", "site-1", "site-2"]
