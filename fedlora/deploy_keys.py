@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.markup import escape
 
@@ -46,6 +48,7 @@ from common.keys import (
     COORDINATOR_KEY_NAME,
     KEMS,
     PRIVATE_SUFFIX,
+    PUBLIC_SUFFIX,
     KeyMaterialError,
     check_site_id,
     generate_coordinator_key,
@@ -325,9 +328,60 @@ def sign_roster(layout: Layout) -> Path:
     return path
 
 
-def enroll_site(layout: Layout, site_id: str, replace: bool = False) -> Path:
-    """Create ``site_id``'s bundle and enroll both of its public keys at the coordinator."""
+def site_keygen(bundle: Path, site_id: str) -> tuple[Path, Path]:
+    """At the site: its envelope key and SuperNode key in ``bundle`` (created 0700); return
+    the two public files to hand to the enrollment authority (``add-site --public-keys``).
+
+    The private halves never leave the site's machine: the authority enrolls only the public
+    ones and hands back the public trust files (``ca.crt``, ``coordinator.pub``,
+    ``coordinator-sign.pub``, ``enroll.pub``) to copy into ``bundle``.
+    """
+    check_site_id(site_id)
+    bundle = Path(bundle)
+    for name in (f"{site_id}{PRIVATE_SUFFIX}", NODE_KEY):
+        if (bundle / name).exists():
+            raise KeyMaterialError(f"{bundle / name} already exists; keys are never overwritten")
+    bundle.mkdir(mode=0o700, parents=True, exist_ok=True)
+    envelope = public_path_for(generate_site_key(bundle, site_id))
+    make_node_key(bundle)
+    fingerprint = public_fingerprint(load_site_public(envelope))
+    _report(f"site {site_id}: envelope key (hand over the .pub only)", envelope, fingerprint)
+    _report("  SuperNode key (hand over the .pub only)", bundle / NODE_PUB,
+            node_key_fingerprint(bundle / NODE_PUB))  # fmt: skip
+    return envelope, bundle / NODE_PUB
+
+
+def _site_publics(folder: Path, site_id: str) -> tuple[Path, Path]:
+    """A site's two public key files from ``folder``, checked for their kind."""
+    envelope, node = Path(folder) / f"{site_id}{PUBLIC_SUFFIX}", Path(folder) / NODE_PUB
+    for path in (envelope, node):
+        if not path.is_file():
+            raise KeyMaterialError(
+                f"{path} not found: --public-keys names the folder `fedlora keys site-keygen` "
+                f"wrote at the site (it holds {envelope.name} and {NODE_PUB})"
+            )
+    load_site_public(envelope)  # an Ed25519 public key, or a clear error naming the file
+    try:
+        key = load_ssh_public_key(node.read_bytes())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyMaterialError(f"{node} is not an OpenSSH public key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise KeyMaterialError(f"{node}: expected an ECDSA P-256 SuperNode key")
+    return envelope, node
+
+
+def enroll_site(
+    layout: Layout, site_id: str, replace: bool = False, public_keys: Path | None = None
+) -> Path:
+    """Create ``site_id``'s bundle and enroll both of its public keys at the coordinator.
+
+    With ``public_keys`` (the folder ``site_keygen`` wrote at the site), the site's own public
+    keys are enrolled and its bundle here holds public files only; otherwise its keys are
+    generated here (quick start: the authority then holds the site's private keys too).
+    """
     bundle = layout.site(site_id)
+    # Checked before anything is written: a bad folder leaves the deployment as it was.
+    given, node = _site_publics(public_keys, site_id) if public_keys else (Path(), Path())
     coordinator_pub = public_path_for(layout.coordinator / COORDINATOR_KEY_NAME)
     if not coordinator_pub.is_file():
         raise KeyMaterialError(f"{coordinator_pub} not found; run `fedlora keys init` first")
@@ -340,8 +394,13 @@ def enroll_site(layout: Layout, site_id: str, replace: bool = False) -> Path:
     _copy_public(coordinator_pub, bundle / COORDINATOR_PUB)
     _copy_public(instruction_public(layout), bundle / INSTRUCTION_PUBLIC_NAME)
     _copy_public(enroll_public(layout), bundle / ENROLL_PUBLIC_NAME)
-    envelope = generate_site_key(bundle, site_id)
-    make_node_key(bundle)
+    if public_keys is not None:
+        envelope = bundle / f"{site_id}{PRIVATE_SUFFIX}"  # not here: only its public half
+        _copy_public(given, public_path_for(envelope))
+        _copy_public(node, bundle / NODE_PUB)
+    else:
+        envelope = generate_site_key(bundle, site_id)
+        make_node_key(bundle)
     add_site(layout.allow_list, site_id, public_path_for(envelope), replace=replace)
     _copy_public(bundle / NODE_PUB, layout.supernodes / f"{site_id}.pub", replace=replace)
     sign_roster(layout)
@@ -366,7 +425,12 @@ def add_deployment_parsers(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     init.add_argument("--out", type=output_folder, required=True, help="folder (created 0700)")
-    init.add_argument("--sites", required=True, help="comma-separated site ids, e.g. a,b,c")
+    init.add_argument(
+        "--sites",
+        default="",
+        help="comma-separated site ids whose keys are generated here (quick start), e.g. a,b,c; "
+        "leave out and enroll each site's own public keys with `add-site --public-keys`",
+    )
     init.add_argument(
         "--san",
         default="127.0.0.1,localhost",
@@ -388,6 +452,26 @@ def add_deployment_parsers(sub: Any) -> None:
     )
     add.add_argument("site_id", metavar="SITE", help="the new site's id")
     add.add_argument("--replace", action="store_true", help="rotate an enrolled site's keys")
+    add.add_argument(
+        "--public-keys",
+        type=Path,
+        metavar="FOLDER",
+        help="enroll the public keys that `keys site-keygen` made at the site (SITE.pub, "
+        "supernode.pub) instead of generating the site's keys here",
+    )
+    keygen = sub.add_parser(
+        "site-keygen",
+        help="at a site: create its own envelope and SuperNode keys (hand over the .pub files)",
+        description="Create SITE's envelope signing key (Ed25519) and SuperNode key (ECDSA "
+        "P-256) in --out, at the site. Only SITE.pub and supernode.pub leave the site: the "
+        "enrollment authority enrolls them with `fedlora keys add-site --public-keys`, and "
+        "hands back ca.crt, coordinator.pub, coordinator-sign.pub and enroll.pub to copy into "
+        "--out.",
+        epilog=DEPLOYMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    keygen.add_argument("--out", type=Path, required=True, help="the site's bundle folder")
+    keygen.add_argument("site_id", metavar="SITE", help="the site's id")
 
 
 DEPLOYMENT_EPILOG = """\
@@ -395,6 +479,10 @@ examples:
   fedlora keys init --out deploy/keys --sites hospital-a,hospital-b --san coord.example.org
   fedlora keys add-site --out deploy/keys hospital-c
   fedlora keys add-site --out deploy/keys hospital-a --replace     # rotate a site's keys
+
+  # private keys made at the site, only public ones handed over:
+  fedlora keys site-keygen --out /etc/fedlora/keys hospital-d      # at hospital-d
+  fedlora keys add-site --out deploy/keys hospital-d --public-keys hospital-d-public/
 
 Hand deploy/keys/sites/<site>/ to that site (and only that folder); the coordinator uses
 deploy/keys/coordinator/. Keep deploy/keys/ca/ca.key offline.
@@ -409,5 +497,7 @@ def run_deployment_command(args: argparse.Namespace) -> None:
     """Run a parsed ``fedlora keys init`` / ``keys add-site``; FedloraError on failure."""
     if args.keys_command == "init":
         init_deployment(args.out, _split(args.sites), _split(args.san), args.kem)
+    elif args.keys_command == "site-keygen":
+        site_keygen(args.out, args.site_id)
     else:
-        enroll_site(Layout(args.out), args.site_id, replace=args.replace)
+        enroll_site(Layout(args.out), args.site_id, args.replace, args.public_keys)

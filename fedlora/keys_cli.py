@@ -5,7 +5,8 @@ fedlora keys site SITE_ID --out DIR
 fedlora keys export-public PRIVATE --out FILE
 fedlora keys enroll --allow-list FILE SITE_ID PUBLIC_KEY [--replace]
 fedlora keys init --out DIR --sites a,b,c [--san HOSTS]     (a deployment: CA, TLS, bundles)
-fedlora keys add-site --out DIR SITE [--replace]           (enroll or rotate one site)
+fedlora keys add-site --out DIR SITE [--replace] [--public-keys FOLDER]   (enroll one site)
+fedlora keys site-keygen --out BUNDLE SITE                 (at a site: its own private keys)
 
 The commands print the paths they write and SHA-256 fingerprints of public keys (to compare
 out of band, e.g. over the phone, before enrolling); they never print key material.
@@ -156,7 +157,7 @@ def _run(args: argparse.Namespace) -> None:
         target = add_site(args.allow_list, args.site_id, args.public_key, replace=args.replace)
         fingerprint = public_fingerprint(load_site_public(args.public_key))
         _report(f"enrolled site {args.site_id} in", target, fingerprint)
-    elif args.keys_command in ("init", "add-site"):
+    elif args.keys_command in ("init", "add-site", "site-keygen"):
         run_deployment_command(args)
     else:  # argparse's choices make this unreachable
         raise ValueError(f"unknown keys command {args.keys_command!r}")

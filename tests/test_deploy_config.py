@@ -29,7 +29,7 @@ from common.keys import KeyMaterialError, load_site_public
 from common.roster import parse_roster
 from common.site_config import load_coordinator_config, load_site_config
 from fedlora.deploy import _run_config_arg, stage_app, superlink_command, unfinished_run
-from fedlora.deploy_keys import Layout, enroll_site, init_deployment
+from fedlora.deploy_keys import Layout, enroll_site, init_deployment, site_keygen
 from fedlora.deploy_site import SiteCheckError, check_keys, check_site, supernode_command
 from server.deploy_app import DeployedRun
 from server.federation import run_labels
@@ -87,6 +87,47 @@ def test_a_site_bundle_holds_only_what_that_site_needs(layout: Layout) -> None:
     assert public.startswith(b"ecdsa-sha2-nistp256 ")
     assert isinstance(load_ssh_public_key(public), ec.EllipticCurvePublicKey)
     assert public == (layout.supernodes / "a.pub").read_bytes()
+
+
+def test_a_site_that_makes_its_own_keys_hands_over_only_public_ones(
+    layout: Layout, tmp_path: Path
+) -> None:
+    """Key custody: the private keys are made at the site; the authority enrolls the public
+    halves, and nothing it writes holds a private key of the site."""
+    at_site = tmp_path / "at-site"
+    envelope_pub, node_pub = site_keygen(at_site, "d")
+    handed_over = tmp_path / "handed-over"
+    handed_over.mkdir()
+    for path in (envelope_pub, node_pub):
+        (handed_over / path.name).write_bytes(path.read_bytes())
+    bundle = enroll_site(layout, "d", public_keys=handed_over)
+    assert not list(layout.root.rglob("d.key")) and not (bundle / "supernode.key").exists()
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(
+        ["ca.crt", "coordinator.pub", "coordinator-sign.pub", "enroll.pub", "d.pub",
+         "supernode.pub"]
+    )  # fmt: skip
+    enrolled = load_allow_list(layout.allow_list).public_key("d")
+    assert enrolled.public_bytes_raw() == load_site_public(envelope_pub).public_bytes_raw()
+    assert (layout.supernodes / "d.pub").read_bytes() == node_pub.read_bytes()
+    pinned = load_site_public(bundle / "enroll.pub")
+    roster = parse_roster((layout.coordinator / "roster.signed").read_bytes(), pinned)
+    assert roster["d"].public_bytes_raw() == enrolled.public_bytes_raw()
+    # The site's private keys stay where they were made, 0600.
+    assert _mode(at_site / "d.key") == _mode(at_site / "supernode.key") == 0o600
+
+
+def test_enrolling_public_keys_checks_what_it_is_given(layout: Layout, tmp_path: Path) -> None:
+    at_site = tmp_path / "at-site"
+    site_keygen(at_site, "e")
+    with pytest.raises(KeyMaterialError, match="site-keygen"):
+        enroll_site(layout, "e", public_keys=tmp_path / "nowhere")
+    (at_site / "supernode.pub").write_bytes((at_site / "e.pub").read_bytes())  # wrong kind
+    with pytest.raises(KeyMaterialError, match=r"supernode\.pub"):
+        enroll_site(layout, "e", public_keys=at_site)
+    assert not layout.site("e").exists()  # a refused enrollment writes nothing
+    assert "e" not in load_allow_list(layout.allow_list)
+    with pytest.raises(KeyMaterialError, match="never overwritten"):
+        site_keygen(at_site, "e")
 
 
 def test_add_site_enrolls_later_and_rotates_only_when_asked(layout: Layout) -> None:
