@@ -50,7 +50,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common.atomic import fsync_dir, write_bytes_atomic
+from common.atomic import fsync_dir, whole_write, write_bytes_atomic
 from common.errors import FedloraError
 
 logger = logging.getLogger(__name__)
@@ -256,6 +256,7 @@ class AuditLog:
                 "Run verify_chain and restore the log from a copy"
             ) from exc
 
+    @whole_write
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one entry and fsync it.
 

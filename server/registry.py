@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.atomic import fsync_dir, write_json_atomic
+from common.atomic import fsync_dir, whole_write, write_json_atomic
 from common.errors import RegistryError
 from common.modules import MODULE_NAME
 
@@ -120,6 +120,7 @@ class Registry:
         numbers = ", ".join(str(v.version) for v in versions)
         raise RegistryError(f"{module}: no version {version} (versions: {numbers})")
 
+    @whole_write
     def publish(
         self,
         module: str,
