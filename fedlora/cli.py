@@ -183,15 +183,26 @@ def _add_simulate_parsers(sub: Any) -> None:
     fp.add_argument("--seed", type=int, default=0, help="seed of a newly initialised head")
 
 
-def _simulate(config: Path, out: Path, overrides: list[str], resume: bool = False) -> int:
+def _simulate(
+    command: list[str], config: Path, out: Path, overrides: list[str], resume: bool
+) -> int:
+    """``command``: how the user names this run (``fedlora simulate CONFIG`` or ``fedlora
+    demo``), for the line that says how to resume it."""
     from common.config import load_config
     from server.rundir import check_start
 
     cfg = load_config(config, overrides)
     check_start(out, resume)  # before the seconds of importing torch (simulate checks again)
-    from fedlora.simulate import simulate
+    from fedlora.interrupt import RunInterrupted, exit_interrupted, resume_hint, stop_on_signals
 
-    summary = simulate(cfg, out, resume=resume)
+    try:
+        with stop_on_signals():
+            from fedlora.simulate import simulate
+
+            summary = simulate(cfg, out, resume=resume)
+    except RunInterrupted:
+        options = [arg for item in overrides for arg in ("--set", item)]
+        exit_interrupted(resume_hint([*command, "--out", str(out), *options], out))
     first, last = summary["initial_eval_loss"], summary["final_eval_loss"]
     losses = f"{first:.4f} → {last:.4f}" if first is not None and last is not None else "n/a"
     failed = f", failed rounds {summary['failed_rounds']}" if summary["failed_rounds"] else ""
@@ -204,11 +215,12 @@ def _simulate(config: Path, out: Path, overrides: list[str], resume: bool = Fals
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    return _simulate(args.config, args.out, args.overrides, args.resume)
+    command = ["fedlora", "simulate", str(args.config)]
+    return _simulate(command, args.config, args.out, args.overrides, args.resume)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    return _simulate(DEMO_CONFIG, args.out, args.overrides, args.resume)
+    return _simulate(["fedlora", "demo"], DEMO_CONFIG, args.out, args.overrides, args.resume)
 
 
 def _run_fingerprint(args: argparse.Namespace) -> int:

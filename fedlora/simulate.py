@@ -3,6 +3,10 @@
 The coordinator (ServerApp) runs in this process; each virtual site's ClientApp runs in a Ray
 worker with ``simulation.cpus-per-site`` cores. The apps are built from the parsed config, so
 nothing is packaged and no data leaves the repository.
+
+Flower's runtime runs in a worker thread while the main thread waits for it, so that Ctrl-C
+and SIGTERM reach fedlora's handlers (``fedlora/interrupt.py``) rather than Ray's, which
+``ray.init`` installs when it is called from the main thread.
 """
 
 from __future__ import annotations
@@ -10,14 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from client.app import SiteKeys, make_client_app
 from common.allow_list import add_site, load_allow_list
+from common.atomic import hold_writes
 from common.config import RunConfig
 from common.instructions import INSTRUCTION_KEY_ID, INSTRUCTION_PUBLIC_NAME, instruction_key_path
 from common.keys import (
@@ -33,6 +40,7 @@ from common.keys import (
 from common.progress import print_message
 from common.roster import ENROLL_KEY_ID, ENROLL_KEY_NAME, roster_bytes
 from fedlora.deploy_flower import OFFLINE_ENVIRONMENT
+from fedlora.interrupt import RunInterrupted
 from server.app import make_server_app
 from server.federation import load_inputs, prepare
 from server.rundir import RunDirLock, check_start
@@ -41,8 +49,14 @@ from server.strategy import Sealing
 logger = logging.getLogger(__name__)
 
 # The deployed processes' offline settings, plus: show every site's progress line (Ray would
-# fold repeated log lines from different workers into one).
-_ENVIRONMENT = {**OFFLINE_ENVIRONMENT, "RAY_DEDUP_LOGS": "0"}
+# fold repeated log lines from different workers into one), and keep Ray's C++ failure-signal
+# handler out of this process: it catches SIGTERM too and prints a stack dump before fedlora's
+# handler runs (RAY_DISABLE_FAILURE_SIGNAL_HANDLER=0 brings it back for debugging a crash).
+_ENVIRONMENT = {
+    **OFFLINE_ENVIRONMENT,
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
+}
 
 
 def set_offline_environment() -> None:
@@ -83,6 +97,50 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
         },
         "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
     }
+
+
+# How long an interrupted run waits for a write in progress to finish before it exits anyway.
+WRITE_GRACE_SECONDS = 10.0
+
+
+class _RayNotMainThread(logging.Filter):
+    """Drops Ray's warning that it sets no SIGTERM handler outside the main thread: fedlora's
+    handler is the one that must run (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+_RAY_FILTER = _RayNotMainThread()  # one instance: adding it again is a no-op
+
+
+def run_in_thread(work: Callable[[], object]) -> None:
+    """Run ``work`` in a daemon thread; the main thread only waits, so a signal handler runs at
+    once. Re-raises what ``work`` raised."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as exc:  # handed to the main thread, which raises it
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="fedlora-simulation", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if errors:
+        raise errors[0]
+
+
+def stop_for_exit() -> None:
+    """After ``RunInterrupted``: wait for a write in progress, keep any new one from starting,
+    and shut Ray's processes down, so that the run folder holds only whole files."""
+    if not hold_writes(WRITE_GRACE_SECONDS):
+        logger.warning("a write did not finish within %.0f s of the interrupt", WRITE_GRACE_SECONDS)
+    ray = sys.modules.get("ray")  # None when the signal came before Flower imported it
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # stops the Ray processes this run started, sites included
 
 
 # Each virtual site's own store (what a deployed site keeps on its machine): <out>/sites/<id>.
@@ -150,14 +208,21 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, A
     with scratch_folders(), RunDirLock(out_dir):
         from flwr.simulation import run_simulation  # after the environment is set
 
-        sealing, site_keys = provision_keys(cfg, out_dir)
-        coord = prepare(cfg, out_dir, sealing, inputs=inputs)
-        run_simulation(
-            server_app=make_server_app(coord, resume=resume),
-            client_app=make_client_app(cfg, site_keys, out_dir / SITES_FOLDER),
-            num_supernodes=cfg.federation.sites,
-            backend_config=backend_config(cfg),
-        )
+        try:
+            sealing, site_keys = provision_keys(cfg, out_dir)
+            coord = prepare(cfg, out_dir, sealing, inputs=inputs)
+            logging.getLogger("ray._private.worker").addFilter(_RAY_FILTER)
+            run_in_thread(
+                lambda: run_simulation(
+                    server_app=make_server_app(coord, resume=resume),
+                    client_app=make_client_app(cfg, site_keys, out_dir / SITES_FOLDER),
+                    num_supernodes=cfg.federation.sites,
+                    backend_config=backend_config(cfg),
+                )
+            )
+        except RunInterrupted:
+            stop_for_exit()  # then the folders above are removed and the lock released
+            raise
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log")

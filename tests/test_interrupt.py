@@ -1,0 +1,152 @@
+"""Ctrl-C and SIGTERM stop a real ``fedlora simulate`` cleanly, and ``--resume`` finishes it.
+
+A terminal's Ctrl-C sends SIGINT to the whole foreground process group; a service manager or
+``kill`` sends SIGTERM, here to the command alone. Either way the command exits 130 within
+seconds with one line saying how to resume, no traceback, no process of its session left, no
+scratch folder and no half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+ROUNDS = 6
+SETTINGS = [f"federation.rounds={ROUNDS}", "train.local-steps=2"]
+ARGS = ["examples/tiny.toml", *(arg for item in SETTINGS for arg in ("--set", item))]
+STOP_SECONDS = 30  # the target is 5 s; this leaves room for a loaded test machine
+
+
+@pytest.fixture
+def ray_dir() -> Iterator[Path]:
+    """Ray's folder: short, since its socket paths must fit in 107 bytes (AF_UNIX)."""
+    path = Path(tempfile.mkdtemp(prefix="ray-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(tmp_path: Path, ray_dir: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # output in order, nothing held in a buffer
+    env["RAY_TMPDIR"] = str(ray_dir)
+    env["FLWR_HOME"] = str(ray_dir / "flwr")
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the run's scratch folder would be left
+    Path(env["TMPDIR"]).mkdir(exist_ok=True)
+    return env
+
+
+def _start(
+    out: Path, tmp_path: Path, ray_dir: Path, log: Path, resume: bool = False
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *ARGS, "--out", str(out)]
+    # A background job inherits SIGINT ignored, and so would the command (which then keeps
+    # ignoring it, as it should): a handled SIGINT in this process is reset to the default in
+    # the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with log.open("wb") as sink:
+            return subprocess.Popen(
+                [*cmd, "--resume"] if resume else cmd,
+                cwd=REPO,
+                env=_env(tmp_path, ray_dir),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as a terminal job has
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _rounds_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return -1
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+    return max((line["round"] for line in lines), default=-1)
+
+
+def _session(sid: int) -> list[int]:
+    """The processes still alive in session ``sid``."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                if os.getsid(int(entry.name)) == sid:
+                    alive.append(int(entry.name))
+    return alive
+
+
+def _wait_session_empty(sid: int, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (alive := _session(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def _kill_everything(proc: subprocess.Popen[bytes], ray_dir: Path) -> None:
+    with contextlib.suppress(ProcessLookupError):  # nothing left in the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Ray daemons may have left the group; they carry the session folder on their command line.
+    subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)
+
+
+@pytest.mark.parametrize("how", ["sigint-to-group", "sigterm-to-process"])
+def test_interrupt_stops_cleanly_and_resume_finishes(
+    tmp_path: Path, ray_dir: Path, how: str
+) -> None:
+    out, log = tmp_path / "run", tmp_path / "interrupted.log"
+    proc = _start(out, tmp_path, ray_dir, log)
+    try:
+        deadline = time.monotonic() + 300
+        while _rounds_done(out) < 1:
+            assert proc.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "round 1 never completed"
+            time.sleep(0.05)
+        if how == "sigint-to-group":  # what a terminal's Ctrl-C does
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        rc = proc.wait(timeout=STOP_SECONDS)
+        stopped_after = time.monotonic() - sent
+        left = _wait_session_empty(proc.pid, 20)
+    finally:
+        _kill_everything(proc, ray_dir)
+    output = log.read_text(errors="replace")
+    assert rc == 130, output[-3000:]
+    assert stopped_after < STOP_SECONDS
+    assert "Traceback" not in output
+    hints = [line for line in output.splitlines() if "--resume" in line]
+    assert len(hints) == 1, output[-3000:]
+    assert output.splitlines()[-1] == hints[0]
+    done = _rounds_done(out)
+    assert 1 <= done < ROUNDS, "the run ended before the signal: nothing was interrupted"
+    assert f"interrupted after round {done}; resume with: fedlora simulate" in hints[0]
+    assert hints[0].endswith(f"--out {out} --set {SETTINGS[0]} --set {SETTINGS[1]} --resume")
+    assert not left, f"processes of the run's session still alive: {left}"
+    assert not list((tmp_path / "tmp").glob("fedlora-*")), "scratch folder left behind"
+    half_written = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name[:2] == ".v"]
+    assert not half_written
+
+    resumed = _start(out, tmp_path, ray_dir, tmp_path / "resumed.log", resume=True)
+    try:
+        assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    finally:
+        _kill_everything(resumed, ray_dir)
+    rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(ROUNDS + 1))
+    assert f"round {ROUNDS}/{ROUNDS}, elapsed" in (tmp_path / "resumed.log").read_text()
