@@ -138,3 +138,23 @@ def test_bad_input_is_one_error(
     assert code == 2 and "holds no fedlora registry" in lines[0] and len(lines) == 1
     code, lines = _check(capsys, folder, "--model", str(tmp_path / "nope"))
     assert code == 2 and "no such folder" in lines[0]
+
+
+def test_a_classification_head_is_checked_too(tmp_path: Path) -> None:
+    """A saved head (modules_to_save) fits a base with as many classes, not one with more."""
+    cfg = ModelConfig(name="tiny-llama", task="classification", device="cpu")
+    base = load_base(cfg, num_labels=4)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="SEQ_CLS")
+    model = get_peft_model(base.model, config, adapter_name="shared")
+    registry = Registry(tmp_path / "registry")
+    state = get_peft_model_state_dict(model, adapter_name="shared")
+    assert any(not key.count("lora_") for key in state)  # the head travels with the adapter
+    registry.publish("shared", state, model.peft_config["shared"], {})
+    same = load_base(cfg, num_labels=4)
+    (fit,) = check_base(registry, same.model, same.fingerprint)
+    assert fit.fits and fit.recorded_fingerprint is None and not fit.same_base
+    wider = load_base(cfg, num_labels=5)
+    (fit,) = check_base(registry, wider.model, wider.fingerprint)
+    assert fit.misfits == [
+        "base_model.model.score.weight: shape (4, 64), the new base's is (5, 64)"
+    ]
