@@ -13,7 +13,6 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
-import server.registry as registry_module
 from common.config import ModelConfig
 from common.errors import RegistryError
 from common.models import LoadedBase, load_base
@@ -77,7 +76,8 @@ def test_failed_write_leaves_no_version_and_no_temp(
     def failing_save(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(registry_module, "save_file", failing_save)
+    # The registry imports save_file when it writes (torch stays out of light commands).
+    monkeypatch.setattr("safetensors.torch.save_file", failing_save)
     with pytest.raises(OSError, match="No space left"):
         registry.publish("shared", _state(2.0), LORA, {})
     assert sorted(os.listdir(tmp_path / "shared")) == ["v0000"]
