@@ -38,7 +38,6 @@ from fault_inject import (
     stall_mark,
 )
 
-import server.registry as registry_module
 from client.app import SiteKeys, make_client_app
 from common.config import load_config
 from common.errors import FedloraError
@@ -300,20 +299,23 @@ def disk_full_at(version: int) -> Iterator[None]:
     """The registry's tensor write fails with ENOSPC for ``version``, as on a full disk.
 
     The one fake of the matrix: it replaces the function ``server.registry`` writes the
-    adapter tensors with, in this process (where the simulated coordinator runs).
+    adapter tensors with (``safetensors.torch.save_file``, imported when the registry
+    writes), in this process (where the simulated coordinator runs).
     """
-    real = registry_module.save_file
+    import safetensors.torch  # the registry imports save_file from here when it writes
+
+    real = safetensors.torch.save_file
 
     def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
         if Path(filename).parent.name.startswith(f".v{version:04d}."):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         real(tensors, filename, metadata=metadata)
 
-    registry_module.save_file = save_file
+    safetensors.torch.save_file = save_file
     try:
         yield
     finally:
-        registry_module.save_file = real
+        safetensors.torch.save_file = real
 
 
 def disk_full_while_publishing(work: Path) -> list[CaseResult]:

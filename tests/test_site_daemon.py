@@ -7,12 +7,15 @@ A real daemon and a real ``flower-supernode``, pointed at a port where no coordi
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +41,16 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _start_daemon(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+@pytest.fixture
+def flwr_home() -> Iterator[Path]:
+    """A short FLWR_HOME: the worker socket's path must fit in 104 bytes, and pytest's
+    tmp_path (``/tmp/pytest-of-<user>/pytest-<n>/popen-gw<k>/<test name>``) may not."""
+    home = Path(tempfile.mkdtemp(prefix="fl-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _start_daemon(tmp_path: Path, home: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """A site daemon for site "a" against a dead coordinator port; once its SuperNode runs."""
     init_deployment(tmp_path / "keys", ["a"], ["localhost"])
     lines = (REPO / "examples/data/dolly-tiny.jsonl").read_text().splitlines()[:20]
@@ -52,7 +64,7 @@ def _start_daemon(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
         '[model]\nname = "tiny-llama"\ndevice = "cpu"\n\n'
         '[data]\npath = "a.jsonl"\nformat = "instruction"\n'
     )
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"))
+    env = dict(os.environ, FLWR_HOME=str(home))
     log = tmp_path / "site.log"
     with log.open("wb") as out:
         daemon = subprocess.Popen(
@@ -63,7 +75,7 @@ def _start_daemon(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    sock = tmp_path / "flwr" / "fedlora-site-a" / "worker.sock"
+    sock = home / "fedlora-site-a" / "worker.sock"
     deadline = time.monotonic() + 120
     while not (_supernode(daemon.pid) and sock.exists()):
         if daemon.poll() is not None or time.monotonic() > deadline:
@@ -93,9 +105,9 @@ def _stop(daemon: subprocess.Popen[bytes]) -> None:
 
 
 def test_daemon_serves_a_private_socket_and_passes_sigterm_to_its_supernode(
-    tmp_path: Path,
+    tmp_path: Path, flwr_home: Path
 ) -> None:
-    daemon, sock, log = _start_daemon(tmp_path)
+    daemon, sock, log = _start_daemon(tmp_path, flwr_home)
     try:
         assert stat.S_IMODE(sock.lstat().st_mode) == 0o600
         assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
@@ -113,10 +125,10 @@ def test_daemon_serves_a_private_socket_and_passes_sigterm_to_its_supernode(
     assert not any(Path(f"/proc/{pid}").exists() for pid in supernode)
 
 
-def test_supernode_stops_when_the_daemon_alone_is_killed(tmp_path: Path) -> None:
+def test_supernode_stops_when_the_daemon_alone_is_killed(tmp_path: Path, flwr_home: Path) -> None:
     # The OOM killer takes the daemon only, not its process group: the SuperNode must not
     # keep running without its worker (fedlora.parent_watch: PR_SET_PDEATHSIG).
-    daemon, _, log = _start_daemon(tmp_path)
+    daemon, _, log = _start_daemon(tmp_path, flwr_home)
     supernode = _supernode(daemon.pid)
     try:
         daemon.send_signal(signal.SIGKILL)

@@ -69,7 +69,8 @@ def _kept_vector(site: int, sites: int, noise_std: float) -> np.ndarray:
         loss=0.0, first_loss=0.0, last_loss=0.0, steps=1, seconds=0.0, peak_memory_bytes=0
     )
     update = SiteUpdate({"shared/w.lora_A.weight": torch.zeros(SHAPE)}, 10, result)
-    start_round(context, header, f"site-{site}", Ed25519PrivateKey.generate(), update, noise_std)
+    signing = Ed25519PrivateKey.generate()
+    start_round(context, header, f"site-{site}", signing, update, noise_std, peer_keys={})
     return context.state.array_records[DELTA_RECORD].to_numpy_ndarrays()[0].astype(np.float64)
 
 
