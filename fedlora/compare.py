@@ -48,7 +48,6 @@ Writes ``DIR/compare.json``, ``DIR/compare.md`` and the federated run under ``DI
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -73,7 +72,6 @@ from common.config import (
     RunConfig,
     SitePlan,
     TrainConfig,
-    load_config,
     parse_override,
     site_plan,
     validate_config,
@@ -764,68 +762,3 @@ def compare(
         print(f"- {line}")
     print(f"\nwrote {out / 'compare.json'} and {out / 'compare.md'}")
     return result
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def add_compare_parser(subparsers: Any) -> None:
-    """Add ``compare`` to the ``fedlora`` sub-parsers."""
-    parser = subparsers.add_parser(
-        "compare",
-        help="the ROI table: base, local-only, federated and centralized LoRA on one split",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key (repeatable), as for `fedlora simulate`",
-    )
-    parser.add_argument(
-        "--reference",
-        action="append",
-        default=[],
-        metavar="train.KEY=VALUE",
-        help="train setting of the in-process arms (local-only, centralized, personalized) "
-        "where it should differ from the federation's, e.g. --reference train.optimizer=adamw "
-        "--reference train.lr=5e-3 when the sites run SGD (repeatable)",
-    )
-    parser.add_argument(
-        "--curve-points",
-        type=_positive,
-        default=DEFAULT_CURVE_POINTS,
-        metavar="N",
-        help="evaluate the in-process arms about N times over the rounds for the curves "
-        f"(default {DEFAULT_CURVE_POINTS}; the federated arm is evaluated every round)",
-    )
-    parser.add_argument(
-        "--personalize-steps",
-        type=_positive,
-        default=None,
-        metavar="N",
-        help="local steps each site fine-tunes the federated adapter for the personalized "
-        "arm (default: train.local-steps)",
-    )
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    reference = reference_train(cfg, args.reference)
-    compare(cfg, args.out, args.curve_points, args.personalize_steps, reference)
-    return 0
