@@ -11,12 +11,15 @@ and SIGTERM reach fedlora's handlers (``fedlora/interrupt.py``) rather than Ray'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,6 +144,56 @@ def stop_for_exit() -> None:
     ray = sys.modules.get("ray")  # None when the signal came before Flower imported it
     if ray is not None and ray.is_initialized():
         ray.shutdown()  # stops the Ray processes this run started, sites included
+    stop_leftovers(LEFTOVER_GRACE_SECONDS)
+
+
+# Seconds Ray's own processes get to exit after ray.shutdown before they are killed.
+LEFTOVER_GRACE_SECONDS = 3.0
+
+
+def _ours() -> set[int]:
+    """Processes this run left: descendants of this process, and the other members of its
+    process group or session where this process leads it (never a shell's session)."""
+    me, parents, groups = os.getpid(), {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        groups[pid] = (int(fields[2]), int(fields[3]))  # process group, session
+    found: set[int] = set()
+    frontier = [me]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]
+        found.update(children)
+        frontier.extend(children)
+    leads_group, leads_session = os.getpgrp() == me, os.getsid(0) == me
+    for pid, (group, session) in groups.items():
+        if (leads_group and group == me) or (leads_session and session == me):
+            found.add(pid)
+    found.discard(me)
+    return found
+
+
+def stop_leftovers(grace: float) -> None:
+    """SIGTERM what this run left (Ray workers that outlived ray.shutdown), SIGKILL after
+    ``grace`` seconds: an interrupted run's children do not outlive it."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        left = _ours()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = _ours()
+        if not left:
+            return
 
 
 # Each virtual site's own store (what a deployed site keeps on its machine): <out>/sites/<id>.
