@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from common.adapters import AdapterState, apply_delta, check_delta, check_shapes, state_shapes
-from common.config import AggregationConfig
+from common.config import AggregationConfig, TrainConfig
 from common.errors import ConfigError
 
 StateDict = dict[str, torch.Tensor | float | int]
@@ -69,6 +69,15 @@ def lr_factor(schedule: str, final: float, rounds: int, step: int) -> float:
         )
     progress = min(step, rounds - 1) / (rounds - 1)
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scheduled_train(
+    train: TrainConfig, agg: AggregationConfig, rounds: int, server_round: int
+) -> TrainConfig:
+    """``train`` with its lr decayed by the run's schedule for ``server_round`` (1-based) of
+    ``rounds``: what ``fedlora compare``'s in-process arms use in place of a server lr."""
+    factor = lr_factor(agg.server_lr_schedule, agg.server_lr_final, rounds, server_round - 1)
+    return train if factor == 1.0 else train.model_copy(update={"lr": train.lr * factor})
 
 
 class ServerOptimizer(ABC):

@@ -80,7 +80,7 @@ from common.errors import ConfigError
 from common.modules import join_modules, split_modules
 from common.progress import print_message, print_rule
 from common.rules import all_sent_keys, ffa_sent_keys
-from common.server_opt import lr_factor
+from common.server_opt import scheduled_train
 from fedlora.compare_curves import (
     CurvePoint,
     Curves,
@@ -322,13 +322,8 @@ class Comparison:
             flat = join_modules({self.module: state})
             # The federation's lr schedule over rounds (aggregation.server-lr-schedule) decays
             # these arms' own lr alike, so that the comparison stays like for like.
-            factor = lr_factor(agg.server_lr_schedule, agg.server_lr_final, total, server_round - 1)
-            scheduled = plan
-            if factor != 1.0:
-                lr = plan.train.lr * factor
-                scheduled = plan.model_copy(
-                    update={"train": plan.train.model_copy(update={"lr": lr})}
-                )
+            train = scheduled_train(plan.train, agg, total, server_round)
+            scheduled = plan.model_copy(update={"train": train})
             update = runtime.train(flat, scheduled, server_round, server_round - 1)
             state = apply_delta(state, split_modules(update.delta)[self.module])
             if on_round is not None and server_round in self.curve_rounds:

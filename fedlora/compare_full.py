@@ -29,7 +29,7 @@ from client.tokens import Encoded, encode_examples, eval_batches, iterate_batche
 from client.train import EvalResult, evaluate, train_local
 from common.config import FederationConfig
 from common.models import load_base
-from common.server_opt import lr_factor
+from common.server_opt import scheduled_train
 from fedlora.compare_curves import CurvePoint
 
 if TYPE_CHECKING:
@@ -241,14 +241,11 @@ def _train_full(comparison: Comparison, lr: float | None) -> _Trained:
     items = encode_examples(pooled, comparison.dataset.kind, full.tokenizer, train.max_length)
     by_round: dict[int, Quality] = {}
     seconds = 0.0
-    agg = cfg.aggregation
     for server_round in range(1, cfg.federation.rounds + 1):
         seed = round_seed(train.seed, server_round, 0)  # the centralized arm's batch order
         batches = iterate_batches(items, train.batch_size, seed, pad)
         # The run's lr schedule over rounds, as for the centralized arm (Comparison.train).
-        factor = lr_factor(agg.server_lr_schedule, agg.server_lr_final, cfg.federation.rounds,
-                           server_round - 1)  # fmt: skip
-        scheduled = train if factor == 1.0 else train.model_copy(update={"lr": train.lr * factor})
+        scheduled = scheduled_train(train, cfg.aggregation, cfg.federation.rounds, server_round)
         seconds += train_local(model, batches, scheduled, seed).seconds
         if server_round in comparison.curve_rounds:
             by_round[server_round] = evaluator.quality(model)

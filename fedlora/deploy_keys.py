@@ -43,7 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.markup import escape
 
 from common.allow_list import add_site, load_allow_list
-from common.instructions import INSTRUCTION_KEY_ID, INSTRUCTION_KEY_NAME, INSTRUCTION_PUBLIC_NAME
+from common.instructions import INSTRUCTION_KEY_ID, INSTRUCTION_PUBLIC_NAME
 from common.keys import (
     COORDINATOR_KEY_NAME,
     KEMS,
@@ -294,27 +294,30 @@ def init_deployment(out: Path, sites: list[str], san: list[str], kem: str = "x25
     return layout
 
 
-def instruction_public(layout: Layout) -> Path:
-    """The coordinator's instruction key (``common.instructions``), created if missing (a keys
-    folder made before instructions were signed); returns its public half for the bundles."""
-    private = layout.coordinator / INSTRUCTION_KEY_NAME
+def _ed25519_public(folder: Path, key_id: str, label: str) -> Path:
+    """``folder/<key_id>.pub``, with its key pair created (and reported) if missing: a keys
+    folder made before the key existed gets it on the next ``add-site``."""
+    private = folder / f"{key_id}{PRIVATE_SUFFIX}"
     if not private.exists():
-        generate_site_key(layout.coordinator, INSTRUCTION_KEY_ID)
+        generate_site_key(folder, key_id)
         fingerprint = public_fingerprint(load_site_public(public_path_for(private)))
-        _report("wrote the coordinator's instruction key", private, fingerprint)
+        _report(f"wrote {label}", private, fingerprint)
     return public_path_for(private)
+
+
+def instruction_public(layout: Layout) -> Path:
+    """The coordinator's instruction key (``common.instructions``); its public half goes into
+    every bundle."""
+    return _ed25519_public(
+        layout.coordinator, INSTRUCTION_KEY_ID, "the coordinator's instruction key"
+    )
 
 
 def enroll_public(layout: Layout) -> Path:
-    """The enrollment key (beside the CA: keep both offline), created if missing; returns its
-    public half, which every bundle pins to check the signed roster (``common.roster``)."""
-    private = layout.ca / ENROLL_KEY_NAME
-    if not private.exists():
-        generate_site_key(layout.ca, ENROLL_KEY_ID)
-        fingerprint = public_fingerprint(load_site_public(public_path_for(private)))
-        _report("wrote the enrollment key (signs the site roster; keep it offline)", private,
-                fingerprint)  # fmt: skip
-    return public_path_for(private)
+    """The enrollment key (beside the CA: keep both offline); every bundle pins its public half
+    to check the signed roster (``common.roster``)."""
+    label = "the enrollment key (signs the site roster; keep it offline)"
+    return _ed25519_public(layout.ca, ENROLL_KEY_ID, label)
 
 
 def sign_roster(layout: Layout) -> Path:
