@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.subprocesses import fedlora
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def fedlora(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
 
 
 def test_help_explains_commands() -> None:

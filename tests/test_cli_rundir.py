@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,19 +14,9 @@ import pytest
 
 from fedlora.simulate import scratch_folders
 from server.rundir import RunDirLock
+from tests.subprocesses import fedlora
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def fedlora(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env=env,
-    )
 
 
 def one_error_line(result: subprocess.CompletedProcess[str], *words: str) -> None:

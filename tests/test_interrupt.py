@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.subprocesses import kill_everything, rounds_done
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,14 +72,6 @@ def _start(
         signal.signal(signal.SIGINT, previous)
 
 
-def _rounds_done(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return -1
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
-    return max((line["round"] for line in lines), default=-1)
-
-
 def _session(sid: int) -> list[int]:
     """The processes still alive in session ``sid``."""
     alive = []
@@ -96,14 +90,6 @@ def _wait_session_empty(sid: int, seconds: float) -> list[int]:
     return alive
 
 
-def _kill_everything(proc: subprocess.Popen[bytes], ray_dir: Path) -> None:
-    with contextlib.suppress(ProcessLookupError):  # nothing left in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    # Ray daemons may have left the group; they carry the session folder on their command line.
-    subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)
-
-
 @pytest.mark.parametrize("how", ["sigint-to-group", "sigterm-to-process"])
 def test_interrupt_stops_cleanly_and_resume_finishes(
     tmp_path: Path, ray_dir: Path, how: str
@@ -112,7 +98,7 @@ def test_interrupt_stops_cleanly_and_resume_finishes(
     proc = _start(out, tmp_path, ray_dir, log)
     try:
         deadline = time.monotonic() + 300
-        while _rounds_done(out) < 1:
+        while rounds_done(out) < 1:
             assert proc.poll() is None, log.read_text(errors="replace")
             assert time.monotonic() < deadline, "round 1 never completed"
             time.sleep(0.05)
@@ -125,7 +111,7 @@ def test_interrupt_stops_cleanly_and_resume_finishes(
         stopped_after = time.monotonic() - sent
         left = _wait_session_empty(proc.pid, 20)
     finally:
-        _kill_everything(proc, ray_dir)
+        kill_everything(proc, ray_dir)
     output = log.read_text(errors="replace")
     assert rc == 130, output[-3000:]
     assert stopped_after < STOP_SECONDS
@@ -133,7 +119,7 @@ def test_interrupt_stops_cleanly_and_resume_finishes(
     hints = [line for line in output.splitlines() if "--resume" in line]
     assert len(hints) == 1, output[-3000:]
     assert output.splitlines()[-1] == hints[0]
-    done = _rounds_done(out)
+    done = rounds_done(out)
     assert 1 <= done < ROUNDS, "the run ended before the signal: nothing was interrupted"
     assert f"interrupted after round {done}; resume with: fedlora simulate" in hints[0]
     assert hints[0].endswith(f"--out {out} --set {SETTINGS[0]} --set {SETTINGS[1]} --resume")
@@ -146,7 +132,7 @@ def test_interrupt_stops_cleanly_and_resume_finishes(
     try:
         assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     finally:
-        _kill_everything(resumed, ray_dir)
+        kill_everything(resumed, ray_dir)
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(ROUNDS + 1))
     assert f"round {ROUNDS}/{ROUNDS}, elapsed" in (tmp_path / "resumed.log").read_text()

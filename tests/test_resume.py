@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from server.registry import ADAPTER_FILE, Registry
+from tests.subprocesses import kill_everything, rounds_done
 
 pytestmark = pytest.mark.slow
 
@@ -54,21 +54,6 @@ def _start(out: Path, ray_dir: Path, resume: bool = False) -> subprocess.Popen[b
     )
 
 
-def _kill_everything(proc: subprocess.Popen[bytes], ray_dir: Path) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    # Ray daemons may have left the group; they carry the session folder on their command line.
-    subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)
-
-
-def _rounds_done(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return -1
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
-    return max((line["round"] for line in lines), default=-1)
-
-
 def _versions(out: Path) -> list[int]:
     return [v.version for v in Registry(out / "registry").versions("shared")]
 
@@ -97,7 +82,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 KILL_POINTS: dict[str, Callable[[Path], bool]] = {
     # Round 1 is recorded: round 2 is training at the sites.
-    "during-round-2-training": lambda out: _rounds_done(out) >= 1,
+    "during-round-2-training": lambda out: rounds_done(out) >= 1,
     # Round 2's version is published: its evaluation (or round 3's start) is in flight.
     "after-publishing-v0002": lambda out: 2 in _versions(out),
 }
@@ -115,8 +100,8 @@ def test_sigkill_then_resume_is_bit_identical(
         assert proc.poll() is None, "the run ended before the kill point"
         assert time.monotonic() < deadline, "kill point never reached"
         time.sleep(0.05)
-    _kill_everything(proc, ray_dir)
-    assert _rounds_done(out) < ROUNDS
+    kill_everything(proc, ray_dir)
+    assert rounds_done(out) < ROUNDS
 
     resumed = _start(out, ray_dir, resume=True)
     assert resumed.wait(timeout=600) == 0
