@@ -58,11 +58,17 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The base model every site and the coordinator load."""
 
-    name: str = Field(description="alias (smollm2-135m, minilm-l6, tiny-llama), HF folder or .gguf")
+    name: str = Field(
+        description="alias (smollm2-135m, minilm-l6, tiny-llama), Hugging Face hub id "
+        "(org/name, from the local HF cache), a transformers folder or a .gguf file"
+    )
     task: Task = "causal-lm"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal["none", "4bit"] = "none"
+    # Whether a hub id missing from the local Hugging Face cache may be downloaded (never when
+    # HF_HUB_OFFLINE is set). Off by default: a run uses the files already on the machine.
+    download: bool = False
     # Seed for weights that are not in the checkpoint (a new classification head, tiny-llama):
     # identical at every site so that the base fingerprint is identical.
     seed: int = 0

@@ -2,7 +2,9 @@
 
 Every site and the coordinator call ``load_base`` with the same ``ModelConfig``; the fingerprint
 (``common.fingerprint``) proves they hold the same base. It is taken before any cast or move.
-Everything is loaded from local files: the machines may have no model hub.
+Everything is loaded from local files: the machines may have no model hub. A hub id is
+resolved to its folder in the local Hugging Face cache (``common.model_names``), downloaded
+only when ``model.download`` allows it and the machine is online.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ from common.fingerprint import QUANT_4BIT_EXTRA, fingerprint_checkpoint
 # Re-export: the fingerprint moved to common.fingerprint; importers of it here keep working.
 from common.fingerprint import fingerprint as fingerprint
 
+# Re-exports: the alias names moved to common.model_names; importers of them here keep working.
+from common.model_names import ALIASES as ALIASES
+from common.model_names import MINILM_ALIAS as MINILM_ALIAS
+from common.model_names import SMOLLM2_ALIAS as SMOLLM2_ALIAS
+from common.model_names import TINY_LLAMA as TINY_LLAMA
+from common.model_names import looks_like_hub_id, resolve_hub_model
+
 logger = logging.getLogger(__name__)
 
-SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MINILM_ALIAS = "minilm-l6"
-TINY_LLAMA = "tiny-llama"
-ALIASES = (SMOLLM2_ALIAS, MINILM_ALIAS, TINY_LLAMA)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _AUTO_CLASSES = {
@@ -214,19 +219,23 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - start)
 
 
-def resolve_model_source(name: str) -> tuple[str, str | None]:
+def resolve_model_source(name: str, download: bool = False) -> tuple[str, str | None]:
     """Find a model locally: ``(folder or path, GGUF file name or None)``.
 
     Parameters
     ----------
     name : str
         An alias (``smollm2-135m``, ``minilm-l6``, ``tiny-llama``), a local transformers folder
-        with ``config.json``, or a path to a ``.gguf`` file. ``tiny-llama`` resolves to itself.
+        with ``config.json``, a path to a ``.gguf`` file, or a Hugging Face hub id
+        (``org/name``) found in the local hub cache. ``tiny-llama`` resolves to itself.
+    download : bool
+        Whether a hub id missing from the cache may be downloaded (not when ``HF_HUB_OFFLINE``).
 
     Raises
     ------
     ModelError
-        When the name is no alias and no usable local path, or a package is missing.
+        When the name is no alias, no usable local path and no cached (or downloadable) hub
+        id, or a package is missing.
     """
     if name == TINY_LLAMA:
         return TINY_LLAMA, None
@@ -245,9 +254,16 @@ def resolve_model_source(name: str) -> tuple[str, str | None]:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json (not a transformers model)")
         return str(path), None
+    if looks_like_hub_id(name) and not name.endswith(".gguf"):
+        folder = resolve_hub_model(name, download)
+        if not (folder / "config.json").is_file():
+            raise ModelError(
+                f"model.name = {name!r}: the cached snapshot {folder} has no config.json"
+            )
+        return str(folder), None
     raise ModelError(
-        f"model.name = {name!r}: no such folder or .gguf file, and not one of the aliases "
-        f"{', '.join(ALIASES)}"
+        f"model.name = {name!r}: no such folder or .gguf file, not a hub id, and not one of the "
+        f"aliases {', '.join(ALIASES)}"
     )
 
 
@@ -364,7 +380,7 @@ def load_base(cfg: ModelConfig, num_labels: int | None = None) -> LoadedBase:
     start = time.perf_counter()
     placement = resolve_placement(cfg.device, cfg.dtype)
     _check_request(cfg, num_labels, placement)
-    folder, gguf_file = resolve_model_source(cfg.name)
+    folder, gguf_file = resolve_model_source(cfg.name, cfg.download)
     if folder == TINY_LLAMA:
         tokenizer = _tiny_tokenizer()
         model = _tiny_llama(tokenizer, cfg.task, num_labels, cfg.seed)

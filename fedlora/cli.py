@@ -174,10 +174,13 @@ def _add_simulate_parsers(sub: Any) -> None:
     fp = sub.add_parser(
         "fingerprint",
         help="print a base model's SHA-256 fingerprint (last line: the hex digest)",
-        description="Load MODEL (alias, HF folder or .gguf file) and print its fingerprint. "
+        description="Load MODEL (alias, Hugging Face hub id from the local cache, folder or .gguf "
+        "file) and print its fingerprint. "
         "Sites and coordinator must print the same digest.",
     )
-    fp.add_argument("model", help="smollm2-135m, minilm-l6, tiny-llama, a folder or a .gguf")
+    fp.add_argument(
+        "model", help="smollm2-135m, minilm-l6, tiny-llama, a hub id (org/name), folder or .gguf"
+    )
     fp.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     fp.add_argument("--num-labels", type=int, default=None, help="classification head size")
     fp.add_argument("--seed", type=int, default=0, help="seed of a newly initialised head")
