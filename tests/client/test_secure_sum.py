@@ -26,8 +26,9 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from client.secure_sum import DELTA_RECORD, start_round
 from client.site_api import SiteUpdate, TrainResult
 from common import protocol as P
-from common.config import fewest_survivors, load_config, site_plan
+from common.config import RunConfig, fewest_survivors, load_config, site_plan
 from common.secagg import params_for
+from server.secure_sum import secagg_params
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.toml"
 SIGMA, CLIP = 0.8, 0.5
@@ -35,8 +36,8 @@ SHAPE = (200, 500)  # 100,000 coordinates per site
 SE_BOUND = 6.0
 
 
-def _plan_and_floor(sites: int) -> tuple[float, int]:
-    cfg = load_config(
+def _config(sites: int) -> RunConfig:
+    return load_config(
         TINY,
         [
             f"federation.sites={sites}",
@@ -47,7 +48,17 @@ def _plan_and_floor(sites: int) -> tuple[float, int]:
             f"privacy.dp.noise-multiplier={SIGMA}",
         ],
     )
+
+
+def _plan_and_floor(sites: int) -> tuple[float, int]:
+    cfg = _config(sites)
     return site_plan(cfg).site_noise_std, fewest_survivors(cfg)
+
+
+def _unmask_floor(sites: int) -> int:
+    """The fewest survivors a round can be unmasked with, from the secure-sum parameters the
+    coordinator sends (the Shamir threshold), not from the config's own noise formula."""
+    return max(2, secagg_params(_config(sites), sites).threshold)
 
 
 def _kept_vector(site: int, sites: int, noise_std: float) -> np.ndarray:
@@ -90,7 +101,8 @@ def test_noise_is_sized_for_the_fewest_survivors_that_can_unmask(sites: int) -> 
 
 @pytest.mark.parametrize("sites", [3, 10])
 def test_each_site_adds_its_share_and_the_floor_sum_has_sigma_c(sites: int) -> None:
-    noise_std, floor = _plan_and_floor(sites)
+    noise_std, _ = _plan_and_floor(sites)
+    floor = _unmask_floor(sites)
     kept = [_kept_vector(site, sites, noise_std) for site in range(floor)]
     for vector in kept:  # one site's noise, as the site adds it
         _check_std(vector, noise_std)
