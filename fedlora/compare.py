@@ -81,6 +81,7 @@ from common.modules import join_modules, split_modules
 from common.progress import print_message, print_rule
 from common.rules import all_sent_keys, ffa_sent_keys
 from common.server_opt import scheduled_train
+from fedlora.compare_cli import ARMS, check_arms
 from fedlora.compare_curves import (
     CurvePoint,
     Curves,
@@ -92,19 +93,10 @@ from fedlora.compare_curves import (
     rounds_to_reach,
 )
 from fedlora.compare_full import NAME as FULL_ARM
-from fedlora.compare_full import centralized_full, full_lines, skipped_row
+from fedlora.compare_full import FullResult, centralized_full, full_lines, skipped_row
 from server.metrics import read_metrics
 from server.registry import Registry
 
-ARMS = (
-    "base",
-    "local-only",
-    "federated",
-    "personalized",
-    "centralized",
-    "centralized-equal-steps",
-    "centralized-full",
-)
 LATENCY_REPEATS = 5
 # In-process arms are evaluated about this many times over the rounds (compare --curve-points).
 DEFAULT_CURVE_POINTS = 10
@@ -561,35 +553,51 @@ def verdicts(
     """The ROI lines: federated against centralized and against local-only.
 
     ``central_best``: centralized's best evaluated global figure, the fairer reference where
-    its last round is worse than an earlier one.
+    its last round is worse than an earlier one. A line whose arms were not run is left out.
     """
-    fed, central, local = arms["federated"].quality, arms["centralized"].quality, arms["local-only"]
-    personal = arms["personalized"].quality
+
+    def quality(name: str) -> Quality | None:
+        arm = arms.get(name)
+        return arm.quality if arm is not None else None
+
+    fed, central = quality("federated"), quality("centralized")
+    local, personal = quality("local-only"), quality("personalized")
+    lines: list[str] = []
     if classification:
-        f, c, lo = fed.global_accuracy or 0, central.global_accuracy or 0, local.quality
-        p_own, lo_own = personal.site_accuracy or 0, lo.site_accuracy or 0
-        best = central_best or c
-        lines = [
-            f"federated global accuracy is {100 * f / c:.1f}% of centralized's last round"
-            if c
-            else "",
-            f"federated global accuracy is {100 * f / best:.1f}% of centralized's best round"
-            if best
-            else "",
-            f"federated - local-only: {100 * (f - (lo.global_accuracy or 0)):+.1f} points (global)",
-            f"personalized - local-only: {100 * (p_own - lo_own):+.1f} points (own held-out)",
-        ]
-    else:
+        if fed is not None and central is not None:
+            f, c = fed.global_accuracy or 0, central.global_accuracy or 0
+            best = central_best or c
+            if c:
+                lines.append(f"federated global accuracy is {100 * f / c:.1f}% of centralized's "
+                             "last round")  # fmt: skip
+            if best:
+                lines.append(f"federated global accuracy is {100 * f / best:.1f}% of "
+                             "centralized's best round")  # fmt: skip
+        if fed is not None and local is not None:
+            f, lo = fed.global_accuracy or 0, local.global_accuracy or 0
+            lines.append(f"federated - local-only: {100 * (f - lo):+.1f} points (global)")
+        if personal is not None and local is not None:
+            p_own, lo_own = personal.site_accuracy or 0, local.site_accuracy or 0
+            lines.append(f"personalized - local-only: {100 * (p_own - lo_own):+.1f} points "
+                         "(own held-out)")  # fmt: skip
+        return lines
+    if fed is not None and central is not None:
         ratio = fed.global_perplexity / central.global_perplexity
-        lines = [
+        lines.append(
             f"federated global perplexity {fed.global_perplexity:.3f} vs centralized "
-            f"{central.global_perplexity:.3f} ({ratio:.3f}x)",
+            f"{central.global_perplexity:.3f} ({ratio:.3f}x)"
+        )
+    if fed is not None and local is not None:
+        lines.append(
             f"federated vs local-only global perplexity: {fed.global_perplexity:.3f} vs "
-            f"{local.quality.global_perplexity:.3f}",
+            f"{local.global_perplexity:.3f}"
+        )
+    if personal is not None and local is not None:
+        lines.append(
             f"personalized vs local-only own held-out perplexity: {personal.site_perplexity:.3f}"
-            f" vs {local.quality.site_perplexity:.3f}",
-        ]
-    return [line for line in lines if line]
+            f" vs {local.site_perplexity:.3f}"
+        )
+    return lines
 
 
 def _rounds_to_reach(
@@ -661,48 +669,61 @@ def compare(
     personalize_steps: int | None = None,
     reference: TrainConfig | None = None,
     full_lr: float | None = None,
+    arms_wanted: Sequence[str] = ARMS,
 ) -> dict[str, Any]:
-    """Run every arm on ``cfg``'s split and seed; write compare.json and compare.md in ``out``.
+    """Run the arms ``arms_wanted`` (default: every arm) on ``cfg``'s split and seed; write
+    compare.json and compare.md in ``out``.
 
     ``full_lr``: the centralized-full arm's learning rate (default: the centralized arm's).
+    ``personalized`` needs ``federated`` (it starts from the federated adapter).
     """
+    check_arms(arms_wanted)
+    wanted = set(arms_wanted)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty; compare writes a fresh folder")
     out.mkdir(parents=True, exist_ok=True)
-    print_rule("fedlora compare: federated run")
     comparison_started = time.perf_counter()
     comparison = Comparison(cfg, curve_points, reference)
     classification = comparison.dataset.kind == "classification"
-    federated, federated_state = comparison.federated(out / "federated")
-    print_rule("fedlora compare: base, local-only, personalized and centralized")
-    local, local_curve = comparison.local_only()
-    central, central_curve = comparison.centralized()
-    equal, equal_curve = comparison.centralized(equal_steps=True)
+    arms: dict[str, Arm] = {}
+    curves: Curves = {}
+    federated_state: AdapterState | None = None
+    if "federated" in wanted:
+        print_rule("fedlora compare: federated run")
+        arms["federated"], federated_state = comparison.federated(out / "federated")
+        curves["federated"] = federated_curve(read_metrics(out / "federated"), classification)
+    print_rule("fedlora compare: the in-process arms")
+    if "base" in wanted:
+        arms["base"] = comparison.base()
+    if "local-only" in wanted:
+        arms["local-only"], curves["local-only"] = comparison.local_only()
     steps = personalize_steps or cfg.train.local_steps
-    arms = {
-        "base": comparison.base(),
-        "local-only": local,
-        "federated": federated,
-        "personalized": comparison.personalized(federated_state, steps),
-        "centralized": central,
-        "centralized-equal-steps": equal,
-    }
-    curves: Curves = {
-        "federated": federated_curve(read_metrics(out / "federated"), classification),
-        "local-only": local_curve,
-        "centralized": central_curve,
-        "centralized-equal-steps": equal_curve,
-    }
-    reach = _rounds_to_reach(curves["federated"], central_curve, classification)
+    if federated_state is not None and "personalized" in wanted:
+        arms["personalized"] = comparison.personalized(federated_state, steps)
+    if "centralized" in wanted:
+        arms["centralized"], curves["centralized"] = comparison.centralized()
+    if "centralized-equal-steps" in wanted:
+        equal = comparison.centralized(equal_steps=True)
+        arms["centralized-equal-steps"], curves["centralized-equal-steps"] = equal
+    arms = {name: arms[name] for name in ARMS if name in arms}  # the table's fixed order
+    reach = (
+        _rounds_to_reach(curves["federated"], curves["centralized"], classification)
+        if "federated" in curves and "centralized" in curves
+        else {}
+    )
     # After the other arms: its fresh full model must not inflate their peak RSS.
-    full = centralized_full(comparison, full_lr)
+    full = (
+        centralized_full(comparison, full_lr)
+        if FULL_ARM in wanted
+        else FullResult(None, [], {"skipped": "not among --arms"})
+    )
     if full.arm is not None:
         arms[FULL_ARM] = full.arm
         curves[FULL_ARM] = full.curve
     plots = plot_curves(curves, out, classification)
-    latency = comparison.latency(federated_state)
+    latency = comparison.latency(federated_state) if federated_state is not None else {}
     table = markdown_table(list(arms.values()), classification)
-    if full.arm is None:
+    if full.arm is None and FULL_ARM in wanted:
         table += "\n" + skipped_row(full, table.splitlines()[0].count("|") - 1)
     per_site = site_table(list(arms.values()), comparison.groups(), classification)
     lines = verdicts(arms, classification, reach.get("centralized_best"))
@@ -727,30 +748,33 @@ def compare(
     }
     write_json_atomic(out / "compare.json", result)
     latency_line = (
-        f"Inference latency, one batch of {int(latency['batch_examples'])} global examples "
+        ""
+        if not latency
+        else f"Inference latency, one batch of {int(latency['batch_examples'])} global examples "
         f"(median of {LATENCY_REPEATS}): base {latency['base_ms']:.1f} ms, base + adapter "
         f"unmerged {latency['adapter_unmerged_ms']:.1f} ms, "
         f"merged {latency['adapter_merged_ms']:.1f} ms."
     )
-    markdown = "\n\n".join(
-        [
-            f"# fedlora compare: {cfg.model.name}, {cfg.federation.sites} sites, "
-            f"{cfg.federation.rounds} rounds, rule {cfg.aggregation.rule}, "
-            f"privacy {cfg.privacy.mode}",
-            f"Global set: {result['global_set']} ({result['global_examples']} examples).",
-            table,
-            f"Own held-out {'accuracy %' if classification else 'perplexity'} per site:",
-            per_site,
-            latency_line,
-            "\n".join(f"- {line}" for line in lines),
-            "\n".join(full_lines(full, federated, cfg.federation, classification)),
-            _reach_lines(reach, cfg.federation.rounds, classification),
-            "Curves (federated: every round; the other arms: every "
-            f"{comparison.curve_rounds[0]} rounds):",
-            "\n".join(f"![{x}]({path.name})" for x, path in plots.items()),
-            _curve_table(curves, classification),
-        ]
-    )
+    sections = [
+        f"# fedlora compare: {cfg.model.name}, {cfg.federation.sites} sites, "
+        f"{cfg.federation.rounds} rounds, rule {cfg.aggregation.rule}, "
+        f"privacy {cfg.privacy.mode}",
+        f"Global set: {result['global_set']} ({result['global_examples']} examples).",
+        table,
+        f"Own held-out {'accuracy %' if classification else 'perplexity'} per site:",
+        per_site,
+        latency_line,
+        "\n".join(f"- {line}" for line in lines),
+        "\n".join(full_lines(full, arms["federated"], cfg.federation, classification))
+        if "federated" in arms and FULL_ARM in wanted
+        else "",
+        _reach_lines(reach, cfg.federation.rounds, classification),
+        "Curves (federated: every round; the other arms: every "
+        f"{comparison.curve_rounds[0]} rounds):",
+        "\n".join(f"![{x}]({path.name})" for x, path in plots.items()),
+        _curve_table(curves, classification),
+    ]
+    markdown = "\n\n".join(section for section in sections if section)
     (out / "compare.md").write_text(markdown + "\n", encoding="utf-8")
     print(f"\n{table}\n\n{per_site}\n\n{latency_line}")
     for line in lines:

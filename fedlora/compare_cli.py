@@ -5,11 +5,21 @@ datasets) so that ``fedlora --help`` and ``fedlora compare --help`` answer witho
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedlora.arg_types import output_folder
 
+ARMS = (
+    "base",
+    "local-only",
+    "federated",
+    "personalized",
+    "centralized",
+    "centralized-equal-steps",
+    "centralized-full",
+)
 # The in-process arms are evaluated about this many times over the rounds (the curves' points).
 DEFAULT_CURVE_POINTS = 10
 
@@ -53,6 +63,26 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
+
+
+def check_arms(names: Sequence[str]) -> None:
+    """Raise ValueError naming an unknown arm, none at all, or personalized without federated."""
+    unknown = [name for name in names if name not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(ARMS)}")
+    if not names:
+        raise ValueError(f"no arm named; expected some of {', '.join(ARMS)}")
+    if "personalized" in names and "federated" not in names:
+        raise ValueError("arm 'personalized' starts from the federated adapter: add 'federated'")
+
+
+def _arms(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        check_arms(names)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return names
 
 
 def add_compare_parser(subparsers: Any) -> None:
@@ -101,6 +131,14 @@ def add_compare_parser(subparsers: Any) -> None:
         "arm (default: train.local-steps)",
     )
     parser.add_argument(
+        "--arms",
+        type=_arms,
+        default=list(ARMS),
+        metavar="ARM,ARM",
+        help="the arms to run, comma-separated (default: all of them); e.g. "
+        "--arms federated,centralized for the headline ratio alone",
+    )
+    parser.add_argument(
         "--full-lr",
         type=_positive_float,
         default=None,
@@ -117,5 +155,13 @@ def run_compare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     reference = reference_train(cfg, args.reference)
-    compare(cfg, args.out, args.curve_points, args.personalize_steps, reference, args.full_lr)
+    compare(
+        cfg,
+        args.out,
+        args.curve_points,
+        args.personalize_steps,
+        reference,
+        args.full_lr,
+        args.arms,
+    )
     return 0

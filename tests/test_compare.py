@@ -157,3 +157,51 @@ def test_reference_settings_override_train_keys_only() -> None:
         reference_train(cfg, ["aggregation.server-lr=2"])
     with pytest.raises(ConfigError, match="lr"):
         reference_train(cfg, ["train.lr=-1"])
+
+
+def test_arms_runs_only_the_named_arms(tmp_path: Path) -> None:
+    """`--arms base,centralized`: no federation, only those rows and only the lines they allow."""
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "compare",
+                str(TINY),
+                "--out",
+                str(out),
+                "--set",
+                "federation.rounds=1",
+                "--arms",
+                "base,centralized",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((out / "compare.json").read_text())
+    assert list(result["arms"]) == ["base", "centralized"]
+    assert sorted(result["curves"]) == ["centralized"]
+    assert not (out / "federated").exists()
+    assert result["verdicts"] == [] and result["rounds_to_reach_centralized"] == {}
+    text = (out / "compare.md").read_text()
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
+    assert "| base | " in text and "| centralized | " in text
+    assert "federated" not in rows and "local-only" not in rows
+    assert "centralized-full" not in text and "Inference latency" not in text
+
+
+@pytest.mark.parametrize(
+    ("arms", "words"),
+    [
+        ("federated,central", ["unknown arm 'central'", "centralized-equal-steps"]),
+        ("personalized,centralized", ["personalized", "add 'federated'"]),
+        (",", ["no arm named"]),
+    ],
+)
+def test_arms_that_cannot_run_are_a_usage_error(
+    tmp_path: Path, arms: str, words: list[str]
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(TINY), "--out", str(out), "--arms", arms])
+    assert exit_info.value.code == 2
+    assert not out.exists()
