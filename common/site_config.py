@@ -10,10 +10,11 @@ device, its keys bundle and how to reach the coordinator.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.config import (
     DataConfig,
@@ -31,8 +32,11 @@ from common.keys import check_site_id
 Port = Annotated[int, Field(gt=0, lt=65536)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
-# Flower's defaults: the SuperLink serves Fleet, Control and Runtime APIs on one port.
-DEFAULT_SUPERLINK_PORT = 9092
+# The SuperLink serves Fleet, Control and Runtime APIs on one port, so it listens on an
+# internal address only; the proxy (fedlora.deploy_proxy) is what sites reach, on Flower's
+# usual public port, and it forwards the Fleet API alone.
+DEFAULT_PROXY_PORT = 9092
+DEFAULT_SUPERLINK_PORT = 9093
 DEFAULT_SUPERNODE_PORT = 9094
 
 
@@ -135,7 +139,10 @@ class CoordinatorSection(Section):
     keys: Path = Field(description="the coordinator folder from `fedlora keys init`")
     state: Path = Field(description="SuperLink database, Flower home, the active run record")
     runs: Path = Field(description="run directories: <runs>/<run name>/")
-    host: str = "0.0.0.0"  # where the SuperLink listens for sites and the CLI
+    # Where the SuperLink listens. Its port also serves the Control API (submit runs, register
+    # nodes) and the Runtime API, so it must stay internal: loopback, or a container network
+    # only the proxy shares (then [proxy] start = false).
+    host: str = "127.0.0.1"
     port: Port = DEFAULT_SUPERLINK_PORT
     health_port: Port | None = None  # plain-gRPC health service, for container probes
     # How this machine's CLI reaches the SuperLink; must match a name in the TLS cert.
@@ -146,10 +153,63 @@ class CoordinatorSection(Section):
         return self.control_address or f"127.0.0.1:{self.port}"
 
 
+class ProxySection(Section):
+    """The reverse proxy on the public address: TLS, the Fleet API and health, nothing else."""
+
+    # `fedlora coordinator start` runs nginx itself; false: it runs elsewhere (compose's
+    # `proxy` service) from `fedlora coordinator proxy-config`.
+    start: bool = True
+    host: str = "0.0.0.0"  # the public address sites connect to
+    port: Port = DEFAULT_PROXY_PORT
+    # How the proxy reaches the SuperLink; default 127.0.0.1:<coordinator.port>.
+    upstream: str | None = None
+    # Largest request body in MiB: one Fleet object (arrays travel in 5 MiB chunks; a sealed
+    # delta is one object) or a FAB (10 MB at most).
+    max_body_mib: PositiveInt = 64
+    nginx: str = "nginx"  # the nginx executable (name on PATH or a path)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address, IPv6 with or without brackets) is loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class CoordinatorConfig(Section):
     """The coordinator service: ``fedlora coordinator start --config coordinator.toml``."""
 
     coordinator: CoordinatorSection
+    # None: nothing public (the SuperLink on loopback, sites on this host only).
+    proxy: ProxySection | None = None
+
+    @model_validator(mode="after")
+    def _superlink_stays_internal(self) -> CoordinatorConfig:
+        c, proxy = self.coordinator, self.proxy
+        if not is_loopback(c.host) and (proxy is None or proxy.start):
+            raise ValueError(
+                f"coordinator.host = {c.host!r} would put the SuperLink's Control API (submit "
+                "runs, register nodes) on a public address; use 127.0.0.1 and a [proxy] "
+                "section, or set [proxy] start = false where an external proxy reaches it over "
+                "an internal network (docker-compose.yml)"
+            )
+        if proxy is not None and proxy.start and proxy.port == c.port:
+            raise ValueError(
+                f"proxy.port = {proxy.port} is also coordinator.port: the proxy and the "
+                "SuperLink need a port each"
+            )
+        return self
+
+    @property
+    def upstream(self) -> str:
+        """How the proxy reaches the SuperLink."""
+        proxy = self.proxy
+        if proxy is not None and proxy.upstream is not None:
+            return proxy.upstream
+        return f"127.0.0.1:{self.coordinator.port}"
 
 
 _PATHS: dict[str, tuple[str, ...]] = {

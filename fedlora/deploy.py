@@ -3,11 +3,15 @@
 fedlora coordinator start --config coordinator.toml
 fedlora coordinator run RUN.toml --config coordinator.toml [--name NAME] [--stream]
 fedlora coordinator register --config coordinator.toml
+fedlora coordinator proxy-config --config coordinator.toml [--certs DIR] [--runtime DIR]
 
-``start`` runs the SuperLink in the foreground with TLS and SuperNode authentication, its
-database under ``coordinator.state``, registers every enrolled site's SuperNode key and, if the
-last submitted run did not finish (the coordinator was stopped or killed), submits it again:
-the ServerApp resumes it from its last completed round. ``run`` submits a federation run.
+``start`` runs the SuperLink in the foreground with TLS and SuperNode authentication on an
+internal address (its port also serves the Control API), its database under
+``coordinator.state``, and with ``[proxy] start = true`` the nginx proxy that alone faces the
+network (Fleet API and health only); it registers every enrolled site's SuperNode key and, if
+the last submitted run did not finish (the coordinator was stopped or killed), submits it
+again: the ServerApp resumes it from its last completed round. ``run`` submits a federation
+run from this host. ``proxy-config`` prints the proxy's nginx.conf, for a proxy run elsewhere.
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ from fedlora.deploy_flower import (
     write_connection,
 )
 from fedlora.deploy_keys import CA_CERT, SUPERNODES_DIR, TLS_CERT, TLS_KEY
+from fedlora.deploy_proxy import (
+    ProxyPaths,
+    check_proxy_config,
+    host_paths,
+    proxy_command,
+    proxy_probe_address,
+    render_nginx_config,
+    write_proxy_config,
+)
 from fedlora.help_text import plain
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent  # pyproject.toml [tool.flwr.app] + packages
@@ -84,8 +97,8 @@ def superlink_command(cfg: CoordinatorConfig) -> list[str]:
         str(c.port),
         "--disable-runtime-dependency-installation",
     ]
-    if c.health_port is not None:
-        command += ["--health-server-address", f"0.0.0.0:{c.health_port}"]
+    if c.health_port is not None:  # plain gRPC, only as reachable as the SuperLink itself
+        command += ["--health-server-address", f"{c.host}:{c.health_port}"]
     return command
 
 
@@ -178,22 +191,55 @@ def unfinished_run(cfg: CoordinatorConfig) -> tuple[Path, Path] | None:
     return None if (out / SUMMARY).is_file() else (Path(active["config"]), out)
 
 
+def _start_proxy(cfg: CoordinatorConfig) -> subprocess.Popen[bytes] | None:
+    """nginx on the public address when ``[proxy] start = true``; None otherwise."""
+    if cfg.proxy is None or not cfg.proxy.start:
+        return None
+    config = write_proxy_config(cfg)
+    check_proxy_config(cfg, config)
+    print_message(
+        f"starting the proxy on {cfg.proxy.host}:{cfg.proxy.port} (Fleet API and health only) "
+        f"→ {cfg.upstream}"
+    )
+    proc = subprocess.Popen(proxy_command(cfg, config))
+    try:
+        wait_for_port(proxy_probe_address(cfg.proxy), READY_TIMEOUT, proc)
+    except BaseException:
+        _stop([proc])
+        raise
+    return proc
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
 def start_coordinator(cfg: CoordinatorConfig) -> int:
-    """Run the SuperLink in the foreground; register sites; resubmit an unfinished run."""
+    """Run the SuperLink (and the proxy) in the foreground; register sites; resume a run."""
     cfg.coordinator.state.mkdir(parents=True, exist_ok=True)
     cfg.coordinator.runs.mkdir(parents=True, exist_ok=True)
     env = coordinator_env(cfg)
     command = superlink_command(cfg)
     print_message(f"starting the SuperLink on {cfg.coordinator.host}:{cfg.coordinator.port}")
     proc = subprocess.Popen(command, env=env)
+    procs = [proc]
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        proc.send_signal(signum)
+        for child in procs:
+            if child.poll() is None:
+                child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
         wait_for_port(cfg.coordinator.control, READY_TIMEOUT, proc)
+        proxy = _start_proxy(cfg)
+        if proxy is not None:
+            procs.append(proxy)
         register_sites(cfg, env)
         pending = unfinished_run(cfg)
         if pending is not None:
@@ -201,10 +247,18 @@ def start_coordinator(cfg: CoordinatorConfig) -> int:
             print_message(f"resubmitting the unfinished run in {out}")
             submit_run(cfg, config, out.name)
     except BaseException:
-        proc.terminate()
-        proc.wait(timeout=30)
+        _stop(procs)
         raise
-    return proc.wait()
+    code = proc.wait()
+    _stop(procs)  # the proxy has nothing to forward to once the SuperLink is gone
+    return code
+
+
+def print_proxy_config(cfg: CoordinatorConfig, certs: Path | None, runtime: Path | None) -> None:
+    """Print the proxy's nginx.conf; ``certs``/``runtime``: its paths where it runs."""
+    default = host_paths(cfg)
+    paths = ProxyPaths(certs or default.certs, runtime or default.runtime)
+    print(render_nginx_config(cfg, paths), end="")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -214,6 +268,7 @@ examples:
   fedlora coordinator start --config examples/coordinator.toml
   fedlora coordinator run examples/tiny.toml --config examples/coordinator.toml --name tiny
   fedlora coordinator register --config examples/coordinator.toml   # after `keys add-site`
+  fedlora coordinator proxy-config --config examples/coordinator.toml > nginx.conf
 """
 
 
@@ -229,8 +284,9 @@ def add_coordinator_parser(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="coordinator_command", required=True, metavar="COMMAND")
     start = sub.add_parser(
         "start",
-        help="run the SuperLink (foreground); resume a killed run",
-        description="Run the SuperLink in the foreground with TLS and SuperNode authentication, "
+        help="run the SuperLink and its proxy (foreground); resume a killed run",
+        description="Run the SuperLink in the foreground with TLS and SuperNode authentication "
+        "on its internal address, and nginx on the public one when [proxy] start = true; "
         "register every enrolled site's SuperNode key and resubmit the last run if it did not "
         "finish (the ServerApp resumes it from its last completed round).",
     )
@@ -252,6 +308,19 @@ def add_coordinator_parser(subparsers: Any) -> None:
         "enrolled since it started (after `fedlora keys add-site`).",
     )
     register.add_argument("--config", type=Path, required=True, help="coordinator.toml")
+    proxy = sub.add_parser(
+        "proxy-config",
+        help="print the proxy's nginx.conf (Fleet API and health only)",
+        description="Print the nginx.conf of the reverse proxy that alone faces the network: "
+        "TLS with the coordinator's certificate, POST /v1/fleet/<endpoint> and GET /health "
+        "forwarded to the SuperLink, Control and Runtime API paths refused. For a proxy that "
+        "runs elsewhere (docker-compose.yml); `start` writes and runs it itself.",
+    )
+    proxy.add_argument("--config", type=Path, required=True, help="coordinator.toml")
+    proxy.add_argument(
+        "--certs", type=Path, help="folder with superlink.crt/.key and ca.crt where nginx runs"
+    )
+    proxy.add_argument("--runtime", type=Path, help="writable folder for nginx's pid and temp")
 
 
 def run_coordinator(args: argparse.Namespace) -> int:
@@ -262,6 +331,8 @@ def run_coordinator(args: argparse.Namespace) -> int:
             return start_coordinator(cfg)
         if args.coordinator_command == "run":
             submit_run(cfg, args.run_config, args.name, args.stream)
+        elif args.coordinator_command == "proxy-config":
+            print_proxy_config(cfg, args.certs, args.runtime)
         else:
             register_sites(cfg, coordinator_env(cfg))
     except FedloraError as exc:

@@ -259,7 +259,9 @@ def test_example_configs_parse() -> None:
     site = load_site_config(REPO / "examples/site.toml")
     assert site.site.id == "site-1" and site.supernode.port == 9094
     coordinator = load_coordinator_config(REPO / "examples/coordinator.toml")
-    assert coordinator.coordinator.port == 9092
+    assert coordinator.coordinator.host == "127.0.0.1" and coordinator.coordinator.port == 9093
+    assert coordinator.proxy is not None and coordinator.proxy.port == 9092
+    assert site.coordinator.address.endswith(":9092")  # sites reach the proxy
     unit = (REPO / "examples/systemd/fedlora-site.service").read_text()
     assert "fedlora site start --config" in unit and "Restart=always" in unit
 
