@@ -82,6 +82,9 @@ class DataConfig(Section):
     path: Path | None = None
     # Optional file the coordinator evaluates each global adapter on.
     eval_path: Path | None = None
+    # Licence of the data (an SPDX or hub licence id, e.g. "cc-by-sa-3.0"), written into the
+    # model card of every published version; None = unknown.
+    license: str | None = None
     # Classification: label names in id order, the same at every site. By default the sorted
     # distinct labels of data.path (simulation) or data.eval-path (deployment).
     labels: list[str] | None = None

@@ -107,6 +107,39 @@ def _not_cached(repo_id: str, cache: Path, download: bool) -> str:
     return f"{where}, {searched}; {why}; fetch it with {fetch}"
 
 
+def model_license(name: str) -> str | None:
+    """The licence of a base model where it is known: an alias's, or the ``license`` field of
+    the model card (``README.md``) in its local folder or cached hub snapshot. Never downloads."""
+    if name in ALIASES:
+        return ALIAS_LICENSES.get(name)
+    path = Path(name).expanduser()
+    folder: Path | None = path.parent if path.is_file() else path if path.is_dir() else None
+    if folder is None and looks_like_hub_id(name):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(name, cache_dir=hub_cache(), local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError, OSError):
+            return None
+    return card_license(folder / "README.md") if folder is not None else None
+
+
+def card_license(readme: Path) -> str | None:
+    """The ``license`` of a Hugging Face card's YAML header, or None (no file, no field)."""
+    if not readme.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load
+    from yaml import YAMLError  # huggingface_hub parses the header with PyYAML
+
+    try:
+        meta = metadata_load(readme)
+    except (YAMLError, ValueError, OSError, UnicodeDecodeError):
+        return None
+    value = (meta or {}).get("license")
+    return value if isinstance(value, str) and value else None
+
+
 def hub_id_of_cache_path(path: Path) -> str | None:
     """``org/name`` when ``path`` lies inside a hub cache snapshot (``models--org--name/``)."""
     for part in Path(path).parts:

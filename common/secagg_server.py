@@ -302,15 +302,22 @@ class SecAggServer:
                 f"is {t}: too many sites dropped to unmask the sum"
             )
         order = sorted((*self.graph[owner], owner))  # common.secagg.holders, graph cached
-        chosen = {order.index(holder) + 1: shares[holder] for holder in sorted(shares)[:t]}
+        chosen = {order.index(holder) + 1: shares[holder] for holder in self._used(shares)}
         return combine_secret(chosen)
+
+    def _used(self, shares: Mapping[int, bytes]) -> list[int]:
+        """The holders whose shares ``_reconstruct`` combines (the first t by id)."""
+        return sorted(shares)[: self.params.threshold]
 
     def _self_mask(self, site: int, replies: Mapping[int, UnmaskReply]) -> Levels:
         """The self mask PRG(b) of a survivor, its seed checked against its commitment."""
         shares = {h: r.seed_shares[site] for h, r in replies.items() if site in r.seed_shares}
         seed = self._reconstruct(site, shares, "seed")
         if seed_commitment(self.context, site, seed) != self.state.adverts[site].seed_commitment:
-            raise SecAggError(f"reconstructed seed of site {site} contradicts its signed advert")
+            raise SecAggError(
+                f"reconstructed self-mask seed of site {site} contradicts the seed commitment in "
+                f"its signed advert: one of the shares from sites {self._used(shares)} is corrupted"
+            )
         return prg(self_mask_key(seed, self.context, site), self.length + 1)
 
     def _remove_pair_masks(
@@ -320,7 +327,10 @@ class SecAggServer:
         shares = {h: r.key_shares[site] for h, r in replies.items() if site in r.key_shares}
         private = X25519PrivateKey.from_private_bytes(self._reconstruct(site, shares, "key"))
         if private.public_key().public_bytes_raw() != self.state.adverts[site].mask_key:
-            raise SecAggError(f"reconstructed key of site {site} contradicts its signed advert")
+            raise SecAggError(
+                f"reconstructed pairwise mask key of site {site} contradicts the mask key in its "
+                f"signed advert: one of the shares from sites {self._used(shares)} is corrupted"
+            )
         for peer in self.graph[site]:
             if peer not in self.state.survivors:
                 continue

@@ -28,6 +28,7 @@ from common.atomic import write_json_atomic
 from common.config import RunConfig, config_to_dict, site_plan
 from common.dp import PrivacyBudgetExceeded
 from common.errors import ConfigError, StorageError
+from common.model_names import model_license
 from common.models import peak_memory_bytes
 from common.modules import PRIVATE, SHARED, join_modules, module_members, split_modules
 from common.progress import RoundClock, print_message, print_rule
@@ -270,6 +271,10 @@ def _publish_module(
             "run_id": coord.run_id,
             "base_model": coord.cfg.model.name,
             "base_fingerprint": coord.host.base.fingerprint,
+            # For the model card: licences where known (an alias's, the base's own card's,
+            # data.license), so that a published adapter states what it derives from.
+            "base_license": model_license(coord.cfg.model.name),
+            "data_license": coord.cfg.data.license,
             "rule": coord.cfg.aggregation.rule,
             "privacy": coord.cfg.privacy.mode,
             "privacy_note": "plain deltas: debugging and benchmarks only"

@@ -1,10 +1,12 @@
 """The adapter registry: every global adapter version as a PEFT folder plus a manifest.
 
 ``<root>/<module>/v<NNNN>/`` holds ``adapter_model.safetensors`` and ``adapter_config.json``
-(``PeftModel.from_pretrained(base, path)`` loads it) and ``manifest.json`` (lineage, metrics,
-base fingerprint, SHA-256 of the tensors). A version is built in a hidden temp folder
-(``.v<NNNN>.<random>``) and renamed into place, so a crash never leaves a half-written version
-visible, and an existing version is never overwritten.
+(``PeftModel.from_pretrained(base, path)`` loads it; ``base_model_name_or_path`` is the base's
+portable name, an alias or hub id, never a local path), ``manifest.json`` (lineage, metrics,
+base fingerprint, SHA-256 of the tensors) and ``README.md``, the model card
+(``server.model_card``; not hashed: exports rewrite it with the round's metrics). A version is
+built in a hidden temp folder (``.v<NNNN>.<random>``) and renamed into place, so a crash never
+leaves a half-written version visible, and an existing version is never overwritten.
 
 ``verify`` checks a whole registry (hashes, manifests, lineage, base fingerprint); ``export``,
 ``export_many`` and ``export_merged`` (``server.registry_export``) write verified PEFT folders
@@ -13,6 +15,7 @@ elsewhere, just as atomically.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -27,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from common.atomic import fsync_dir, whole_write, write_json_atomic
 from common.errors import RegistryError
+from common.model_names import portable_model_name
 from common.modules import MODULE_NAME
+from server.model_card import CARD_FILE, model_card
 
 if TYPE_CHECKING:
     # Type names only: `fedlora registry list` and `report` read manifests without torch or peft
@@ -148,7 +153,7 @@ class Registry:
         try:
             tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-            lora.save_pretrained(str(tmp))
+            portable_lora(lora, manifest.get("base_model")).save_pretrained(str(tmp))
             full = {
                 **manifest,
                 "module": module,
@@ -158,7 +163,9 @@ class Registry:
                 "sha256": {name: sha256_file(tmp / name) for name in HASHED_FILES},
             }
             write_json_atomic(tmp / MANIFEST_FILE, full)
-            for name in (ADAPTER_FILE, CONFIG_FILE):
+            card = model_card(full, task_type=_task_type(lora))
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+            for name in (ADAPTER_FILE, CONFIG_FILE, CARD_FILE):
                 fsync_file(tmp / name)
             if final.exists():
                 raise RegistryError(f"{final} already exists; versions are never overwritten")
@@ -265,6 +272,20 @@ class Registry:
         from server.registry_export import export_merged
 
         return export_merged(self, selection, out_dir, base, weights, combination_type, svd_rank)
+
+
+def portable_lora(lora: LoraConfig, base_model: Any) -> LoraConfig:
+    """A copy of ``lora`` whose ``base_model_name_or_path`` is the base's portable name (alias
+    or hub id), or None: peft fills in the folder the base was loaded from, which is a path on
+    this machine and means nothing elsewhere."""
+    config = copy.copy(lora)  # the caller's config is shared (one per module): never edit it
+    config.base_model_name_or_path = portable_model_name(str(base_model)) if base_model else None
+    return config
+
+
+def _task_type(lora: LoraConfig) -> str | None:
+    task = getattr(lora, "task_type", None)
+    return None if task is None else str(getattr(task, "value", task))
 
 
 def find_registry(path: Path) -> Registry:

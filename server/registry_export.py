@@ -5,6 +5,11 @@
 ``add_weighted_adapter``. Every export is built in a hidden temp folder beside ``out_dir`` and
 renamed into place once fsynced; it never overwrites anything. ``Registry.export``,
 ``export_many`` and ``export_merged`` call these.
+
+Every exported folder is what ``huggingface_hub``'s ``upload_folder`` takes as it is: the PEFT
+files, with the base's portable name (alias or hub id) as ``base_model_name_or_path``, a model
+card ``README.md`` (``server.model_card``, with the round's metrics from the run's
+``metrics.jsonl``) and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from safetensors.torch import save_file
 from common.adapters import AdapterState
 from common.atomic import fsync_dir, write_json_atomic
 from common.errors import RegistryError
+from common.model_names import portable_model_name
+from server.model_card import CARD_FILE, model_card, round_metrics
 from server.registry import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -129,6 +136,8 @@ def export_merged(
     for entry in entries:
         _check_mergeable(entry, base.fingerprint)
     state, config = _merge(entries, base.model, weights, combination_type, svd_rank)
+    base_model = entries[0].manifest.get("base_model")
+    config.base_model_name_or_path = portable_model_name(str(base_model)) if base_model else None
     sources = [
         {"module": e.module, "version": e.version, "weight": w, "sha256": recorded_sha256(e)}
         for e, w in zip(entries, weights, strict=True)
@@ -145,7 +154,16 @@ def export_merged(
             "sha256": {ADAPTER_FILE: sha256_file(tmp / ADAPTER_FILE)},
         }
         write_json_atomic(tmp / MANIFEST_FILE, manifest)
+        title = "merged " + " + ".join(f"{e.module} v{e.version:04d}" for e in entries)
+        facts = {**entries[0].manifest, "module": "+".join(e.module for e in entries)}
+        card = model_card(facts, task_type=_task_type(tmp / CONFIG_FILE), title=title)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     return out_dir
+
+
+def _task_type(config_file: Path) -> str | None:
+    task = json.loads(config_file.read_text(encoding="utf-8")).get("task_type")
+    return task if isinstance(task, str) else None
 
 
 def _select(registry: Registry, selection: Selection) -> list[RegistryVersion]:
@@ -182,7 +200,8 @@ def _staging(out_dir: Path) -> Iterator[Path]:
 
 
 def _copy_version(entry: RegistryVersion, target: Path) -> None:
-    """Copy a version's three files and check the copied tensors against the manifest."""
+    """Copy a version's files, check the copied tensors against the manifest, and write its
+    model card with the round's metrics (the run folder's ``metrics.jsonl``, when present)."""
     problems = version_problems(entry, None)
     if problems:
         raise RegistryError("; ".join(problems))
@@ -191,6 +210,29 @@ def _copy_version(entry: RegistryVersion, target: Path) -> None:
     expected, actual = recorded_sha256(entry), sha256_file(target / ADAPTER_FILE)
     if actual != expected:  # changed while we copied it
         raise RegistryError(f"{entry.name}: copied tensors hash to {actual}, expected {expected}")
+    manifest = entry.manifest
+    _make_config_portable(target, manifest)
+    run_dir = entry.path.parent.parent.parent  # <run>/registry/<module>/v<NNNN>
+    card = model_card(
+        manifest, round_metrics(run_dir, entry.version), _task_type(target / CONFIG_FILE)
+    )
+    (target / CARD_FILE).write_text(card, encoding="utf-8")
+
+
+def _make_config_portable(target: Path, manifest: dict[str, Any]) -> None:
+    """A version published before configs recorded the portable base name may name a local
+    folder: export the portable name (or none), and rehash the copied manifest to match."""
+    config = json.loads((target / CONFIG_FILE).read_text(encoding="utf-8"))
+    base = manifest.get("base_model")
+    portable = portable_model_name(str(base)) if base else None
+    if config.get("base_model_name_or_path") == portable:
+        return
+    config["base_model_name_or_path"] = portable
+    write_json_atomic(target / CONFIG_FILE, config)
+    sha = dict(manifest.get("sha256") or {})
+    sha[CONFIG_FILE] = sha256_file(target / CONFIG_FILE)
+    note = "base_model_name_or_path rewritten to the portable base name on export"
+    write_json_atomic(target / MANIFEST_FILE, {**manifest, "sha256": sha, "export_note": note})
 
 
 def _check_mergeable(entry: RegistryVersion, fingerprint: str) -> None:
@@ -226,7 +268,11 @@ def _merge(
             )
         except (ValueError, TypeError, RuntimeError) as exc:
             raise RegistryError(f"peft cannot merge {[e.name for e in entries]}: {exc}") from exc
-        state = get_peft_model_state_dict(peft_model, adapter_name=_MERGED)
+        # Only LoRA factors merge (_check_mergeable), never whole embedding layers; "auto"
+        # would look the portable base name up on the hub to compare vocabulary sizes.
+        state = get_peft_model_state_dict(
+            peft_model, adapter_name=_MERGED, save_embedding_layers=False
+        )
         config = peft_model.peft_config[_MERGED]
         if not isinstance(config, LoraConfig):  # add_weighted_adapter copies a LoraConfig
             raise RegistryError(f"merged config is a {type(config).__name__}, not a LoraConfig")

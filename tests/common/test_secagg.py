@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -305,11 +306,16 @@ def _routed(num_sites: int = 5) -> tuple[Round, dict[int, dict[int, bytes]]]:
     return rnd, rnd.server.route_shares({i: s.share_keys(adverts) for i, s in rnd.sites.items()})
 
 
-def _site_after_masking(num_sites: int = 5) -> tuple[Round, dict[int, UnmaskRequest]]:
-    """A round after stage 2: the coordinator's unmask requests."""
+def _site_after_masking(
+    num_sites: int = 5, dropped: Collection[int] = ()
+) -> tuple[Round, dict[int, UnmaskRequest]]:
+    """A round after stage 2 (sites in ``dropped`` send no masked input): the coordinator's
+    unmask requests."""
     rnd, routed = _routed(num_sites)
     masked = {
-        i: rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i]) for i in routed
+        i: rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i])
+        for i in routed
+        if i not in dropped
     }
     return rnd, rnd.server.collect_masked(masked)
 
@@ -395,15 +401,51 @@ def test_malformed_masked_input_counts_as_dropped() -> None:
     assert_close(rnd, result, {1, 2, 3, 4})
 
 
-def test_corrupted_share_is_detected_by_the_signed_commitment() -> None:
-    rnd, requests = _site_after_masking()
+# The two halves of what the coordinator reconstructs at unmask: a survivor's self-mask seed b
+# (its share in ``seed_shares``) and a dropped site's pairwise mask key s_sk (``key_shares``).
+HALVES = {"seed": ("seed_shares", "self-mask seed"), "key": ("key_shares", "pairwise mask key")}
+DROPPED = 5  # of 5 sites: sends no masked input, so its mask key is reconstructed
+
+
+def _unmask_with_one_corrupted_share(half: str, owner: int, holder: int) -> SecAggResult:
+    """A 5-site round where site 5 drops after sharing; ``holder``'s share of ``owner``'s
+    secret (the ``half`` one) has one byte flipped before the coordinator unmasks."""
+    rnd, requests = _site_after_masking(5, dropped={DROPPED})
     replies = {i: rnd.sites[i].unmask(r) for i, r in requests.items()}
-    holder = min(neighbours(rnd.params, 3, CONTEXT))  # among the first t holders used
-    shares = dict(replies[holder].seed_shares)
-    shares[3] = bytes(32)
-    replies[holder] = UnmaskReply(seed_shares=shares, key_shares=replies[holder].key_shares)
-    with pytest.raises(SecAggError, match="contradicts its signed advert"):
-        rnd.server.unmask(replies)
+    field_name = HALVES[half][0]
+    shares = dict(getattr(replies[holder], field_name))
+    # Byte 8, all bits: X25519 clamps bits of bytes 0 and 31, so a flip there may be harmless.
+    share = bytearray(shares[owner])
+    share[8] ^= 0xFF
+    shares[owner] = bytes(share)
+    replies[holder] = dataclasses.replace(replies[holder], **{field_name: shares})
+    result = rnd.server.unmask(replies)
+    assert_close(rnd, result, set(rnd.sites) - {DROPPED})  # a share the coordinator did not use
+    return result
+
+
+@pytest.mark.parametrize(("half", "owner"), [("seed", 3), ("key", DROPPED)])
+def test_a_corrupted_share_of_either_half_is_detected_and_named(half: str, owner: int) -> None:
+    """Whichever holder's share is corrupted, the sum is exact or the unmask fails naming the
+    half, the site and the holders whose shares were combined (the corrupt one among them);
+    and the lowest holder's share, which is always used, does make it fail.
+
+    Without the check of a rebuilt secret against the signed advert, a corrupted share of
+    either half gives a wrong sum silently (about 5e3 off, against a bound of 1e-5).
+    """
+    holders = sorted(set(neighbours(params_for(5, NORM_BOUND, MAX_WEIGHT), owner, CONTEXT)))
+    holders = [h for h in holders if h != DROPPED]  # only survivors answer the unmask request
+    named = rf"reconstructed {HALVES[half][1]} of site {owner} contradicts"
+    detected = []
+    for holder in holders:
+        try:
+            _unmask_with_one_corrupted_share(half, owner, holder)
+        except SecAggError as err:
+            assert re.search(named, str(err)), str(err)
+            listed = re.search(r"shares from sites \[([0-9, ]+)\]", str(err))
+            assert listed and holder in {int(x) for x in listed.group(1).split(",")}, str(err)
+            detected.append(holder)
+    assert holders[0] in detected, (holders, detected)  # the first t holders' shares are used
 
 
 def test_reply_with_unrequested_shares_is_ignored() -> None:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 from common.config import ModelConfig
 from common.errors import RegistryError
 from common.models import LoadedBase, load_base
+from server.model_card import CARD_FILE
 from server.registry import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -144,7 +146,10 @@ def build_registry(root: Path) -> Built:
     model.base_model.set_adapter(["shared", "topic"])
     logits["both"] = logits_of(model)
     registry = Registry(root)
-    common = {"base_fingerprint": base.fingerprint, "rule": "fedavg", "epsilon": None}
+    common = {
+        "base_fingerprint": base.fingerprint, "base_model": "tiny-llama", "rule": "fedavg",
+        "epsilon": None, "privacy": "sealed",
+    }  # fmt: skip
     shared = get_peft_model_state_dict(model, adapter_name="shared")
     zeros = {k: torch.zeros_like(v) for k, v in shared.items()}
     registry.publish("shared", zeros, SHARED, {**common, "round": 0, "cohort": [], "examples": 0})
@@ -258,8 +263,9 @@ def test_unknown_module_or_version_is_an_error(built: Built, tmp_path: Path) -> 
 def test_export_loads_with_identical_logits(built: Built, tmp_path: Path) -> None:
     out = Registry(built.root).export("shared", None, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE]
+        [ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE, CARD_FILE]
     )
+    assert json.loads((out / CONFIG_FILE).read_text())["base_model_name_or_path"] == "tiny-llama"
     exported = PeftModel.from_pretrained(tiny_base().model, str(out))
     stored = PeftModel.from_pretrained(tiny_base().model, str(built.root / "shared" / "v0001"))
     torch.testing.assert_close(logits_of(exported), built.logits["shared"], rtol=0, atol=1e-6)
@@ -298,6 +304,9 @@ def test_export_merged_cat_equals_both_adapters_active(built: Built, tmp_path: P
     assert config["r"] == 6 and sorted(config["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert [s["module"] for s in manifest["merged_from"]] == ["shared", "topic"]
+    assert config["base_model_name_or_path"] == "tiny-llama"  # not the folder it was loaded from
+    card = ModelCard.load(out / CARD_FILE)
+    assert card.data.library_name == "peft" and "merged shared v0001 + topic v0000" in card.text
     assert (
         manifest["merged_from"][0]["sha256"]
         == Registry(built.root).get("shared").manifest["sha256"][ADAPTER_FILE]
@@ -341,3 +350,69 @@ def test_export_merged_refusals(built: Built, tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="modules_to_save"):
         registry.export_merged({"shared": None, "head": None}, tmp_path / "c", tiny_base())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["registry"]
+
+
+# ---- portable adapters: the base's portable name and the model card ---------------------------
+
+
+def test_publish_records_the_portable_base_name_and_a_card(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    local = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    local.base_model_name_or_path = str(tmp_path)  # what peft fills in: the loaded folder
+    facts = {
+        "base_fingerprint": "ab" * 32, "rule": "ffa", "round": 3, "privacy": "secure-sum",
+        "cohort": ["site-a", "site-b", "site-c"], "base_license": "apache-2.0",
+        "data_license": "cc-by-sa-3.0", "labels": ["secret-label"],
+    }  # fmt: skip
+    hub = registry.publish("shared", _state(1.0), local, {**facts, "base_model": "org/base"})
+    folder = registry.publish("shared", _state(1.0), local, {**facts, "base_model": str(tmp_path)})
+    assert local.base_model_name_or_path == str(tmp_path)  # the caller's config is not edited
+    assert json.loads((hub.path / CONFIG_FILE).read_text())["base_model_name_or_path"] == "org/base"
+    assert json.loads((folder.path / CONFIG_FILE).read_text())["base_model_name_or_path"] is None
+    card = ModelCard.load(hub.path / CARD_FILE)
+    assert card.data.base_model == "org/base" and card.data.library_name == "peft"
+    assert card.data.license == "apache-2.0"
+    facts_shown = (
+        "ab" * 32, "| aggregation rule | ffa |", "| federated rounds | 3 |",
+        "| sites in the round | 3 |", "| data licence | cc-by-sa-3.0 |", "secure-sum",
+    )  # fmt: skip
+    for fact in facts_shown:
+        assert fact in card.text, fact
+    for secret in ("site-a", "site-b", "secret-label"):  # never the sites or their data
+        assert secret not in card.content
+    assert str(tmp_path) not in (folder.path / CARD_FILE).read_text()
+    assert registry.verify() == []  # the card is not among the hashed files
+
+
+def test_exported_card_carries_the_rounds_global_metrics(built: Built, tmp_path: Path) -> None:
+    line = {
+        "version": 1, "round": 1, "train_loss": 2.5, "eval_loss": 1.25, "eval_accuracy": None,
+        "sites": {"site-0": {"evaluate": {"eval_loss": 9.0}}},
+    }  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    out = Registry(built.root).export("shared", None, tmp_path / "out")
+    card = ModelCard.load(out / CARD_FILE)
+    assert "| evaluation loss | 1.2500 |" in card.text
+    assert "| train loss (mean over sites) | 2.5000 |" in card.text
+    assert "accuracy" not in card.text and "site-0" not in card.text and "9.0" not in card.text
+    assert "`tiny-llama` (fedlora alias)" in card.text
+
+
+def test_export_makes_an_older_versions_local_base_path_portable(
+    built: Built, tmp_path: Path
+) -> None:
+    """A version published before configs recorded the portable name names a local folder."""
+    version = built.root / "shared" / "v0001"
+    config = json.loads((version / CONFIG_FILE).read_text())
+    config["base_model_name_or_path"] = "/home/someone/.cache/fedlora/tiny"
+    (version / CONFIG_FILE).write_text(json.dumps(config))
+    manifest = json.loads((version / MANIFEST_FILE).read_text())
+    manifest["sha256"][CONFIG_FILE] = sha256_file(version / CONFIG_FILE)
+    (version / MANIFEST_FILE).write_text(json.dumps(manifest))
+    out = Registry(built.root).export("shared", 1, tmp_path / "out")
+    exported = json.loads((out / CONFIG_FILE).read_text())
+    assert exported["base_model_name_or_path"] == "tiny-llama"
+    copied = json.loads((out / MANIFEST_FILE).read_text())
+    assert copied["sha256"][CONFIG_FILE] == sha256_file(out / CONFIG_FILE)
+    assert "/home/someone" not in "".join(p.read_text() for p in out.glob("*.json"))
+    PeftModel.from_pretrained(tiny_base().model, str(out))  # stock peft still loads it
