@@ -1,9 +1,12 @@
 """Deployment end to end on 127.0.0.1: provision, coordinator + 3 site daemons, a sealed run.
 
 Every process is a real `fedlora` command (the ones the containers and the systemd unit run):
-`keys init`, `coordinator start` (SuperLink with TLS + SuperNode auth), three
-`site start` (SuperNode + the fedlora ClientApp), `coordinator run`. Each runs in its own
-process group and is stopped by PID at the end, also when a test fails.
+`keys init`, `coordinator start` (SuperLink with TLS + SuperNode auth on an internal port,
+nginx on the public one), three `site start` (SuperNode + the fedlora ClientApp, connecting
+through the proxy), `coordinator run` (from this host, to the internal port). An outsider who
+holds the public CA certificate tries, through the public address, what the Control and
+Runtime APIs allow. Each process runs in its own process group and is stopped by PID at the
+end, also when a test fails.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fedlora.deploy_keys import make_node_key
@@ -32,6 +38,15 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SITES = ("a", "b", "c")
 RUN_TIMEOUT = 900.0  # seconds for 2 rounds (each message starts a ClientApp process: ~5-15 s)
+
+
+def require_nginx() -> None:
+    """Skip without nginx, unless FEDLORA_REQUIRE_NGINX=1 (CI installs it: .ci/run)."""
+    if shutil.which("nginx") is None:
+        message = "nginx is not installed (Debian: apt-get install nginx)"
+        if os.environ.get("FEDLORA_REQUIRE_NGINX") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def free_port() -> int:
@@ -94,10 +109,16 @@ def kill_tree(tree: list[tuple[int, int]], sig: int = signal.SIGKILL) -> None:
 @dataclass
 class Deployment:
     root: Path
-    port: int
+    port: int  # the SuperLink (Fleet, Control, Runtime APIs): internal
     env: dict[str, str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     named: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    public_port: int | None = None  # the proxy, when the coordinator runs one
+
+    @property
+    def site_port(self) -> int:
+        """Where sites (and outsiders) connect."""
+        return self.public_port or self.port
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Path:
         """Start a command in its own process group; its output goes to ``<name>.log``."""
@@ -192,17 +213,17 @@ cpu-threads = 1
 """
 
 
-def _write_files(root: Path, port: int) -> None:
+def _write_files(root: Path, port: int, public_port: int) -> None:
     lines = (REPO / "examples/data/dolly-tiny.jsonl").read_text().splitlines()
     for index, site in enumerate(SITES):  # each site its own file: no partitioning at a site
         (root / f"{site}.jsonl").write_text("\n".join(lines[index :: len(SITES)]) + "\n")
         groups = ["ab"] if site in ("a", "b") else []  # as the run's [groups] has them
         (root / f"site-{site}.toml").write_text(
-            site_toml(site, index, free_port(), port, groups=groups)
+            site_toml(site, index, free_port(), public_port, groups=groups)
         )
     (root / "coordinator.toml").write_text(
         f'[coordinator]\nkeys = "keys/coordinator"\nstate = "state"\nruns = "runs"\n'
-        f'host = "127.0.0.1"\nport = {port}\n'
+        f'host = "127.0.0.1"\nport = {port}\n\n[proxy]\nhost = "127.0.0.1"\nport = {public_port}\n'
     )
     run = (REPO / "examples/tiny.toml").read_text()
     # A deployed coordinator reads no training data: each site names its own in site.toml.
@@ -219,6 +240,7 @@ def _write_files(root: Path, port: int) -> None:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    require_nginx()
     root = tmp_path_factory.mktemp("loopback")
     env = dict(os.environ)
     env.update(
@@ -229,8 +251,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         HF_HUB_OFFLINE="1",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
-    dep = Deployment(root, free_port(), env)
-    _write_files(root, dep.port)
+    dep = Deployment(root, free_port(), env, public_port=free_port())
+    _write_files(root, dep.port, dep.site_port)
     done = dep.fedlora("keys", "init", "--out", "keys", "--sites", ",".join(SITES))
     assert done.returncode == 0, done.stdout + done.stderr
     try:
@@ -302,7 +324,7 @@ def _supernode(dep: Deployment, name: str, *args: str) -> tuple[int, str]:
             [
                 str(BIN / "flower-supernode"),
                 "--superlink",
-                f"127.0.0.1:{dep.port}",
+                f"127.0.0.1:{dep.site_port}",
                 "--port",
                 str(free_port()),
                 "--max-retries",
@@ -348,7 +370,7 @@ def test_plaintext_client_is_refused(deployment: Deployment) -> None:
 
 def test_site_with_another_base_model_refuses_to_start(deployment: Deployment) -> None:
     other = deployment.root / "site-other.toml"
-    other.write_text(site_toml("a", 0, free_port(), deployment.port, model_seed=1))
+    other.write_text(site_toml("a", 0, free_port(), deployment.site_port, model_seed=1))
     coordinator = deployment.fedlora("fingerprint", "tiny-llama").stdout.split()[-1]
     done = deployment.fedlora(
         "site", "start", "--config", str(other), "--expect-fingerprint", coordinator
@@ -358,3 +380,163 @@ def test_site_with_another_base_model_refuses_to_start(deployment: Deployment) -
     assert "fingerprint mismatch" in message
     named = set(re.findall(r"\b[0-9a-f]{64}\b", message))
     assert coordinator in named and len(named) == 2  # the expected and the local digest
+
+
+# ---------------------------------------------------------------------------- outsiders
+
+EVIL_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "evilapp"
+version = "1.0.0"
+description = "an outsider's Flower app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "outsider"
+
+[tool.flwr.app.components]
+serverapp = "evil.server:app"
+clientapp = "evil.client:app"
+
+[tool.flwr.app.config]
+marker = ""
+"""
+EVIL_SERVER = """\
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    Path(str(context.run_config["marker"])).write_text("outsider code ran at the coordinator")
+"""
+EVIL_CLIENT = "from flwr.clientapp import ClientApp\n\napp = ClientApp()\n"
+
+
+def _outsider_env(dep: Deployment) -> dict[str, str]:
+    """An outsider's ``flwr`` CLI: only the public CA certificate and the public address."""
+    home = dep.root / "outsider"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "public"\n\n[superlink.public]\n'
+        f'address = "localhost:{dep.site_port}"\n'
+        f'root-certificates = "{dep.root / "keys/sites/a/ca.crt"}"\n'
+    )
+    return dict(dep.env, FLWR_HOME=str(home))
+
+
+def _flwr_json(dep: Deployment, *args: str) -> dict[str, object]:
+    done = subprocess.run(
+        [str(BIN / "flwr"), *args, "--format", "json"],
+        cwd=dep.root,
+        env=_outsider_env(dep),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = done.stdout
+    return dict(json.loads(out[out.index("{") :]))
+
+
+def test_outsider_cannot_register_a_supernode_through_the_public_address(
+    deployment: Deployment,
+) -> None:
+    outsider = deployment.root / "outsider-node"
+    make_node_key(outsider)
+    answer = _flwr_json(deployment, "supernode", "register", str(outsider / "supernode.pub"))
+    assert answer["success"] is False, answer
+    assert "403 Forbidden" in str(answer["error-message"])
+    # And the key was not registered: a SuperNode holding it is not let in.
+    code, output = _supernode(
+        deployment,
+        "outsider-node",
+        "--root-certificates",
+        str(deployment.root / "keys/sites/a/ca.crt"),
+        "--auth-supernode-private-key",
+        str(outsider / "supernode.key"),
+    )
+    assert code != 0
+    assert "Failed to activate SuperNode" in output
+
+
+def test_outsider_run_is_refused_and_runs_no_code(deployment: Deployment) -> None:
+    app = deployment.root / "evilapp"
+    (app / "evil").mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(EVIL_PYPROJECT)
+    (app / "evil/__init__.py").write_text("")
+    (app / "evil/server.py").write_text(EVIL_SERVER)
+    (app / "evil/client.py").write_text(EVIL_CLIENT)
+    marker = deployment.root / "outsider-was-here"
+    answer = _flwr_json(deployment, "run", str(app), "--run-config", f'marker="{marker}"')
+    assert answer["success"] is False, answer
+    assert "403 Forbidden" in str(answer["error-message"])
+    listing = _flwr_json(deployment, "list")  # nor may it see the runs
+    assert listing["success"] is False and "403 Forbidden" in str(listing["error-message"])
+    time.sleep(5)  # had the run been accepted, its ServerApp would start within seconds
+    assert not marker.exists()
+
+
+def _flower_paths() -> list[str]:
+    """Every Control and Runtime API path of the installed Flower (its own route tables)."""
+    from flwr.supercore.routers.runtime.responses import router as responses
+    from flwr.supercore.routers.runtime.router import router as runtime
+    from flwr.superlink.routers.control.router import router as control
+
+    paths = [
+        getattr(route, "path", "") for r in (control, runtime, responses) for route in r.routes
+    ]
+    assert len(paths) > 40 and all(p.startswith(("/v1/control/", "/v1/runtime/")) for p in paths)
+    return paths
+
+
+def test_public_address_serves_the_fleet_api_and_health_only(deployment: Deployment) -> None:
+    """Raw HTTPS, as any client would send it: every Control and Runtime path is refused by
+    the proxy, also spelled to slip past a prefix match; Fleet and health reach the SuperLink."""
+    tls = ssl.create_default_context(cafile=str(deployment.root / "keys/sites/a/ca.crt"))
+    with httpx.Client(base_url=f"https://localhost:{deployment.site_port}", verify=tls) as web:
+        for path in _flower_paths():
+            assert web.post(path, content=b"").status_code == 403, path
+        for path in ("/docs", "/openapi.json", "/", "/v1/", "/v2/fleet/get-run"):
+            assert web.get(path).status_code == 404, path
+        for sneaky in (
+            "/v1/fleet/../control/list-runs",
+            "/v1/fleet/%2e%2e/control/list-runs",
+            "/v1/fleet/..%2fcontrol%2flist-runs",
+            "/v1//control/list-runs",
+            "/v1/fleet/get-run?redirect=/v1/control/list-runs",
+        ):
+            url = httpx.URL(f"https://localhost:{deployment.site_port}")
+            request = web.build_request("POST", url.copy_with(raw_path=sneaky.encode()))
+            assert web.send(request).status_code in (403, 404), sneaky
+        assert web.get("/health").status_code == 200
+        assert web.get("/v1/fleet/get-run").status_code == 403  # Fleet calls are POSTs
+        # A Fleet call reaches the SuperLink, which answers it (here: not protobuf).
+        fleet = web.post("/v1/fleet/get-run", content=b"")
+        assert fleet.status_code not in (403, 404) and "nginx" not in fleet.text
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses of TCP sockets listening on ``port`` (IPv4 and IPv6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_the_superlink_listens_on_loopback_only(deployment: Deployment) -> None:
+    assert _listening(deployment.port) == {"0100007F"}  # 127.0.0.1, little-endian hex
+    assert _listening(deployment.site_port) == {"0100007F"}  # the proxy (here on loopback)
