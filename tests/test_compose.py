@@ -62,7 +62,7 @@ def test_an_invalid_key_is_caught(tmp_path: Path) -> None:
 
 def test_coordinator_service_keeps_its_state_and_restarts() -> None:
     services = _config()["services"]
-    assert set(services) == {"coordinator"}  # sites and provisioning are opt-in profiles
+    assert set(services) == {"coordinator", "proxy"}  # sites and provisioning are opt-in
     coordinator = services["coordinator"]
     assert coordinator["restart"] == "unless-stopped"
     assert coordinator["healthcheck"]["test"][0] == "CMD"
@@ -77,7 +77,8 @@ def test_sites_profile_starts_three_demo_sites() -> None:
     assert sites == ["site-1", "site-2", "site-3"]
     for name in sites:
         assert services[name]["command"][:3] == ["fedlora", "site", "start"]
-        assert services[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+        assert services[name]["depends_on"]["proxy"]["condition"] == "service_started"
+    assert services["proxy"]["depends_on"]["coordinator"]["condition"] == "service_healthy"
 
 
 def test_demo_configs_parse_as_fedlora_configs(tmp_path: Path) -> None:
@@ -87,11 +88,13 @@ def test_demo_configs_parse_as_fedlora_configs(tmp_path: Path) -> None:
     configs = _config("sites")["configs"]
     path = tmp_path / "coordinator.toml"
     path.write_text(configs["coordinator"]["content"])
-    assert load_coordinator_config(path).coordinator.port == 9092
+    coordinator = load_coordinator_config(path)
+    assert coordinator.coordinator.port == 9093
+    assert coordinator.proxy is not None and not coordinator.proxy.start  # compose runs it
     for name in ("site-1", "site-2", "site-3"):
         site = SiteConfig.model_validate(tomllib.loads(configs[name]["content"]))
         assert site.site.id == name
-        assert site.coordinator.address == "coordinator:9092"
+        assert site.coordinator.address == "proxy:9092"
     run = tomllib.loads(configs["tiny-run"]["content"])
     assert run["privacy"]["mode"] == "sealed" and run["federation"]["sites"] == 3
 
@@ -100,7 +103,11 @@ def test_no_service_mounts_another_partys_keys() -> None:
     """The coordinator mounts only keys/coordinator and each site only keys/sites/<id>: no
     running service can read the CA, the enrollment key or another party's private key."""
     services = _config("sites", "provision")["services"]
-    own = {"coordinator": "coordinator", **{f"site-{n}": f"sites/site-{n}" for n in (1, 2, 3)}}
+    own = {
+        "coordinator": "coordinator",
+        "proxy": "proxy",
+        **{f"site-{n}": f"sites/site-{n}" for n in (1, 2, 3)},
+    }
     for name, service in services.items():
         mounts = [m for m in service.get("volumes", []) if m.get("source") == "keys"]
         if name == "provision":  # the enrollment authority: it writes every folder
@@ -110,3 +117,47 @@ def test_no_service_mounts_another_partys_keys() -> None:
         for mount in mounts:
             assert mount.get("volume", {}).get("subpath") == own[name], (name, mount)
             assert mount.get("read_only") is True, (name, mount)
+
+
+def test_only_the_proxy_publishes_a_port() -> None:
+    """The SuperLink's port also serves the Control API: no service but nginx is published,
+    and the coordinator shares a network only with the proxy."""
+    config = _config("sites", "provision")
+    services = config["services"]
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"proxy"}
+    assert [p["target"] for p in services["proxy"]["ports"]] == [9092]
+    assert set(services["coordinator"]["networks"]) == {"internal"}
+    assert set(services["proxy"]["networks"]) == {"internal", "edge"}
+    assert config["networks"]["internal"]["internal"] is True
+    for name, service in services.items():
+        if name.startswith("site-"):
+            assert set(service["networks"]) == {"edge"}, name
+    assert services["proxy"]["image"].startswith("nginx:")
+
+
+def test_the_proxy_runs_the_generated_config() -> None:
+    """The nginx.conf in the file is what `fedlora coordinator proxy-config` makes of the
+    coordinator's config, with the proxy container's paths."""
+    from common.site_config import CoordinatorConfig
+    from fedlora.deploy_proxy import ProxyPaths, render_nginx_config
+
+    configs = _config()["configs"]
+    coordinator = CoordinatorConfig.model_validate(tomllib.loads(configs["coordinator"]["content"]))
+    paths = ProxyPaths(Path("/etc/nginx/certs"), Path("/var/cache/nginx"))
+    # `config` prints the file still escaped ($$ is Compose's literal $, as nginx gets it).
+    assert configs["proxy"]["content"].replace("$$", "$") == render_nginx_config(coordinator, paths)
+
+
+def test_the_proxy_gets_only_tls_material() -> None:
+    """Provisioning copies the TLS certificate, its key and the CA into keys/proxy; nothing
+    else (the coordinator's envelope and signing keys stay in keys/coordinator)."""
+    command = " ".join(_config("provision")["services"]["provision"]["command"])
+    copied = command.split("&& cp -p", 1)[1].split()
+    assert copied == [
+        "/keys/coordinator/superlink.crt",
+        "/keys/coordinator/superlink.key",
+        "/keys/coordinator/ca.crt",
+        "/keys/proxy/",
+    ]
+    assert "proxy" in command.split("--san", 1)[1].split()[0].split(",")  # the sites' name
