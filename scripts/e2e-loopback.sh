@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Deployment end to end on 127.0.0.1, with the commands a real deployment uses:
-# provision keys, start the coordinator (SuperLink with TLS + SuperNode auth) and 3 site
-# daemons as real processes, run 2 rounds of examples/tiny.toml in sealed mode, check the
+# provision keys, start the coordinator (SuperLink with TLS + SuperNode auth on an internal
+# port, nginx on the public one; needs nginx on PATH) and 3 site daemons, which connect through
+# the proxy, as real processes, run 2 rounds of examples/tiny.toml in sealed mode, check the
 # registry. Every process started here (and each of its descendants) is stopped by PID, also
 # on failure.
 #
@@ -59,7 +60,8 @@ start() {
 start_coordinator() { start "coordinator-$1" "$BIN/fedlora" coordinator start --config coordinator.toml; }
 
 PORT=$(free_port)
-echo "work dir: $WORK (coordinator on 127.0.0.1:$PORT)"
+PROXY_PORT=$(free_port)
+echo "work dir: $WORK (SuperLink on 127.0.0.1:$PORT, proxy on 127.0.0.1:$PROXY_PORT)"
 
 # 1. Provision: CA, TLS certificate, coordinator keys, one bundle per site.
 "$BIN/fedlora" keys init --out keys --sites a,b,c --san 127.0.0.1,localhost
@@ -72,6 +74,10 @@ state = "state"
 runs = "runs"
 host = "127.0.0.1"
 port = $PORT
+
+[proxy]
+host = "127.0.0.1"
+port = $PROXY_PORT
 EOF
 i=0
 for site in a b c; do
@@ -83,7 +89,7 @@ keys = "keys/sites/$site"
 index = $i
 
 [coordinator]
-address = "127.0.0.1:$PORT"
+address = "127.0.0.1:$PROXY_PORT"
 
 [model]
 name = "tiny-llama"
