@@ -7,7 +7,12 @@ Three kinds of data, one ``Example`` type:
 - ``classification``: JSONL/JSON/CSV rows with a text and a label (banking77);
 - ``text``: a plain ``.txt`` file cut into chunks of whole paragraphs (tinyshakespeare).
 
-Every problem with a file is a ``DataError`` naming the file, the line and what was expected;
+Instruction and classification rows may also come from a parquet file, a folder of data files
+or a ``save_to_disk`` folder, or a Hugging Face data set name (``client.tables``, through
+``datasets``; the split is ``data.split``, or ``data.eval-split`` for ``data.eval-path``).
+
+Every problem with a file is a ``DataError`` naming the file, the line (or row) and what was
+expected;
 every impossible split is a ``ConfigError`` naming the config key. Token tensors and batches are
 made in ``client.tokens``.
 """
@@ -27,6 +32,7 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from client.records import Record, read_records, read_text
+from client.tables import is_table_source, table_records
 from common.config import DataConfig
 from common.errors import ConfigError, DataError
 
@@ -239,37 +245,51 @@ def load_dataset(
     path: Path | None = None,
     label_names: list[str] | None = None,
     text_chunk_chars: int = 512,
+    split: str | None = None,
 ) -> Dataset:
-    """Read one data file (``cfg.path`` unless ``path`` is given) into a ``Dataset``.
+    """Read one data source (``cfg.path`` unless ``path`` is given) into a ``Dataset``.
 
     ``label_names`` fixes the classification label ids (pass the training set's names when
     loading an evaluation file or a site's own file, so that ids agree everywhere); by default
-    they are the sorted distinct labels of the whole file.
+    they are the sorted distinct labels of the whole file. ``split`` picks the split of a
+    folder or hub data set; by default ``cfg.split``, or ``cfg.eval_split`` when ``path`` is
+    ``cfg.eval_path`` (and not ``cfg.path`` too).
     """
     path = path if path is not None else cfg.path
     if path is None:
         raise DataError("no data file: set data.path to the examples (JSONL, CSV or .txt)")
     path = Path(path)
-    text = read_text(path)
-    if cfg.format == "text" or (cfg.format == "auto" and path.suffix.lower() == ".txt"):
-        chunks = text_chunks(text, text_chunk_chars)
+    evaluation = path == cfg.eval_path and path != cfg.path
+    if split is None:
+        split = cfg.eval_split if evaluation else cfg.split
+    if is_table_source(path):
+        if cfg.format == "text":
+            raise DataError(f"{path}: data.format = 'text' needs a .txt file")
+        key = "data.eval-split" if evaluation else "data.split"
+        dataset = _rows_dataset(path, table_records(path, split, key), cfg, label_names)
+    elif cfg.format == "text" or (cfg.format == "auto" and path.suffix.lower() == ".txt"):
+        chunks = text_chunks(read_text(path), text_chunk_chars)
         dataset = Dataset([Example(text=chunk) for chunk in chunks], "text", None, path)
     else:
-        records = read_records(path, text, explicit_format=cfg.format != "auto")
-        if not records:
-            raise DataError(
-                f"{path}: no examples found; expected at least one row after the header"
-            )
-        kind = _detect_kind(*records[0], cfg) if cfg.format == "auto" else cfg.format
-        if kind == "classification":
-            dataset = _classification_dataset(path, records, cfg, label_names)
-        else:
-            examples = [_instruction_example(where, row, cfg) for where, row in records]
-            dataset = Dataset(examples, "instruction", None, path)
+        records = read_records(path, read_text(path), explicit_format=cfg.format != "auto")
+        dataset = _rows_dataset(path, records, cfg, label_names)
     if not dataset.examples:
         raise DataError(f"{path}: no examples found; expected at least one")
     log.info("loaded %d %s examples from %s", len(dataset.examples), dataset.kind, path)
     return dataset
+
+
+def _rows_dataset(
+    path: Path, records: list[Record], cfg: DataConfig, label_names: list[str] | None
+) -> Dataset:
+    """Instruction or classification examples from located rows."""
+    if not records:
+        raise DataError(f"{path}: no examples found; expected at least one row after the header")
+    kind = _detect_kind(*records[0], cfg) if cfg.format == "auto" else cfg.format
+    if kind == "classification":
+        return _classification_dataset(path, records, cfg, label_names)
+    examples = [_instruction_example(where, row, cfg) for where, row in records]
+    return Dataset(examples, "instruction", None, path)
 
 
 # --------------------------------------------------------------------------- partitioning

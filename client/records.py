@@ -1,7 +1,9 @@
 """Read a data file into text or rows, with errors that name the file and the line.
 
 ``client.data`` turns the rows into examples; this module knows only file formats: UTF-8 text,
-JSON lines (or one JSON array of objects) and CSV with a header row.
+JSON lines (or one JSON array of objects) and CSV with a header row. Parquet files, folders and
+hub data sets go through ``datasets`` (``client.tables``); these three formats stay here because
+this reader names the line of every problem and keeps CSV values as the strings they are.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def read_records(path: Path, text: str, explicit_format: bool) -> list[Record]:
     if not explicit_format:
         raise DataError(
             f"{path}: cannot tell the format from the suffix {suffix!r}; expected .jsonl, "
-            ".json, .csv or .txt, or set data.format"
+            ".json, .csv, .txt or .parquet, or set data.format"
         )
     # An explicit format with an unusual suffix: JSON if it looks like JSON, else CSV.
     if text.lstrip()[:1] in ("{", "["):

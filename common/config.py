@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import ConfigError
+from common.model_names import looks_like_dataset_name
 from common.modules import MODULE_NAME, PRIVATE, SHARED, module_group
 
 if sys.version_info >= (3, 11):
@@ -77,11 +78,17 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where the examples come from and how simulation splits them into sites."""
 
-    # The examples a simulation splits among its sites. A deployed coordinator never reads
-    # it (each site reads its own data, named in its site config).
+    # The examples a simulation splits among its sites: a .jsonl/.json/.csv/.txt file, a
+    # .parquet file, a folder (of data files, or written by datasets' save_to_disk), or a
+    # Hugging Face data set name (org/name; from the local cache when offline). A deployed
+    # coordinator never reads it (each site reads its own data, named in its site config).
     path: Path | None = None
-    # Optional file the coordinator evaluates each global adapter on.
+    # Optional data the coordinator evaluates each global adapter on (same forms).
     eval_path: Path | None = None
+    # The split read from a folder or hub data set: data.split for data.path, data.eval-split
+    # for data.eval-path (a single file is its own split).
+    split: str = "train"
+    eval_split: str = "test"
     # Licence of the data (an SPDX or hub licence id, e.g. "cc-by-sa-3.0"), written into the
     # model card of every published version; None = unknown.
     license: str | None = None
@@ -529,10 +536,13 @@ def resolve_paths(
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 # Relative to the config file's folder; else (e.g. a --set path) to the cwd.
                 candidate = base_dir / value
-                use_cwd = not _exists(candidate, f"{section}.{key}") and _exists(
-                    Path(value), f"{section}.{key}"
-                )
-                table[key] = str(Path(value) if use_cwd else candidate)
+                in_cwd = _exists(Path(value), f"{section}.{key}")
+                if not _exists(candidate, f"{section}.{key}") and (
+                    in_cwd or (section == "data" and looks_like_dataset_name(value))
+                ):
+                    table[key] = value  # a file in the cwd, or a hub data set name as given
+                else:
+                    table[key] = str(candidate)
 
 
 def _exists(path: Path, key: str) -> bool:
@@ -569,6 +579,8 @@ def _check_files(cfg: RunConfig) -> None:
     )
     for key, path in files:
         if path is not None and not _exists(path, key):
+            if key.startswith("data.") and looks_like_dataset_name(str(path)):
+                continue  # a hub data set name: client.tables looks it up in the cache
             raise ConfigError(f"{key}: file not found: {path}")
 
 

@@ -1,4 +1,4 @@
-"""Names of base models: aliases, Hugging Face hub ids, and the local Hugging Face cache.
+"""Names of base models and data sets: aliases, Hugging Face hub ids, the local HF cache.
 
 A model is named portably (an alias or a hub id) and resolved to a local folder; adapters and
 model cards record the portable name, never the folder it was found in. This module imports
@@ -46,6 +46,15 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 def looks_like_hub_id(name: str) -> bool:
     """Whether ``name`` has the shape of a hub repository id (``org/name`` or ``name``)."""
     return bool(_HUB_ID.fullmatch(name)) and "--" not in name and ".." not in name
+
+
+# Suffixes of single data files: a name ending in one of these is a file, never a hub name.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".tsv", ".parquet", ".arrow")
+
+
+def looks_like_dataset_name(name: str) -> bool:
+    """A hub data set name (``org/name`` or ``name``) rather than a file: no file suffix."""
+    return looks_like_hub_id(name) and not name.lower().endswith(DATA_FILE_SUFFIXES)
 
 
 def hub_offline() -> bool:

@@ -38,6 +38,7 @@ from common.keys import (
     load_site_private,
     public_path_for,
 )
+from common.model_names import looks_like_dataset_name
 from common.progress import console, print_message
 from common.site_config import SiteConfig, load_site_config
 from fedlora.deploy_flower import executable, flower_env
@@ -104,8 +105,8 @@ def inspect_site(
     from common.models import load_base
 
     check_keys(cfg)
-    if not cfg.data.path.is_file():
-        raise SiteCheckError(f"data.path: {cfg.data.path} not found")
+    if not cfg.data.path.exists() and not looks_like_dataset_name(str(cfg.data.path)):
+        raise SiteCheckError(f"data.path: {cfg.data.path} not found")  # a file, folder or hub name
     data, _, labels = load_site_data(cfg, None)
     base = load_base(cfg.model, num_labels=labels or None)
     expected = expect_fingerprint or cfg.site.expect_fingerprint

@@ -111,7 +111,9 @@ def run_labels(cfg: RunConfig, deployed: bool) -> tuple[list[str] | None, Datase
         labels = dataset.label_names
     eval_set = None
     if cfg.data.eval_path is not None:
-        eval_set = load_dataset(cfg.data, cfg.data.eval_path, label_names=labels)
+        eval_set = load_dataset(
+            cfg.data, cfg.data.eval_path, label_names=labels, split=cfg.data.eval_split
+        )
         labels = eval_set.label_names
     if cfg.model.task == "classification" and not labels:
         raise ConfigError(

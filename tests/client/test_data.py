@@ -266,7 +266,8 @@ LONG_LINE = '{"instruction": "' + "x" * 1_000_001 + '", "response": "r"}\n'
             r"line 1: column 'label' must be a string or integer",
         ),
         ("cols.jsonl", b'{"question": "q", "answer": "a"}\n', r"cols\.jsonl, line 1: cannot tell"),
-        ("data.parquet", b"PAR1", r"data\.parquet: cannot tell the format from the suffix"),
+        ("data.pq", b"PAR1", r"data\.pq: cannot tell the format from the suffix"),
+        ("data.parquet", b"PAR1", r"data\.parquet: datasets cannot read it"),
         ("arr.json", b'[{"instruction": "i",}]', r"arr\.json, line 1: invalid JSON"),
     ],
 )
