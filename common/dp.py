@@ -185,7 +185,9 @@ def add_gaussian_noise(
         Noise standard deviation per coordinate, in delta units (e.g. ``sigma * C``); >= 0.
     generator
         Source of the noise. Tests pass a fixed seed; production passes
-        ``secure_generator()``. Tensors are drawn in ``delta``'s key order.
+        ``secure_generator()``. Tensors are drawn in sorted key order, so that the noise a
+        key gets does not depend on the mapping's order: a resumed run rebuilds its state
+        from a checkpoint that stores keys sorted, and must draw what the first run drew.
 
     Returns
     -------
@@ -200,13 +202,13 @@ def add_gaussian_noise(
     if not (math.isfinite(std) and std >= 0):
         raise ConfigError(f"noise std is {std!r}, expected a finite number >= 0")
     noisy: AdapterState = {}
-    for key, tensor in delta.items():
-        base = tensor.detach().to(torch.float32)
+    for key in sorted(delta):
+        base = delta[key].detach().to(torch.float32)
         noise = torch.randn(
             base.shape, generator=generator, dtype=torch.float32, device=generator.device
         )
         noisy[key] = base + noise.to(base.device) * std
-    return noisy
+    return {key: noisy[key] for key in delta}
 
 
 def central_noise_std(noise_multiplier: float, clip: float) -> float:

@@ -154,6 +154,18 @@ def test_gaussian_noise_shapes_dtype_determinism_and_input_untouched() -> None:
     assert all(torch.equal(unchanged[k], delta[k].float()) for k in delta)
 
 
+def test_gaussian_noise_a_key_gets_does_not_depend_on_the_mapping_order() -> None:
+    """A resumed run holds its state in the checkpoint's (sorted) key order, the first run in
+    the model's: both must draw the same noise for the same key, or resume is not exact."""
+    delta = random_delta(5)
+    reordered = dict(reversed(list(delta.items())))
+    first = add_gaussian_noise(delta, 0.1, torch.Generator().manual_seed(3))
+    second = add_gaussian_noise(reordered, 0.1, torch.Generator().manual_seed(3))
+    assert list(first) == list(delta) and list(second) == list(reordered)
+    for key in delta:
+        assert torch.equal(first[key], second[key]), key
+
+
 @pytest.mark.parametrize("bad", [-0.1, math.inf, math.nan])
 def test_gaussian_noise_rejects_bad_std(bad: float) -> None:
     with pytest.raises(ConfigError, match="noise std"):
