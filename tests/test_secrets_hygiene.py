@@ -14,10 +14,12 @@ import stat
 import subprocess
 import sys
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import load_file
@@ -203,21 +205,68 @@ def plant_canary(source: Path, target: Path) -> int:
     return planted
 
 
-def tensor_markers(registry: Path) -> list[str]:
-    """Text forms of windows of every published tensor's bytes: hex, and base64 at each of the
-    three alignments a logged payload could put them at. Low-entropy windows (zeros) are
-    skipped: they would match hashes and counters."""
+def _windows(tensors: Iterable[torch.Tensor]) -> list[bytes]:
+    """Windows of 24 bytes at four offsets of each tensor's float32 bytes. Low-entropy windows
+    (zeros) are skipped: they would match hashes and counters."""
+    windows: list[bytes] = []
+    for tensor in tensors:
+        raw = tensor.detach().to(torch.float32).contiguous().numpy().tobytes()
+        for start in range(0, max(len(raw) - 24, 0), max(len(raw) // 4, 1)):
+            window = raw[start : start + 24]
+            if len(set(window)) >= 12:
+                windows.append(window)
+    return windows
+
+
+def text_markers(windows: list[bytes]) -> list[str]:
+    """Text forms of each window: hex, and base64 at each of the three alignments a logged
+    payload could put it at."""
     markers: list[str] = []
-    for path in sorted(registry.rglob("adapter_model.safetensors")):
-        for tensor in load_file(str(path)).values():
-            raw = tensor.contiguous().numpy().tobytes()
-            for start in range(0, max(len(raw) - 24, 0), max(len(raw) // 4, 1)):
-                window = raw[start : start + 24]
-                if len(set(window)) < 12:
-                    continue
-                markers.append(window.hex())
-                markers += [base64.b64encode(window[k : k + 18]).decode() for k in range(3)]
+    for window in windows:
+        markers.append(window.hex())
+        markers += [base64.b64encode(window[k : k + 18]).decode() for k in range(3)]
     return markers
+
+
+def tensor_markers(registry: Path) -> list[str]:
+    """``text_markers`` of every published tensor (the aggregates)."""
+    paths = sorted(registry.rglob("adapter_model.safetensors"))
+    return text_markers(_windows(t for p in paths for t in load_file(str(p)).values()))
+
+
+def site_deltas(canary: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each site's round-1 delta, recomputed in this process (training is deterministic for a
+    seed), and checked against the run: their mean is the published version 1, bit for bit.
+
+    What the scan must never find is a single site's delta; the published aggregates are
+    meant to be read.
+    """
+    from client.data import load_dataset, site_data
+    from client.site import AdapterHost, SiteRuntime
+    from common.config import load_config, site_plan
+    from server.aggregate import Aggregator, SiteDelta
+    from server.registry import Registry
+
+    cfg = load_config(REPO / "examples" / "tiny.toml", canary["settings"])
+    registry = Registry(canary["out"] / "registry")
+    v0, v1 = ({f"shared/{k}": t for k, t in registry.load("shared", v).items()} for v in (0, 1))
+    dataset = load_dataset(cfg.data)
+    host = AdapterHost(cfg.model, cfg.modules, None)
+    sites = cfg.federation.sites
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the simulation's workers (one CPU per site)
+    try:
+        deltas = {}
+        for i in range(sites):
+            data = site_data(dataset, i, sites, cfg.data)
+            site = SiteRuntime(host, data, dataset.kind, f"site-{i}", i)
+            deltas[f"site-{i}"] = site.train(v0, site_plan(cfg), server_round=1, version=0)
+    finally:
+        torch.set_num_threads(threads)
+    updates = [SiteDelta(s, u.examples, u.delta) for s, u in deltas.items()]
+    mean = Aggregator(cfg).aggregate(v0, updates, server_round=1, version=1)
+    assert v1 and all(torch.equal(mean[k], v1[k]) for k in v1), "recomputed deltas differ"
+    return {site: update.delta for site, update in deltas.items()}
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +276,10 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     data.parent.mkdir()
     planted = plant_canary(REPO / "examples" / "data" / "dolly-tiny.jsonl", data)
     out = work / "run"
-    overrides = ["--set", f"data.path={data}"]
+    settings = [f"data.path={data}"]
     if sealed_mode_available():  # the default mode once it exists: keys are made under out
-        overrides += ["--set", 'privacy.mode="sealed"']
+        settings.append('privacy.mode="sealed"')
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
     command = [sys.executable, "-m", "fedlora.cli", "-v", "simulate", "examples/tiny.toml"]
     result = subprocess.run(
         [*command, "--out", str(out), *overrides],
@@ -241,7 +291,7 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    return {"out": out, "log": log, "planted": planted, "data": data}
+    return {"out": out, "log": log, "planted": planted, "data": data, "settings": settings}
 
 
 def text_files(out: Path) -> dict[str, str]:
@@ -281,6 +331,25 @@ def test_no_delta_bytes_in_logs_or_text_files(canary_run: dict[str, Any]) -> Non
 
 
 @pytest.mark.slow
+def test_no_site_delta_anywhere_in_the_run(canary_run: dict[str, Any]) -> None:
+    """No single site's delta, raw or as hex or base64 text, is in any file the run wrote
+    (binary ones included: tensors, checkpoint, site stores) or in its log."""
+    out = canary_run["out"]
+    deltas = site_deltas(canary_run)
+    assert len(deltas) == 3
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    files["captured log"] = canary_run["log"].encode()
+    assert any(name.endswith("checkpoint.safetensors") for name in files)
+    for site, delta in deltas.items():
+        windows = _windows(delta.values())
+        assert len(windows) >= 2 * len(delta), site  # every tensor is represented
+        needles = windows + [marker.encode() for marker in text_markers(windows)]
+        for name, data in files.items():
+            for needle in needles:
+                assert needle not in data, f"{name} holds {site}'s delta"
+
+
+@pytest.mark.slow
 def test_run_keys_are_private_and_never_logged(canary_run: dict[str, Any]) -> None:
     out, log = canary_run["out"], canary_run["log"]
     keys = sorted(out.rglob("*.key"))
@@ -300,7 +369,6 @@ def test_run_keys_are_private_and_never_logged(canary_run: dict[str, Any]) -> No
 
 def test_tensor_markers_find_a_logged_payload(tmp_path: Path) -> None:
     """The marker scan is not vacuous: a payload logged as hex or base64 is caught."""
-    import torch
     from safetensors.torch import save_file
 
     folder = tmp_path / "registry" / "shared" / "v0001"

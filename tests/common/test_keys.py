@@ -236,11 +236,12 @@ def test_repr_and_errors_never_show_key_material(tmp_path: Path, kem: str) -> No
     path = generate_coordinator_key(tmp_path, kem)  # type: ignore[arg-type]
     key = load_coordinator_private(path)
     texts = [repr(key), str(key), repr(key.public_key())]
-    for loader in (load_site_private, load_site_public):
-        try:
-            loader(path if loader is load_site_private else public_path_for(path))
-        except FedloraError as err:
-            texts.append(str(err))
+    # A coordinator key is no site key: both loaders must refuse it (a loader that accepted
+    # it would be a bug of its own, and would leave this test with no error text to check).
+    for loader, file in ((load_site_private, path), (load_site_public, public_path_for(path))):
+        with pytest.raises(FedloraError) as refused:
+            loader(file)
+        texts.append(str(refused.value))
     path.chmod(0o644)
     with pytest.raises(KeyMaterialError) as caught:
         load_coordinator_private(path)
