@@ -47,6 +47,7 @@ from common.secagg_records import (
     unmask_request_to_record,
 )
 from common.secagg_server import SecAggResult, SecAggServer
+from tests.fixed_point_bound import sum_error_bound
 
 CONTEXT = b"fedlora/1|run-test|round-1|module-default|version-0"
 NORM_BOUND = 1.0  # L2 bound C, so coordinates are clipped to [-1, 1]
@@ -115,7 +116,10 @@ def run(
 def assert_close(rnd: Round, result: SecAggResult, survivors: Collection[int]) -> None:
     weighted, weight = rnd.expected(survivors)
     assert set(result.survivors) == set(survivors)
-    bound = max_abs_error_per_coordinate(rnd.params, len(survivors))
+    p = rnd.params
+    bound = sum_error_bound(
+        p.num_sites, p.max_weight, p.clip_range, len(survivors), p.rounding == "stochastic"
+    )
     assert np.abs(result.weighted_sum - weighted).max() <= bound
     assert abs(result.total_weight - weight) <= max_abs_weight_error(rnd.params, len(survivors))
 
@@ -529,6 +533,18 @@ def test_params_for_scale_uses_the_whole_int32_range() -> None:
     params = params_for(10, NORM_BOUND, MAX_WEIGHT)
     assert 10 * params.level_bound <= 2**31 - 1 < 10 * (params.level_bound + 2)
     assert params.weight_scale == 2**17  # largest power of two with 10 * 1000 * 2**k < 2**31
+
+
+@pytest.mark.parametrize(("sites", "weight", "clip"), [(3, 1.0, 1.0), (10, 1000.0, 0.5)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_reported_error_bound_matches_the_fixed_point_design(
+    sites: int, weight: float, clip: float, rounding: str
+) -> None:
+    """What the code reports as its error bound (runs log it) is the design's, not larger."""
+    params = params_for(sites, clip, weight, rounding=rounding)  # type: ignore[arg-type]
+    for summed in (1, sites):
+        design = sum_error_bound(sites, weight, clip, summed, rounding == "stochastic")
+        assert max_abs_error_per_coordinate(params, summed) == pytest.approx(design, rel=1e-5)
 
 
 def test_params_for_refuses_error_above_target() -> None:
