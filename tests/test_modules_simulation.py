@@ -176,6 +176,7 @@ def test_sites_keep_what_they_hold_and_load_it_for_inference(modules_run: dict[s
     for version in (0, 1, 2):
         theirs = coordinator.load("shared", version)
         mine = stores["site-1"].load("shared", version)
+        assert theirs and sorted(mine) == sorted(theirs)
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     privates = [store.load("style", 2) for store in stores.values()]
     key = next(k for k in privates[0] if "lora_B" in k)

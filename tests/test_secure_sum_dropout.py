@@ -16,11 +16,12 @@ from flwr.simulation import run_simulation
 
 from client.app import SiteKeys, make_client_app
 from common import protocol as P
-from common.config import load_config
+from common.config import SecureSumConfig, load_config
 from fedlora.simulate import backend_config, provision_keys
 from server.app import make_server_app
 from server.federation import prepare
 from server.registry import Registry
+from tests.fixed_point_bound import mean_error_bound
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +77,14 @@ def test_dropouts_after_sharing_are_recovered(
     assert "failed" not in line
     assert sorted(line["cohort"]) == sorted(sealed["metrics"][1]["cohort"])
     assert len(line["cohort"]) == survivors
-    bound = line["secure_sum_max_abs_error"]
+    # From the fixed-point design (the default max-weight and clip-range), not from the bound
+    # the run reports, which must not exceed it either.
+    ss = SecureSumConfig()
+    bound = mean_error_bound(sites, ss.max_weight, ss.clip_range, survivors)
+    assert 0 < line["secure_sum_max_abs_error"] <= bound
     ours, plain = secure["registry"].load("shared", 1), sealed["registry"].load("shared", 1)
-    for key in plain:
-        assert float((ours[key] - plain[key]).abs().max()) <= bound * 1.01, key
+    for key in plain:  # + float32 rounding of the stored adapters (1e-7 here)
+        assert float((ours[key] - plain[key]).abs().max()) <= bound + 1e-7, key
 
 
 def test_below_threshold_the_round_fails_and_the_version_stays(tmp_path: Path) -> None:
@@ -91,4 +96,4 @@ def test_below_threshold_the_round_fails_and_the_version_stays(tmp_path: Path) -
     assert "threshold" in str(line["failed"]), line["failed"]
     assert [v.version for v in secure["registry"].versions("shared")] == [0]
     v0 = secure["registry"].load("shared", 0)
-    assert all(torch.isfinite(t).all() for t in v0.values())
+    assert v0 and all(torch.isfinite(t).all() for t in v0.values())

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from common.allow_list import add_site
-from common.config import load_config
+from common.config import SecureSumConfig, load_config
 from common.dp import PrivacyAccountant
 from common.keys import generate_site_key, public_path_for
 from fedlora.simulate import simulate
 from server.checkpoint import load_checkpoint
 from server.registry import Registry
+from tests.fixed_point_bound import mean_error_bound
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,8 @@ def _factors(state: dict[str, torch.Tensor], which: str) -> dict[str, torch.Tens
 def test_ffa_keeps_a_fixed_and_sends_half(tmp_path: Path, fedavg: dict[str, Any]) -> None:
     run = run_tiny(tmp_path / "run", "aggregation.rule='ffa'")
     v0, v2 = run["registry"].load("shared", 0), run["registry"].load("shared", 2)
-    assert all(torch.equal(v0[k], v2[k]) for k in _factors(v0, "A"))
+    frozen = _factors(v0, "A")
+    assert frozen and all(torch.equal(v0[k], v2[k]) for k in frozen)  # (an empty all() passes)
     assert any(not torch.equal(v0[k], v2[k]) for k in _factors(v0, "B"))
     ffa_up = run["metrics"][1]["bytes_up"]
     assert ffa_up < 0.6 * fedavg["metrics"][1]["bytes_up"]
@@ -65,7 +67,8 @@ def test_block_encodings_through_a_sealed_simulation(
 def test_fedsa_keeps_b_at_the_sites(tmp_path: Path) -> None:
     run = run_tiny(tmp_path / "run", "aggregation.rule='fedsa'")
     v0, v2 = run["registry"].load("shared", 0), run["registry"].load("shared", 2)
-    assert all(torch.equal(v2[k], torch.zeros_like(v2[k])) for k in _factors(v2, "B"))
+    kept = _factors(v2, "B")
+    assert kept and all(torch.equal(v2[k], torch.zeros_like(v2[k])) for k in kept)
     assert any(not torch.equal(v0[k], v2[k]) for k in _factors(v0, "A"))
     # Sites evaluate with their private B: their held-out loss improves.
     assert run["metrics"][-1]["eval_loss"] < run["metrics"][0]["eval_loss"]
@@ -128,12 +131,15 @@ def test_secure_sum_matches_sealed_within_its_error_bound(
 ) -> None:
     run = run_tiny(tmp_path / "run", "privacy.mode='secure-sum'")
     assert all(m["rejected"] == [] for m in run["metrics"])
-    bound = max(m["secure_sum_max_abs_error"] for m in run["metrics"][1:])
-    assert 0 < bound < 1e-3
+    # The tolerance follows from the fixed-point design (3 sites, the default max-weight and
+    # clip-range), not from the bound the run reports, which must not exceed it either.
+    bound = mean_error_bound(3, SecureSumConfig().max_weight, SecureSumConfig().clip_range, 3)
+    assert 0 < max(m["secure_sum_max_abs_error"] for m in run["metrics"][1:]) <= bound
     ours, plain = run["registry"].load("shared", 1), fedavg["registry"].load("shared", 1)
     for key in plain:
-        # one round of FedAvg: the mean delta differs by at most the documented bound
-        assert float((ours[key] - plain[key]).abs().max()) <= bound * 1.01, key
+        # one round of FedAvg: the mean delta differs by the fixed-point error (+ float32
+        # rounding of the stored adapters, 1e-7 here)
+        assert float((ours[key] - plain[key]).abs().max()) <= bound + 1e-7, key
     assert run["registry"].get("shared").manifest["privacy"] == "secure-sum"
 
 
@@ -162,7 +168,8 @@ def test_sites_evaluate_every_nth_round_and_the_last(tmp_path: Path) -> None:
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
     evaluated = [m["round"] for m in metrics if m["eval_loss"] is not None]
     assert evaluated == [0, 2, 3]
-    assert all("evaluate" not in site for site in metrics[1]["sites"].values())
+    trained_only = metrics[1]["sites"]
+    assert len(trained_only) == 3 and all("evaluate" not in s for s in trained_only.values())
     assert len(metrics[1]["cohort"]) == 3 and metrics[1]["rejected"] == []  # round 1 trained
 
 

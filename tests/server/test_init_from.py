@@ -65,7 +65,7 @@ def test_sources_are_the_published_tensors(source: Path) -> None:
     latest = read_init_sources(_cfg(str(source)))["shared"]
     assert latest.version == 1
     published = load_file(str(source / "registry/shared/v0001" / ADAPTER_FILE))
-    assert sorted(latest.state) == sorted(published)
+    assert published and sorted(latest.state) == sorted(published)
     assert all(torch.equal(latest.state[k], published[k]) for k in published)
     first = read_init_sources(_cfg(f"{source / 'registry'}:shared:0"))["shared"]
     assert first.version == 0
