@@ -8,8 +8,9 @@ Delta sizes are fp32 deltas of 7,680 / 115,200 / 460,800 / 1,843,200 coordinates
   open), for both KEMs; the coordinator opens N envelopes per round. Median of ``--repeats``.
 - **secure sum** (``common.secagg*``, Bonawitz et al. with a full peer graph, no dropouts):
   one round of N sites run in this process, every stage timed on its own: a site's total is
-  advertise + share keys + masked input + unmask, the coordinator's is its four stages.
-  Bytes up per site are the masked input (4 (L + 1)) plus the sealed shares and the advert.
+  advertise + share keys + masked input + confirm + unmask, the coordinator's is its five
+  stages. Bytes up per site are the masked input (4 (L + 1)) plus the sealed shares, the
+  advert and the confirmation signature.
 
     python benchmarks/bench_crypto.py [--sites 5 10] [--repeats 5] [--large]
 """
@@ -105,7 +106,11 @@ def secure_sum_round(coordinates: int, sites: int, seed: int = 0) -> dict[str, A
     masked = {i: _timed(site_s[i], "masked_input",
                         partial(members[i].masked_input, routed[i], deltas[i], 100.0))
               for i in routed}  # fmt: skip
-    requests = _timed(server_s, "collect_masked", partial(server.collect_masked, masked))
+    lists = _timed(server_s, "collect_masked", partial(server.collect_masked, masked))
+    signatures = {i: _timed(site_s[i], "confirm", partial(members[i].confirm, r))
+                  for i, r in lists.items()}  # fmt: skip
+    requests = _timed(server_s, "collect_confirmations",
+                      partial(server.collect_confirmations, signatures))  # fmt: skip
     replies = {i: _timed(site_s[i], "unmask", partial(members[i].unmask, r))
                for i, r in requests.items()}  # fmt: skip
     result = _timed(server_s, "unmask", partial(server.unmask, replies))
@@ -122,7 +127,7 @@ def secure_sum_round(coordinates: int, sites: int, seed: int = 0) -> dict[str, A
             "server_total_s": sum(c.wall for c in server_s.values()),
             "server_total_cpu_s": sum(c.cpu for c in server_s.values()),
             "bytes_up_per_site": 4 * (coordinates + 1) + (sites - 1) * CIPHERTEXT_BYTES
-            + 3 * KEY_BYTES + SIGNATURE_BYTES,
+            + 3 * KEY_BYTES + 2 * SIGNATURE_BYTES,
             "max_abs_error": error}  # fmt: skip
 
 

@@ -26,6 +26,8 @@ from common.secagg_client import SecAggSite
 from common.secagg_records import (
     adverts_from_record,
     adverts_to_record,
+    confirm_request_from_record,
+    confirmation_to_record,
     shares_from_record,
     shares_to_record,
     unmask_reply_to_record,
@@ -116,7 +118,7 @@ def continue_round(
     signing_key: Ed25519PrivateKey,
     peer_keys: Mapping[int, Ed25519PublicKey],
 ) -> RecordDict:
-    """Stages 2-4: share keys, masked input, unmask; the reply for the coordinator.
+    """Stages 2-5: share keys, masked input, confirm, unmask; the reply for the coordinator.
 
     The state is saved even when a stage fails: a stage counts as used once entered, so a
     coordinator can never replay one (e.g. ask twice for unmask shares) against old state.
@@ -145,6 +147,9 @@ def _run_stage(
         shares = shares_from_record(dict(payload))
         masked = site.masked_input(shares, delta.to_numpy_ndarrays()[0], weight)
         return RecordDict({P.SECAGG_RECORD: ArrayRecord([masked])})
+    if stage == P.STAGE_CONFIRM:
+        signature = site.confirm(confirm_request_from_record(dict(payload)))
+        return RecordDict({P.SECAGG_RECORD: _config(dict(confirmation_to_record(signature)))})
     if stage == P.STAGE_UNMASK:
         reply = site.unmask(unmask_request_from_record(dict(payload)))
         return RecordDict({P.SECAGG_RECORD: _config(dict(unmask_reply_to_record(reply)))})

@@ -49,7 +49,8 @@ KEY_PLAN = "plan"
 KEY_SIGNATURE = "signature"
 
 # Secure-sum stages: the stage name, public parameters and site numbering travel in the header;
-# stage payloads (adverts, sealed shares, masked input, unmask requests/replies) in SECAGG_RECORD.
+# stage payloads (adverts, sealed shares, masked input, survivor list and confirmation, unmask
+# requests/replies) in SECAGG_RECORD.
 KEY_STAGE = "stage"
 KEY_SECAGG_PARAMS = "secagg-params"
 KEY_SITE_NUMBERS = "site-numbers"
@@ -60,6 +61,7 @@ SECAGG_RECORD = "secagg"
 STAGE_TRAIN = "train"
 STAGE_SHARE = "secagg-share"
 STAGE_MASK = "secagg-mask"
+STAGE_CONFIRM = "secagg-confirm"  # each survivor signs the one survivor list (consistency)
 STAGE_UNMASK = "secagg-unmask"
 
 # Keys of the update ConfigRecord (site -> coordinator): one payload per sent module.

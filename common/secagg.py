@@ -18,10 +18,17 @@ Stages (``SecAggSite`` in ``common.secagg_client``, ``SecAggServer`` in
    share of ``s_sk``, which nobody may ever ask it for).
 2. masked input: fixed-point levels of ``w * clip(x)`` and ``w``, plus PRG(b_i), plus
    PRG(s_ij) for neighbours j > i, minus PRG(s_ij) for j < i, all mod 2**32.
-3. unmask: b-shares of surviving neighbours and its own, s-shares of dropped neighbours
-   (never both for one peer); the coordinator reconstructs and removes the masks. With the
-   own share a survivor's ``b`` needs only t - 1 surviving neighbours: 5 sites on the full
-   graph (k = 4, t = 3) recover from 2 dropouts.
+3. confirm (the consistency check of Bonawitz et al. 2017, section 6, against a coordinator
+   that lies about who dropped): the coordinator sends every survivor the one list U of sites
+   whose masked input it summed; each signs ``(context, U)`` with its identity key, once.
+4. unmask: with at least t of its neighbours' (or its own) signatures over the same U, a site
+   reveals b-shares of the neighbours in U and its own, s-shares of the neighbours not in U
+   (never both for one peer); the coordinator reconstructs and removes the masks. Telling
+   some sites that a victim survived and others that it dropped would need two lists each
+   signed by t of the victim's neighbourhood, which honest sites (each signing one list)
+   never give when t exceeds half of it. With the own share a survivor's ``b`` needs only
+   t - 1 surviving neighbours: 5 sites on the full graph (k = 4, t = 3) recover from 2
+   dropouts.
 
 Primitives (all from ``cryptography``, plus pycryptodome's GF(2**128) Shamir that Flower's
 ``secure_aggregation.crypto.shamir`` wraps): X25519, HKDF-SHA256 with ``info`` binding the
@@ -305,16 +312,28 @@ class KeyAdvert:
 
 
 @dataclass(frozen=True)
+class ConfirmRequest:
+    """Stage 3, coordinator -> every survivor: the sites whose masked input is in the sum."""
+
+    survivors: tuple[int, ...]  # sorted ids, the site itself among them
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
-    """Stage 3, coordinator -> site: which of its neighbours survived or dropped."""
+    """Stage 4, coordinator -> site: which of its neighbours survived or dropped.
+
+    ``confirmations``: ``{site id: Ed25519 signature over confirm_message(context, U)}`` from
+    the survivors that confirmed the same list U the site itself signed.
+    """
 
     survivors: tuple[int, ...]  # neighbours that sent a masked input: reveal their b-shares
     dropped: tuple[int, ...]  # shared keys but sent no masked input: reveal s-shares
+    confirmations: dict[int, bytes]
 
 
 @dataclass(frozen=True)
 class UnmaskReply:
-    """Stage 3, site -> coordinator: ``{owner id: 32-byte share}`` of b and of s_sk.
+    """Stage 4, site -> coordinator: ``{owner id: 32-byte share}`` of b and of s_sk.
 
     ``seed_shares`` holds the requested survivors' shares and the site's own.
     """
@@ -335,6 +354,11 @@ def _bind(label: bytes, context: bytes, *ids: int) -> bytes:
 def advert_message(context: bytes, site_id: int, c_pk: bytes, s_pk: bytes, commit: bytes) -> bytes:
     """The bytes an advert's Ed25519 signature covers."""
     return _bind(b"advert", context, site_id) + c_pk + s_pk + commit
+
+
+def confirm_message(context: bytes, survivors: tuple[int, ...]) -> bytes:
+    """The bytes a survivor's confirmation signature covers: the round and the list U."""
+    return _bind(b"survivors", context, len(survivors), *survivors)
 
 
 def verify_advert(advert: KeyAdvert, public_key: Ed25519PublicKey, context: bytes) -> None:

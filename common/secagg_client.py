@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -32,6 +32,8 @@ from common.secagg import (
     MAX_CONTEXT_BYTES,
     NONCE_BYTES,
     SHARE_BYTES,
+    SIGNATURE_BYTES,
+    ConfirmRequest,
     KeyAdvert,
     SecAggError,
     SecAggParams,
@@ -42,6 +44,7 @@ from common.secagg import (
     check_bytes,
     check_context,
     check_site_id,
+    confirm_message,
     holders,
     neighbours,
     pair_mask_key,
@@ -67,10 +70,10 @@ from common.secagg_records import (
 )
 
 # Stages in order; ``_stage`` holds the next one allowed.
-_ADVERTISE, _SHARE, _MASK, _UNMASK, _DONE = range(5)
-_STAGE_NAMES = ("advertise", "share_keys", "masked_input", "unmask", "done")
+_ADVERTISE, _SHARE, _MASK, _CONFIRM, _UNMASK, _DONE = range(6)
+_STAGE_NAMES = ("advertise", "share_keys", "masked_input", "confirm", "unmask", "done")
 # Layout version of ``SecAggSite.to_state``.
-STATE_VERSION = 2
+STATE_VERSION = 3
 _STATE_KEYS = frozenset(
     {
         "state-version",
@@ -98,6 +101,7 @@ _STATE_KEYS = frozenset(
         "held-seed-shares",
         "held-key-shares",
         "own-seed-share",
+        "confirmed-survivors",
     }
 )
 
@@ -151,6 +155,8 @@ class SecAggSite:
         # This site's own share of b (Shamir index: its place among ``holders``), set in
         # share_keys and revealed in unmask.
         self._own_seed_share: bytes | None = None
+        # The survivor list U this site signed in confirm; unmask answers only for it.
+        self._confirmed: tuple[int, ...] | None = None
 
     def _enter(self, stage: int) -> None:
         """Consume ``stage``: each runs once, in order, even if it then fails."""
@@ -306,17 +312,100 @@ class SecAggSite:
                 masked -= mask
         return masked
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        """Stage 3: b-shares of surviving neighbours and its own, s_sk-shares of dropped ones.
+    def _floor(self) -> int:
+        """Fewest survivors among its neighbours and itself this site unmasks for."""
+        floor = self.params.threshold
+        if len(self.neighbours) == self.params.num_sites - 1:  # full graph: it sees everyone
+            floor = max(floor, self.params.min_survivors)
+        return floor
+
+    def confirm(self, request: ConfirmRequest) -> bytes:
+        """Stage 3: sign the one survivor list U of this round (the consistency check).
+
+        Returns
+        -------
+        bytes
+            The 64-byte Ed25519 signature over ``confirm_message(context, U)``.
 
         Raises
         ------
         SecAggError
-            If any peer is named as both survivor and dropped (that would reveal its input),
-            the two lists do not split exactly the neighbours whose shares this site holds, or
-            fewer survivors are named than the threshold (the minimum survivors, in a full graph).
+            If U is not a sorted list of distinct site ids that holds this site, or names
+            fewer of its neighbours (plus itself) than the round's floor: told that too few
+            survived, a site would later reveal the mask keys of peers whose inputs are summed.
+        """
+        self._enter(_CONFIRM)
+        survivors = tuple(request.survivors)
+        if list(survivors) != sorted(set(survivors)) or not all(
+            type(i) is int and 1 <= i <= self.params.num_sites for i in survivors
+        ):
+            raise SecAggError(
+                f"site {self.site_id} refuses to confirm: the survivor list must be distinct "
+                f"site ids 1..{self.params.num_sites} in ascending order"
+            )
+        if self.site_id not in survivors:
+            raise SecAggError(
+                f"site {self.site_id} refuses to confirm: the survivor list does not name it, "
+                "although it sent a masked input"
+            )
+        alive = len(set(survivors) & set(self._held)) + 1
+        if alive < self._floor():
+            raise SecAggError(
+                f"site {self.site_id} refuses to confirm: the list names {alive} survivors "
+                f"among its neighbours and itself, below the round's floor of {self._floor()}"
+            )
+        self._confirmed = survivors
+        return self._signing_key.sign(confirm_message(self.context, survivors))
+
+    def _check_confirmations(self, confirmations: Mapping[int, bytes]) -> None:
+        """At least t of its neighbours in U (or itself) signed this site's own list U."""
+        assert self._confirmed is not None
+        survivors = self._confirmed
+        message = confirm_message(self.context, survivors)
+        group = (set(self.neighbours) | {self.site_id}) & set(survivors)
+        valid = set()
+        for signer, signature in confirmations.items():
+            if signer not in group:
+                continue  # a signature of a site outside U or outside its neighbourhood
+            check_bytes(signature, SIGNATURE_BYTES, f"confirmation of site {signer}")
+            if signer == self.site_id:
+                key = self._signing_key.public_key()
+            elif self._peer_keys is None:
+                valid.add(signer)  # no enrolled keys given: the coordinator's check is trusted
+                continue
+            elif signer not in self._peer_keys:
+                raise SecAggError(f"no enrolled identity key for site {signer}")
+            else:
+                key = self._peer_keys[signer]
+            try:
+                key.verify(signature, message)
+            except InvalidSignature:
+                raise SecAggError(
+                    f"site {self.site_id} refuses to unmask: the confirmation of site {signer} "
+                    "does not verify over the survivor list this site confirmed (a different "
+                    "list, or a forged signature)"
+                ) from None
+            valid.add(signer)
+        if len(valid) < self.params.threshold:
+            raise SecAggError(
+                f"site {self.site_id} refuses to unmask: {len(valid)} of its neighbourhood "
+                f"confirmed the survivor list it confirmed, below threshold "
+                f"{self.params.threshold}"
+            )
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Stage 4: b-shares of surviving neighbours and its own, s_sk-shares of dropped ones.
+
+        Raises
+        ------
+        SecAggError
+            If confirm did not run, the request's survivors and dropped do not split this
+            site's peers exactly as the list U it confirmed does, or fewer than t sites of its
+            neighbourhood (itself included) confirmed that same U with a valid signature.
         """
         self._enter(_UNMASK)
+        if self._confirmed is None:
+            raise SecAggError(f"site {self.site_id} refuses to unmask: it confirmed no survivors")
         survivors, dropped = set(request.survivors), set(request.dropped)
         held = set(self._held)
         both = survivors & dropped & held
@@ -331,17 +420,14 @@ class SecAggSite:
                 f"site {self.site_id} refuses to unmask: survivors and dropped must split its "
                 f"peers {sorted(held)} exactly, got {count} ids"
             )
-        # Told that too few peers survived, a site would hand over the mask keys of "dropped"
-        # peers while their masked inputs are in the sum: refuse below the round's floor.
-        alive = len(survivors) + 1  # its surviving neighbours and itself
-        floor = self.params.threshold
-        if len(self.neighbours) == self.params.num_sites - 1:  # full graph: it sees everyone
-            floor = max(floor, self.params.min_survivors)
-        if alive < floor:
+        confirmed = set(self._confirmed)
+        if survivors != held & confirmed:
             raise SecAggError(
-                f"site {self.site_id} refuses to unmask: the request names {alive} survivors "
-                f"(itself included), below the round's floor of {floor}"
+                f"site {self.site_id} refuses to unmask: the request names survivors "
+                f"{sorted(survivors)}, but the list it confirmed names {sorted(held & confirmed)} "
+                "of its peers"
             )
+        self._check_confirmations(request.confirmations)
         if self._own_seed_share is None:
             raise SecAggError(f"site {self.site_id}: no own seed share (share_keys never ran)")
         seed_shares = {peer: self._held[peer][0] for peer in sorted(survivors)}
@@ -359,7 +445,7 @@ class SecAggSite:
         the next. Keys (all kebab-case):
 
         - ``state-version`` (int, STATE_VERSION), ``stage`` (int, the next stage allowed:
-          0 advertise, 1 share_keys, 2 masked_input, 3 unmask, 4 done);
+          0 advertise, 1 share_keys, 2 masked_input, 3 confirm, 4 unmask, 5 done);
         - the parameters: ``num-sites``, ``threshold``, ``degree``, ``min-survivors`` (int),
           ``clip-range``, ``max-weight``, ``scale``, ``weight-scale`` (float), ``rounding``
           (str) (``common.secagg_records.params_to_record``);
@@ -372,7 +458,9 @@ class SecAggSite:
         - the shares held for neighbours as ``held-ids`` (list[int]), ``held-seed-shares``
           and ``held-key-shares`` (list[bytes], 32 bytes each, same order);
         - ``own-seed-share``: the site's own share of b as a list of one 32-byte value once
-          share_keys has run, an empty list before.
+          share_keys has run, an empty list before;
+        - ``confirmed-survivors``: the survivor list U it signed in confirm (list[int]), an
+          empty list before.
 
         The Ed25519 signing key, ``peer_keys`` and ``rng`` are not included: pass them to
         ``from_state``.
@@ -402,6 +490,7 @@ class SecAggSite:
             "held-seed-shares": [self._held[peer][0] for peer in sorted(self._held)],
             "held-key-shares": [self._held[peer][1] for peer in sorted(self._held)],
             "own-seed-share": [] if self._own_seed_share is None else [self._own_seed_share],
+            "confirmed-survivors": list(self._confirmed or ()),
         }
 
     @classmethod
@@ -451,6 +540,7 @@ class SecAggSite:
         key_shares = record_bytes_list(state, "held-key-shares", what, len(held_ids), SHARE_BYTES)
         # share_keys (after which stage >= _MASK) sets the own share even if it then fails.
         own = record_bytes_list(state, "own-seed-share", what, int(stage >= _MASK), SHARE_BYTES)
+        confirmed = record_ids(state, "confirmed-survivors", what, params.num_sites)
 
         site = cls.__new__(cls)
         site.params = params
@@ -461,9 +551,14 @@ class SecAggSite:
             raise SecAggError(f"{what}: adverts of sites that are not neighbours of {site_id}")
         if not set(held_ids) <= set(adverts):
             raise SecAggError(f"{what}: shares held for sites without an accepted advert")
-        # Adverts are kept in share_keys (stage becomes 2), shares in masked_input (3).
-        if (adverts and stage < _MASK) or (held_ids and stage < _UNMASK):
+        # Adverts are kept in share_keys (stage becomes 2), shares in masked_input (3), the
+        # survivor list in confirm (4).
+        if (adverts and stage < _MASK) or (held_ids and stage < _CONFIRM):
             raise SecAggError(f"{what}: adverts or shares present before their stage")
+        if confirmed and (stage < _UNMASK or site_id not in confirmed):
+            raise SecAggError(
+                f"{what}: a confirmed survivor list before confirm, or without {site_id}"
+            )
         site._signing_key = signing_key
         site._peer_keys = peer_keys
         site._rng = rng
@@ -474,4 +569,5 @@ class SecAggSite:
         site._adverts = adverts
         site._held = {peer: (seed_shares[m], key_shares[m]) for m, peer in enumerate(held_ids)}
         site._own_seed_share = own[0] if own else None
+        site._confirmed = tuple(confirmed) if confirmed else None
         return site

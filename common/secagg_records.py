@@ -19,6 +19,7 @@ from common.secagg import (
     MAX_SITES,
     SHARE_BYTES,
     SIGNATURE_BYTES,
+    ConfirmRequest,
     KeyAdvert,
     SecAggError,
     SecAggParams,
@@ -218,9 +219,40 @@ def shares_from_record(record: object) -> dict[int, bytes]:
     return dict(zip(ids, blobs, strict=True))
 
 
+def confirm_request_to_record(request: ConfirmRequest) -> Record:
+    """A ``ConfirmRequest`` as ``survivors`` (list[int])."""
+    return {"survivors": list(request.survivors)}
+
+
+def confirm_request_from_record(record: object) -> ConfirmRequest:
+    """The inverse of ``confirm_request_to_record``: distinct ids in 1..MAX_SITES.
+
+    Order and membership are left to ``SecAggSite.confirm``, which refuses a bad list.
+    """
+    return ConfirmRequest(survivors=tuple(record_ids(record, "survivors", "confirm request")))
+
+
+def confirmation_to_record(signature: bytes) -> Record:
+    """A survivor's confirmation (stage 3 reply) as ``signature`` (SIGNATURE_BYTES)."""
+    return {"signature": signature}
+
+
+def confirmation_from_record(record: object) -> bytes:
+    """The inverse of ``confirmation_to_record``."""
+    return record_bytes(record, "signature", "confirmation", SIGNATURE_BYTES)
+
+
 def unmask_request_to_record(request: UnmaskRequest) -> Record:
-    """An ``UnmaskRequest`` as ``survivors`` and ``dropped`` (list[int] each)."""
-    return {"survivors": list(request.survivors), "dropped": list(request.dropped)}
+    """An ``UnmaskRequest`` as ``survivors`` and ``dropped`` (list[int] each), and the
+    confirmations as ``confirmation-ids`` (list[int]) and ``confirmation-signatures``
+    (list[bytes] of SIGNATURE_BYTES, same order)."""
+    ids = sorted(request.confirmations)
+    return {
+        "survivors": list(request.survivors),
+        "dropped": list(request.dropped),
+        "confirmation-ids": ids,
+        "confirmation-signatures": [request.confirmations[site] for site in ids],
+    }
 
 
 def unmask_request_from_record(record: object) -> UnmaskRequest:
@@ -229,9 +261,13 @@ def unmask_request_from_record(record: object) -> UnmaskRequest:
     Overlap between the lists is left to ``SecAggSite.unmask``, which refuses it.
     """
     what = "unmask request"
+    ids = record_ids(record, "confirmation-ids", what)
+    signatures = record_bytes_list(record, "confirmation-signatures", what, len(ids),
+                                   SIGNATURE_BYTES)  # fmt: skip
     return UnmaskRequest(
         survivors=tuple(record_ids(record, "survivors", what)),
         dropped=tuple(record_ids(record, "dropped", what)),
+        confirmations=dict(zip(ids, signatures, strict=True)),
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -25,6 +26,8 @@ from common.fixedpoint import Levels, dequantize_sum
 from common.secagg import (
     CIPHERTEXT_BYTES,
     SHARE_BYTES,
+    SIGNATURE_BYTES,
+    ConfirmRequest,
     KeyAdvert,
     SecAggError,
     SecAggParams,
@@ -35,6 +38,7 @@ from common.secagg import (
     check_context,
     check_site_id,
     combine_secret,
+    confirm_message,
     pair_mask_key,
     peer_graph,
     prg,
@@ -47,8 +51,15 @@ from common.secagg import (
 MAX_LENGTH = 2**28
 # Rejections an error message lists before summarising (it ends up in logs and metrics).
 _MAX_NAMED = 5
-_ADVERTS, _SHARES, _MASKED, _UNMASK, _DONE = range(5)
-_STAGE_NAMES = ("collect_adverts", "route_shares", "collect_masked", "unmask", "done")
+_ADVERTS, _SHARES, _MASKED, _CONFIRM, _UNMASK, _DONE = range(6)
+_STAGE_NAMES = (
+    "collect_adverts",
+    "route_shares",
+    "collect_masked",
+    "collect_confirmations",
+    "unmask",
+    "done",
+)
 
 
 @dataclass
@@ -60,6 +71,7 @@ class ServerState:
     shared: tuple[int, ...] = ()  # U2: sites whose shares were routed
     survivors: tuple[int, ...] = ()  # U3: sites whose masked input is in the sum
     masked_sum: Levels | None = None  # sum of U3's masked inputs mod 2**32
+    confirmed: dict[int, bytes] = field(default_factory=dict)  # U4: signatures over U3
     requests: dict[int, UnmaskRequest] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)  # site id -> why it was left out
 
@@ -237,8 +249,8 @@ class SecAggServer:
 
     def collect_masked(
         self, masked: Mapping[int, npt.NDArray[np.uint32]]
-    ) -> dict[int, UnmaskRequest]:
-        """Stage 2: add the masked inputs to the running sum; ask survivors to unmask.
+    ) -> dict[int, ConfirmRequest]:
+        """Stage 2: add the masked inputs to the running sum; ask survivors to confirm U3.
 
         Parameters
         ----------
@@ -248,7 +260,7 @@ class SecAggServer:
         Returns
         -------
         dict
-            ``{surviving site id: UnmaskRequest}``: its neighbours that survived and dropped.
+            ``{surviving site id: ConfirmRequest}``, the same survivor list U3 for each.
         """
         self._enter(_MASKED)
         total = np.zeros(self.length + 1, dtype=np.uint32)
@@ -266,12 +278,45 @@ class SecAggServer:
         self._require(survivors, "sent a masked input")
         self.state.survivors = tuple(sorted(survivors))
         self.state.masked_sum = total
-        alive = set(survivors)
-        for site in self.state.survivors:
+        request = ConfirmRequest(self.state.survivors)
+        return {site: request for site in self.state.survivors}
+
+    def collect_confirmations(self, signatures: Mapping[int, bytes]) -> dict[int, UnmaskRequest]:
+        """Stage 3: keep the survivors' valid signatures over U3; ask those sites to unmask.
+
+        Parameters
+        ----------
+        signatures
+            ``{site id: Ed25519 signature over confirm_message(context, U3)}``.
+
+        Returns
+        -------
+        dict
+            ``{confirmed site id: UnmaskRequest}``: its neighbours in U3 and those that shared
+            keys but are not in U3, with every valid confirmation (each site checks them).
+        """
+        self._enter(_CONFIRM)
+        message = confirm_message(self.context, self.state.survivors)
+        for site, signature in signatures.items():
+            if site not in self.state.survivors:
+                self._reject(site, f"site {site!r} confirmed without a masked input in the sum")
+                continue
+            try:
+                if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+                    raise InvalidSignature
+                self._site_keys[site].verify(signature, message)
+            except InvalidSignature:
+                self._reject(site, "confirmation signature does not verify over the survivors")
+                continue
+            self.state.confirmed[site] = signature
+        self._require(self.state.confirmed, "confirmed the survivor list")
+        alive = set(self.state.survivors)
+        for site in sorted(self.state.confirmed):
             peers = [peer for peer in self.graph[site] if peer in self.state.shared]
             self.state.requests[site] = UnmaskRequest(
                 survivors=tuple(p for p in peers if p in alive),
                 dropped=tuple(p for p in peers if p not in alive),
+                confirmations=dict(self.state.confirmed),
             )
         return dict(self.state.requests)
 
@@ -343,7 +388,7 @@ class SecAggServer:
                 total += mask
 
     def unmask(self, replies: Mapping[int, UnmaskReply]) -> SecAggResult:
-        """Stage 3: reconstruct the secrets, remove every mask and decode the sum.
+        """Stage 4: reconstruct the secrets, remove every mask and decode the sum.
 
         Raises
         ------

@@ -1,7 +1,10 @@
-"""Secure-sum mode: one training round as four Message-API stages of pairwise-masked secure
+"""Secure-sum mode: one training round as five Message-API stages of pairwise-masked secure
 aggregation (Bonawitz et al. 2017; SecAgg+ peer graph), run by the ServerApp.
 
-    train + advertise -> share keys -> masked input -> unmask
+    train + advertise -> share keys -> masked input -> confirm survivors -> unmask
+
+The confirm stage is the consistency check against a coordinator that tells different sites
+different stories about who dropped (``common.secagg``).
 
 The coordinator learns only ``sum_i w_i * clip(delta_i)`` and ``sum_i w_i`` over the sites
 that uploaded a masked input; sites that drop after sharing keys are recovered from the
@@ -37,6 +40,8 @@ from common.secagg import (
 from common.secagg_records import (
     adverts_from_record,
     adverts_to_record,
+    confirm_request_to_record,
+    confirmation_from_record,
     shares_from_record,
     shares_to_record,
     unmask_reply_from_record,
@@ -120,7 +125,7 @@ def check_sum_bounds(result: SecAggResult, params: SecAggParams) -> None:
 
 
 class SecureSumRound:
-    """Drives the four stages of one round over a Grid and returns the new global state."""
+    """Drives the five stages of one round over a Grid and returns the new global state."""
 
     def __init__(self, strategy: FedLoraStrategy, grid: Grid, server_round: int) -> None:
         assert strategy.sealing is not None  # the allow-list holds the sites' identity keys
@@ -132,6 +137,7 @@ class SecureSumRound:
         self.context = P.secure_sum_context(strategy._header(server_round))
         self.log = StageLog()
         self.nodes: dict[int, int] = {}  # secagg id -> Flower node id
+        self.refusals: dict[int, str] = {}  # what a site answered instead of its part
         self.keys = {self.numbers[name]: allow.public_key(name) for name in self.numbers}
 
     def _header(self, stage: str) -> ConfigRecord:
@@ -170,6 +176,7 @@ class SecureSumRound:
                 continue
             if reply.has_error():
                 self.log.reject(self.names[sender], f"{stage}: {reply.error.reason}")
+                self.refusals.setdefault(sender, f"{stage}: {reply.error.reason}")
                 continue
             replies[sender] = reply
         return replies
@@ -231,7 +238,25 @@ class SecureSumRound:
         return out
 
     def run(self, arrays: ArrayRecord) -> ArrayRecord:
-        """All four stages; the new global adapter from the unmasked sum."""
+        """All five stages; the new global adapter from the unmasked sum.
+
+        Raises
+        ------
+        SecAggError
+            When too few sites are left at some stage; the reason also names what the
+            sites that refused a stage said (a site that will not confirm or unmask says why).
+        """
+        try:
+            return self._run(arrays)
+        except SecAggError as exc:
+            if not self.refusals:
+                raise
+            said = "; ".join(
+                f"{self.names.get(n, f'#{n}')}: {why}" for n, why in sorted(self.refusals.items())
+            )
+            raise SecAggError(f"{exc}; the sites that refused said: {said}") from exc
+
+    def _run(self, arrays: ArrayRecord) -> ArrayRecord:
         global_state = arrays.to_torch_state_dict()
         keys = self.strategy.aggregator.sent_keys(global_state)
         _, layout = flatten({k: global_state[k] for k in keys})
@@ -262,7 +287,19 @@ class SecureSumRound:
                 vector = record.to_numpy_ndarrays()[0]
                 self.log.bytes_up += vector.nbytes
                 masked[number] = vector
-        requests = server.collect_masked(masked)
+        confirm = self._records(
+            self._exchange(
+                P.STAGE_CONFIRM,
+                {
+                    n: RecordDict({P.SECAGG_RECORD: _config(confirm_request_to_record(r))})
+                    for n, r in server.collect_masked(masked).items()
+                },
+                self._timeout,
+            )
+        )
+        requests = server.collect_confirmations(
+            {n: confirmation_from_record(r) for n, r in confirm.items()}
+        )
         unmask = self._records(
             self._exchange(
                 P.STAGE_UNMASK,

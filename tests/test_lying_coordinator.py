@@ -1,6 +1,6 @@
 """A lying coordinator against secure sum, through real Flower (simulation, tiny model).
 
-The attack (issue 13, finding 2): the coordinator puts its own key advert in place of a
+The first attack (issue 13, finding 2): the coordinator puts its own key advert in place of a
 victim's neighbours', so that it can open the shares the victim seals to them and unmask the
 victim's input alone. The coordinator holds the allow-list, but the sites check adverts
 against the roster that the enrollment authority signed, which the coordinator cannot forge:
@@ -27,7 +27,7 @@ from flwr.simulation import run_simulation
 from client.app import SiteKeys, make_client_app
 from common import protocol as P
 from common.config import load_config
-from common.secagg import KeyAdvert, advert_message
+from common.secagg import ConfirmRequest, KeyAdvert, UnmaskRequest, advert_message
 from common.secagg_server import SecAggServer
 from fedlora.simulate import backend_config, provision_keys
 from server.app import make_server_app
@@ -78,6 +78,58 @@ def test_substituted_advert_is_refused_by_the_sites(
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "failed" in metrics[1], metrics[1]
     assert Registry(tmp_path / "registry").latest("shared").version == 0  # type: ignore[union-attr]
+
+
+def test_inconsistent_dropout_story_gets_no_mask_key_of_the_victim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator shows sites 1 and 2 the true survivor list, and site 3 a list without
+    site 1, the victim, hoping that site 3 reveals its share of the victim's mask key while
+    site 2 reveals its share of the victim's self-mask seed. Site 3 holds only its own
+    signature over its list (t = 2 of 3 are needed) and refuses to unmask."""
+    cfg = load_config(
+        TINY, ["federation.rounds=1", "data.partition='iid'", "privacy.mode='secure-sum'"]
+    )
+    sealing, _ = provision_keys(cfg, tmp_path)
+    honest_masked = SecAggServer.collect_masked
+    honest_confirm = SecAggServer.collect_confirmations
+    told: dict[int, tuple[int, ...]] = {}
+
+    def two_stories(self: SecAggServer, masked: Mapping[int, object]) -> dict[int, ConfirmRequest]:
+        lists = honest_masked(self, masked)  # type: ignore[arg-type]
+        everyone = self.state.survivors
+        for site in everyone:
+            told[site] = everyone if site != max(everyone) else everyone[1:]  # victim: min
+        return {site: ConfirmRequest(told[site]) for site in lists}
+
+    def forward(self: SecAggServer, signatures: Mapping[int, bytes]) -> dict[int, UnmaskRequest]:
+        requests = honest_confirm(self, signatures)  # drops the signature over the other list
+        liar = max(told)
+        victim = min(told)
+        peers = sorted(self.graph[liar])
+        requests[liar] = UnmaskRequest(
+            survivors=tuple(p for p in peers if p != victim),
+            dropped=(victim,),
+            confirmations={s: sig for s, sig in signatures.items() if told[s] == told[liar]},
+        )
+        return requests
+
+    monkeypatch.setattr(SecAggServer, "collect_masked", two_stories)
+    monkeypatch.setattr(SecAggServer, "collect_confirmations", forward)
+    coord = prepare(cfg, tmp_path, sealing)
+    app = make_client_app(cfg, SiteKeys(tmp_path / "keys"), tmp_path / "sites")
+    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+
+    assert told and len(set(told.values())) == 2, told  # the attack ran
+    refusals = [
+        entry["reason"]
+        for entry in read_entries(tmp_path / AUDIT_FILE)
+        if entry["event"] == EVENT_REPLY_REJECTED and entry["round"] == 1
+    ]
+    assert any(
+        "refuses to unmask" in reason and "1 of its neighbourhood confirmed" in reason
+        for reason in refusals
+    ), refusals
 
 
 def rescaling(inner: ClientApp, weight: float) -> ClientApp:

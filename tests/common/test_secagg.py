@@ -18,6 +18,7 @@ from common.fixedpoint import Levels, quantize
 from common.secagg import (
     CIPHERTEXT_BYTES,
     MAX_SITES,
+    ConfirmRequest,
     SecAggError,
     SecAggParams,
     UnmaskReply,
@@ -39,6 +40,10 @@ from common.secagg_records import (
     advert_to_record,
     adverts_from_record,
     adverts_to_record,
+    confirm_request_from_record,
+    confirm_request_to_record,
+    confirmation_from_record,
+    confirmation_to_record,
     shares_from_record,
     shares_to_record,
     unmask_reply_from_record,
@@ -100,17 +105,27 @@ def run(
     skip_share: Collection[int] = (),
     drop_after_share: Collection[int] = (),
     silent_unmask: Collection[int] = (),
+    silent_confirm: Collection[int] = (),
 ) -> SecAggResult:
-    """All four stages; sites in each collection stop answering at that stage."""
+    """All five stages; sites in each collection stop answering at that stage."""
     adverts = rnd.server.collect_adverts({i: s.advertise() for i, s in rnd.sites.items()})
     packets = {i: rnd.sites[i].share_keys(adverts) for i in adverts if i not in skip_share}
     routed = rnd.server.route_shares(packets)
     for i, ciphertexts in routed.items():
         if i not in drop_after_share:
             rnd.masked[i] = rnd.sites[i].masked_input(ciphertexts, rnd.deltas[i], rnd.weights[i])
-    requests = rnd.server.collect_masked(rnd.masked)
+    requests = confirmed(rnd, rnd.server.collect_masked(rnd.masked), silent_confirm)
     replies = {i: rnd.sites[i].unmask(r) for i, r in requests.items() if i not in silent_unmask}
     return rnd.server.unmask(replies)
+
+
+def confirmed(
+    rnd: Round, requests: Mapping[int, ConfirmRequest], silent: Collection[int] = ()
+) -> dict[int, UnmaskRequest]:
+    """Stage 3: every asked site (but ``silent`` ones) signs the survivor list; the
+    coordinator's unmask requests."""
+    signatures = {i: rnd.sites[i].confirm(r) for i, r in requests.items() if i not in silent}
+    return rnd.server.collect_confirmations(signatures)
 
 
 def assert_close(rnd: Round, result: SecAggResult, survivors: Collection[int]) -> None:
@@ -169,31 +184,100 @@ def test_site_that_never_shares_is_left_out() -> None:
 )
 def test_too_many_dropouts_fail_below_threshold(num_sites: int, dropped: set[int]) -> None:
     # A dropped site's s_sk has no own share: t of its neighbours must survive. The survivors
-    # refuse to unmask, and the coordinator, given only their answers, cannot either.
+    # refuse to confirm so short a list, and without their confirmations the coordinator
+    # asks nobody to unmask.
     rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT, min_survivors=2))
     with pytest.raises(SecAggError, match="below the round's floor"):
         run(rnd, drop_after_share=dropped)
     rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT, min_survivors=2))
-    with pytest.raises(SecAggError, match="threshold"):
-        run(rnd, drop_after_share=dropped, silent_unmask=set(rnd.sites))
+    with pytest.raises(SecAggError, match="only 0 sites confirmed the survivor list"):
+        run(rnd, drop_after_share=dropped, silent_confirm=set(rnd.sites))
 
 
 @pytest.mark.parametrize("num_sites", [3, 5, 10])
-def test_site_refuses_to_unmask_when_told_too_few_survived(num_sites: int) -> None:
+def test_site_refuses_to_confirm_when_told_too_few_survived(num_sites: int) -> None:
     # A lying coordinator tells site 1 that all but t - 2 of its peers dropped, to get their
     # mask keys while their masked inputs are in the sum (Bonawitz et al. 2017, section 6).
-    rnd, requests = _site_after_masking(num_sites)
-    peers = sorted(requests[1].survivors)
+    rnd, routed = _routed(num_sites)
+    for i in routed:
+        rnd.masked[i] = rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i])
+    peers = sorted(rnd.sites[1].neighbours)
     keep = peers[: rnd.params.threshold - 2]
-    lie = UnmaskRequest(survivors=tuple(keep), dropped=tuple(p for p in peers if p not in keep))
     with pytest.raises(SecAggError, match="below the round's floor"):
+        rnd.sites[1].confirm(ConfirmRequest(tuple(sorted({1, *keep}))))
+
+    rnd, routed = _routed(num_sites)  # exactly at the floor: confirmed
+    rnd.sites[1].masked_input(routed[1], rnd.deltas[1], rnd.weights[1])
+    keep = peers[: rnd.params.threshold - 1]
+    signature = rnd.sites[1].confirm(ConfirmRequest(tuple(sorted({1, *keep}))))
+    assert len(signature) == 64
+
+
+def test_site_refuses_to_unmask_for_another_list_than_it_confirmed() -> None:
+    rnd, requests = _site_after_masking(5)
+    peers = requests[1].survivors
+    # Told at unmask that peer 2 dropped, although the list it signed names 2.
+    lie = dataclasses.replace(requests[1], survivors=peers[1:], dropped=peers[:1])
+    with pytest.raises(SecAggError, match="the list it confirmed names"):
         rnd.sites[1].unmask(lie)
 
-    rnd, requests = _site_after_masking(num_sites)  # exactly at the floor: answered
-    keep = peers[: rnd.params.threshold - 1]
-    dropped = tuple(p for p in peers if p not in keep)
-    reply = rnd.sites[1].unmask(UnmaskRequest(survivors=tuple(keep), dropped=dropped))
-    assert sorted(reply.key_shares) == list(dropped)
+
+@pytest.mark.parametrize("peer_check", [True, False])
+def test_site_refuses_to_unmask_without_t_confirmations_of_its_list(peer_check: bool) -> None:
+    rnd = make_round(params_for(5, NORM_BOUND, MAX_WEIGHT), peer_check=peer_check)
+    adverts = rnd.server.collect_adverts({i: s.advertise() for i, s in rnd.sites.items()})
+    routed = rnd.server.route_shares({i: rnd.sites[i].share_keys(adverts) for i in adverts})
+    for i in routed:
+        rnd.masked[i] = rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i])
+    requests = confirmed(rnd, rnd.server.collect_masked(rnd.masked))
+    t = rnd.params.threshold
+    signatures = requests[1].confirmations
+    too_few = {i: signatures[i] for i in sorted(signatures)[: t - 1]}
+    with pytest.raises(SecAggError, match=f"below threshold {t}"):
+        rnd.sites[1].unmask(dataclasses.replace(requests[1], confirmations=too_few))
+    if peer_check:  # a forged signature is named (the coordinator cannot sign for a site)
+        forged = {**signatures, 2: bytes(64)}
+        with pytest.raises(SecAggError, match="confirmation of site 2 does not verify"):
+            rnd.sites[3].unmask(dataclasses.replace(requests[3], confirmations=forged))
+
+
+def test_inconsistent_dropout_story_reveals_no_mask_key_of_the_victim() -> None:
+    """The coordinator tells sites 2, 3 (and the victim, 1) that the victim survived and
+    sites 4, 5 that it dropped, to collect t shares of the victim's self-mask seed from the
+    first group and t shares of its mask key from the second. Honest sites each sign one
+    list, so the second list has 2 < t = 3 signatures: sites 4 and 5 refuse to unmask."""
+    rnd, routed = _routed(5, peer_check=True)
+    for i in routed:
+        rnd.masked[i] = rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i])
+    told = {1: (1, 2, 3, 4, 5), 2: (1, 2, 3, 4, 5), 3: (1, 2, 3, 4, 5), 4: (2, 3, 4, 5),
+            5: (2, 3, 4, 5)}  # fmt: skip
+    signatures = {i: rnd.sites[i].confirm(ConfirmRequest(u)) for i, u in told.items()}
+    key_shares_of_victim = 0
+    for i, survivors in told.items():
+        peers = sorted(rnd.sites[i].neighbours)
+        request = UnmaskRequest(
+            survivors=tuple(p for p in peers if p in survivors),
+            dropped=tuple(p for p in peers if p not in survivors),
+            # The best the coordinator can do: the signatures over the list this site signed.
+            confirmations={j: sig for j, sig in signatures.items() if told[j] == survivors},
+        )
+        if i in (4, 5):
+            with pytest.raises(SecAggError, match="2 of its neighbourhood confirmed"):
+                rnd.sites[i].unmask(request)
+            continue
+        reply = rnd.sites[i].unmask(request)
+        assert 1 in reply.seed_shares
+        key_shares_of_victim += 1 in reply.key_shares
+    # Signatures over the other list are named, not counted.
+    rnd, routed = _routed(5, peer_check=True)
+    for i in routed:
+        rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i])
+    signatures = {i: rnd.sites[i].confirm(ConfirmRequest(u)) for i, u in told.items()}
+    peers = sorted(rnd.sites[4].neighbours)
+    mixed = UnmaskRequest(tuple(p for p in peers if p != 1), (1,), signatures)
+    with pytest.raises(SecAggError, match="confirmation of site 2 does not verify"):
+        rnd.sites[4].unmask(mixed)
+    assert key_shares_of_victim == 0 < rnd.params.threshold  # s_sk of site 1 stays secret
 
 
 def test_fewer_survivors_than_minimum_fail() -> None:
@@ -303,9 +387,11 @@ def test_site_checks_neighbour_signatures_itself() -> None:
         rnd.sites[1].share_keys(adverts)  # a dishonest coordinator forwarded a forgery
 
 
-def _routed(num_sites: int = 5) -> tuple[Round, dict[int, dict[int, bytes]]]:
+def _routed(
+    num_sites: int = 5, peer_check: bool = False
+) -> tuple[Round, dict[int, dict[int, bytes]]]:
     """A round after stage 1: every site holds its routed ciphertexts."""
-    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT))
+    rnd = make_round(params_for(num_sites, NORM_BOUND, MAX_WEIGHT), peer_check=peer_check)
     adverts = rnd.server.collect_adverts({i: s.advertise() for i, s in rnd.sites.items()})
     return rnd, rnd.server.route_shares({i: s.share_keys(adverts) for i, s in rnd.sites.items()})
 
@@ -321,13 +407,13 @@ def _site_after_masking(
         for i in routed
         if i not in dropped
     }
-    return rnd, rnd.server.collect_masked(masked)
+    return rnd, confirmed(rnd, rnd.server.collect_masked(masked))
 
 
 def test_site_refuses_seed_and_key_shares_of_the_same_peer() -> None:
     rnd, requests = _site_after_masking()
     peers = requests[1].survivors
-    greedy = UnmaskRequest(survivors=peers, dropped=peers[:1])
+    greedy = dataclasses.replace(requests[1], dropped=peers[:1])
     with pytest.raises(SecAggError, match="both survivor and dropped"):
         rnd.sites[1].unmask(greedy)
 
@@ -335,14 +421,14 @@ def test_site_refuses_seed_and_key_shares_of_the_same_peer() -> None:
 def test_site_answers_only_one_unmask_request() -> None:
     rnd, requests = _site_after_masking()
     rnd.sites[1].unmask(requests[1])
-    flipped = UnmaskRequest(survivors=(), dropped=requests[1].survivors)
+    flipped = dataclasses.replace(requests[1], survivors=(), dropped=requests[1].survivors)
     with pytest.raises(SecAggError, match="expected done"):
         rnd.sites[1].unmask(flipped)
 
 
 def test_site_refuses_request_that_does_not_split_its_peers() -> None:
     rnd, requests = _site_after_masking()
-    partial = UnmaskRequest(survivors=requests[1].survivors[1:], dropped=())
+    partial = dataclasses.replace(requests[1], survivors=requests[1].survivors[1:], dropped=())
     with pytest.raises(SecAggError, match="split its peers"):
         rnd.sites[1].unmask(partial)
 
@@ -387,7 +473,7 @@ def test_messages_from_sites_out_of_the_round_are_rejected() -> None:
         i: rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i]) for i in routed
     }
     masked[8] = masked[1]
-    requests = rnd.server.collect_masked(masked)
+    requests = confirmed(rnd, rnd.server.collect_masked(masked))
     assert "without an accepted advert" in rnd.server.state.rejected[8]
     result = rnd.server.unmask({i: rnd.sites[i].unmask(r) for i, r in requests.items()})
     assert_close(rnd, result, set(range(1, 11)) - {8})
@@ -399,7 +485,7 @@ def test_malformed_masked_input_counts_as_dropped() -> None:
         i: rnd.sites[i].masked_input(routed[i], rnd.deltas[i], rnd.weights[i]) for i in routed
     }
     masked[5] = masked[5][:-1]
-    requests = rnd.server.collect_masked(masked)
+    requests = confirmed(rnd, rnd.server.collect_masked(masked))
     result = rnd.server.unmask({i: rnd.sites[i].unmask(r) for i, r in requests.items()})
     assert result.dropped == (5,) and "shape" in result.rejected[5]
     assert_close(rnd, result, {1, 2, 3, 4})
@@ -596,7 +682,7 @@ def test_full_adapter_size_timing(capsys: pytest.CaptureFixture[str]) -> None:
         if i != 10
     }
     t_mask = clock()
-    requests = rnd.server.collect_masked(masked)
+    requests = confirmed(rnd, rnd.server.collect_masked(masked))
     replies = {i: rnd.sites[i].unmask(r) for i, r in requests.items()}
     t_collect = clock()
     result = rnd.server.unmask(replies)
@@ -625,7 +711,7 @@ def wire(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_serialized(rnd: Round, drop_after_share: Collection[int] = ()) -> SecAggResult:
-    """All four stages with every site rebuilt from its persisted state before each stage and
+    """All five stages with every site rebuilt from its persisted state before each stage and
     every message packed into a record and back, as in Flower with one process per stage."""
     peer_keys = {i: key.public_key() for i, key in rnd.identity.items()}
     states = {i: wire(site.to_state()) for i, site in rnd.sites.items()}
@@ -662,7 +748,15 @@ def run_serialized(rnd: Round, drop_after_share: Collection[int] = ()) -> SecAgg
         received = shares_from_record(wire(shares_to_record(ciphertexts)))
         rnd.masked[i] = site.masked_input(received, rnd.deltas[i], rnd.weights[i])
         save(i, site)
-    requests = rnd.server.collect_masked(rnd.masked)
+    confirm_records = {}
+    for i, request in rnd.server.collect_masked(rnd.masked).items():
+        site = stage(i)
+        unpacked_list = confirm_request_from_record(wire(confirm_request_to_record(request)))
+        confirm_records[i] = wire(confirmation_to_record(site.confirm(unpacked_list)))
+        save(i, site)
+    requests = rnd.server.collect_confirmations(
+        {i: confirmation_from_record(r) for i, r in confirm_records.items()}
+    )
 
     reply_records = {}
     for i, request in requests.items():
@@ -698,9 +792,17 @@ def test_site_state_round_trips_and_keeps_its_stage() -> None:
     restored = SecAggSite.from_state(wire(state), rnd.identity[1])
     assert restored.to_state() == state
     assert restored.neighbours == rnd.sites[1].neighbours
-    with pytest.raises(SecAggError, match="expected unmask"):
+    with pytest.raises(SecAggError, match="expected confirm"):
         restored.masked_input({}, rnd.deltas[1], 1.0)
-    request = UnmaskRequest(survivors=restored.neighbours, dropped=())
+    everyone = ConfirmRequest(tuple(sorted(rnd.sites)))
+    signature = restored.confirm(everyone)
+    assert signature == rnd.sites[1].confirm(everyone)  # Ed25519 is deterministic
+    confirmed_state = restored.to_state()
+    assert confirmed_state["confirmed-survivors"] == list(everyone.survivors)
+    restored = SecAggSite.from_state(wire(confirmed_state), rnd.identity[1])
+    # Without peer keys only its own signature is checked; the others count as relayed.
+    signatures = {i: signature if i == 1 else bytes(64) for i in rnd.sites}
+    request = UnmaskRequest(restored.neighbours, (), signatures)
     assert restored.unmask(request) == rnd.sites[1].unmask(request)
     done = SecAggSite.from_state(restored.to_state(), rnd.identity[1])
     with pytest.raises(SecAggError, match="expected done"):
@@ -722,8 +824,9 @@ TOO_MANY = list(range(1, MAX_SITES + 2))
     ("key", "value"),
     [
         ("state-version", 1),  # before the own seed share
-        ("state-version", 3),
-        ("stage", 5),
+        ("state-version", 2),  # before the confirmed survivor list
+        ("state-version", 4),
+        ("stage", 6),
         ("stage", -1),
         ("stage", True),
         ("stage", "2"),
@@ -788,7 +891,9 @@ def _valid_records() -> dict[str, tuple[Callable[[Any], object], dict[str, Any]]
     reply = rnd.sites[1].unmask(requests[1])
     advert = rnd.server.state.adverts[1]
     shares = {2: bytes(CIPHERTEXT_BYTES), 3: bytes(CIPHERTEXT_BYTES)}
-    split = UnmaskRequest(survivors=(2, 3), dropped=(4,))
+    split = UnmaskRequest(
+        survivors=(2, 3), dropped=(4,), confirmations={2: bytes(64), 5: b"s" * 64}
+    )
     two_way = UnmaskReply(seed_shares=dict(reply.seed_shares), key_shares={4: bytes(32)})
     return {
         "advert": (advert_from_record, advert_to_record(advert)),
