@@ -8,10 +8,10 @@ the ``fedavg`` rule computes for one module. No Flower, no envelopes: the sweep 
 training settings quickly; ``fedlora compare`` measures the chosen one through real Flower.
 
     python benchmarks/bench_label_skew.py [--config C] [--rounds 20] [--every 4]
-        [--only NAME ...] [--set KEY=VALUE ...]
+        [--only NAME ...] [--set KEY=VALUE ...] [--name JSON_NAME]
 
 Prints global accuracy (the config's eval set) every ``--every`` rounds per setting and
-writes ``benchmarks/out/bench_label_skew.json``.
+writes ``benchmarks/out/<--name>.json`` (default ``bench_label_skew``).
 """
 
 from __future__ import annotations
@@ -54,6 +54,19 @@ SETTINGS: dict[str, list[str]] = {
         "train.classifier-loss='plain'",
         "aggregation.server-lr=0.02",
     ],
+    "sgd + fedadam, cosine to 0.1x": [
+        *SGD,
+        *FEDADAM,
+        "train.classifier-loss='plain'",
+        "aggregation.server-lr-schedule='cosine'",
+    ],
+    "sgd + fedadam lr 0.02, cosine to 0.1x": [
+        *SGD,
+        *FEDADAM,
+        "train.classifier-loss='plain'",
+        "aggregation.server-lr=0.02",
+        "aggregation.server-lr-schedule='cosine'",
+    ],
 }
 
 
@@ -92,6 +105,7 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--only", nargs="*", default=None, help="setting names to run")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--name", default="bench_label_skew", help="JSON file name under out/")
     args = parser.parse_args()
     result = header("bench_label_skew")
     result["settings"] = {}
@@ -105,7 +119,7 @@ def main() -> int:
         for name, entry in result["settings"].items()
     ]
     print_table("global accuracy % by round", ["setting", *map(str, rounds)], rows)
-    write_result("bench_label_skew", result)
+    write_result(args.name, result)
     return 0
 
 
