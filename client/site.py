@@ -39,8 +39,9 @@ from common.dp import clip_delta
 from common.errors import ConfigError, FingerprintMismatch, UpdateRejected
 from common.exact import factors_for_site_rank, rank_fill_seed
 from common.models import LoadedBase, load_base
-from common.modules import PRIVATE, join_modules, site_modules, split_modules
+from common.modules import join_modules, site_modules, split_modules
 from common.rules import get_rule
+from common.scopes import PRIVATE
 
 logger = logging.getLogger(__name__)
 

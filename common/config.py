@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common.errors import ConfigError
 from common.model_names import looks_like_dataset_name
-from common.modules import MODULE_NAME, PRIVATE, SHARED, module_group
+from common.scopes import MODULE_NAME, PRIVATE, SHARED, module_group
 
 if sys.version_info >= (3, 11):
     import tomllib

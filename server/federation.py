@@ -30,8 +30,9 @@ from common.dp import PrivacyBudgetExceeded
 from common.errors import ConfigError, StorageError
 from common.model_names import model_license
 from common.models import peak_memory_bytes
-from common.modules import PRIVATE, SHARED, join_modules, module_members, split_modules
+from common.modules import join_modules, module_members, split_modules
 from common.progress import RoundClock, print_message, print_rule
+from common.scopes import PRIVATE, SHARED
 from common.secagg import SecAggError
 from server.audit import (
     AUDIT_FILE,

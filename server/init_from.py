@@ -26,7 +26,7 @@ from typing import Any
 from common.adapters import AdapterState
 from common.config import ModuleConfig, RunConfig
 from common.errors import ConfigError, RegistryError
-from common.modules import MODULE_NAME, PRIVATE
+from common.scopes import MODULE_NAME, PRIVATE
 from server.registry import ADAPTER_FILE, CONFIG_FILE, Registry, find_registry
 
 KEY = "federation.init-from"

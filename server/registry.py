@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from common.atomic import fsync_dir, whole_write, write_json_atomic
 from common.errors import RegistryError
 from common.model_names import portable_model_name
-from common.modules import MODULE_NAME
+from common.scopes import MODULE_NAME
 from server.model_card import CARD_FILE, model_card
 
 if TYPE_CHECKING:
