@@ -81,7 +81,7 @@ from common.modules import join_modules, split_modules
 from common.progress import print_message, print_rule
 from common.rules import all_sent_keys, ffa_sent_keys
 from common.server_opt import scheduled_train
-from fedlora.compare_cli import ARMS, check_arms
+from fedlora.compare_arms import ARMS, check_arms
 from fedlora.compare_curves import (
     CurvePoint,
     Curves,
