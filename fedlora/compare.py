@@ -79,6 +79,7 @@ from common.config import (
 from common.errors import ConfigError
 from common.modules import join_modules, split_modules
 from common.progress import print_message, print_rule
+from common.registry import Registry
 from common.rules import all_sent_keys, ffa_sent_keys
 from common.server_opt import scheduled_train
 from fedlora.compare_arms import ARMS, check_arms
@@ -95,7 +96,6 @@ from fedlora.compare_curves import (
 from fedlora.compare_full import NAME as FULL_ARM
 from fedlora.compare_full import FullResult, centralized_full, full_lines, skipped_row
 from server.metrics import read_metrics
-from server.registry import Registry
 
 LATENCY_REPEATS = 5
 # In-process arms are evaluated about this many times over the rounds (compare --curve-points).

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedloraError
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE, MANIFEST_FILE
 from fedlora.run_plots import Series, draw_plots, finite_number
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.metrics import METRICS_FILE, read_metrics
-from server.registry import ADAPTER_FILE, MANIFEST_FILE, Registry
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"

@@ -32,6 +32,8 @@ from common.model_names import model_license
 from common.models import peak_memory_bytes
 from common.modules import join_modules, module_members, split_modules
 from common.progress import RoundClock, print_message, print_rule
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE, RegistryVersion
 from common.scopes import PRIVATE, SHARED
 from common.secagg import SecAggError
 from server.audit import (
@@ -60,7 +62,6 @@ from server.checkpoint import (
 )
 from server.init_from import InitSource, check_init_sources, read_init_sources
 from server.metrics import read_metrics, record_round, report_round, run_summary, truncate_metrics
-from server.registry import ADAPTER_FILE, Registry, RegistryVersion
 from server.secure_sum import SecureSumRound
 from server.strategy import FedLoraStrategy, Sealing, StageLog, wait_for_nodes
 

@@ -33,8 +33,9 @@ from common.keys import (
     load_site_private,
 )
 from common.models import load_base
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE
 from server.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from server.registry import ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE, Registry
 
 REPO = Path(__file__).resolve().parent.parent
 DOLLY = REPO / "examples" / "data" / "dolly-tiny.jsonl"

@@ -244,8 +244,8 @@ def site_deltas(canary: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     from client.data import load_dataset, site_data
     from client.site import AdapterHost, SiteRuntime
     from common.config import load_config, site_plan
+    from common.registry import Registry
     from server.aggregate import Aggregator, SiteDelta
-    from server.registry import Registry
 
     cfg = load_config(REPO / "examples" / "tiny.toml", canary["settings"])
     registry = Registry(canary["out"] / "registry")

@@ -23,10 +23,10 @@ from common.encoding import decode_delta
 from common.errors import UpdateRejected
 from common.fingerprint import fingerprint
 from common.models import load_base
+from common.registry import Registry
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
-from server.registry import Registry
 from tests.recording import RecordingGrid, open_envelope, payload_bytes
 
 pytestmark = pytest.mark.slow
