@@ -580,7 +580,7 @@ def _check_files(cfg: RunConfig) -> None:
     for key, path in files:
         if path is not None and not _exists(path, key):
             if key.startswith("data.") and looks_like_dataset_name(str(path)):
-                continue  # a hub data set name: client.tables looks it up in the cache
+                continue  # a hub data set name: common.tables looks it up in the cache
             raise ConfigError(f"{key}: file not found: {path}")
 
 

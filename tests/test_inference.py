@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.site import AdapterHost
+from common.adapter_host import AdapterHost
 from common.config import ModelConfig, ModuleConfig
 from common.errors import FingerprintMismatch
 from common.registry import Registry

@@ -208,7 +208,7 @@ def test_registry_loads_in_peft_with_identical_logits(run: dict[str, Any]) -> No
     ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
     # fedlora's own model with the version's weights
     coord = run["coord"]
-    from client.train import load_adapter_state
+    from common.adapter_host import load_adapter_state
 
     load_adapter_state(
         coord.host.model, Registry(out / "registry").load("shared", last.version), "shared"

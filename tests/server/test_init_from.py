@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client.site import AdapterHost
+from common.adapter_host import AdapterHost
 from common.config import RunConfig, load_config
 from common.errors import ConfigError
 from common.models import load_base
