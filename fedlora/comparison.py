@@ -29,7 +29,7 @@ from common.errors import ConfigError
 from common.evaluation import EVAL_BATCH_SIZE
 from common.modules import join_modules, split_modules
 from common.partition import eval_sample, site_data
-from common.progress import print_message
+from common.progress import print_message, round_progress
 from common.registry import Registry
 from common.rules import all_sent_keys, ffa_sent_keys
 from common.server_opt import scheduled_train
@@ -131,14 +131,17 @@ class Comparison:
         on_round: Callable[[int, AdapterState], None] | None = None,
         start: AdapterState | None = None,
         rounds: int | None = None,
+        label: str | None = None,
     ) -> AdapterState:
         """``runtime`` alone for ``rounds`` (default ``federation.rounds``) rounds.
 
         From ``start`` (default: the initial adapter); ``on_round(round, state)`` is called
-        after each of ``self.curve_rounds``.
+        after each of ``self.curve_rounds``, and with a ``label`` a progress line is printed
+        there (``centralized: round 5/50, elapsed 2m10s, ETA 19m30s``).
         """
         state = {k: v.clone() for k, v in (start or self.initial).items()}
         total = rounds or self.cfg.federation.rounds
+        began = time.monotonic()
         agg = self.cfg.aggregation
         for server_round in range(1, total + 1):
             flat = join_modules({self.module: state})
@@ -150,6 +153,10 @@ class Comparison:
             state = apply_delta(state, split_modules(update.delta)[self.module])
             if on_round is not None and server_round in self.curve_rounds:
                 on_round(server_round, state)
+                if label is not None:
+                    elapsed = time.monotonic() - began
+                    mean = elapsed / server_round
+                    print_message(f"{label}: {round_progress(server_round, total, elapsed, mean)}")
         return state
 
     def _plain_plan(self, steps: int) -> SitePlan:
@@ -183,7 +190,9 @@ class Comparison:
         with PeakRSS() as rss:
             for index, runtime in enumerate(self.sites):
                 print_message(f"local-only: site-{index} trains alone")
-                self.train(runtime, self.plain, on_round=record(index))
+                self.train(
+                    runtime, self.plain, on_round=record(index), label=f"local-only site-{index}"
+                )
                 per_site.append(by_round[self.cfg.federation.rounds][index])
         curve = [
             CurvePoint(r, *self._figures(mean_quality(q))) for r, q in sorted(by_round.items())
@@ -243,7 +252,7 @@ class Comparison:
 
         start = time.perf_counter()
         with PeakRSS() as rss:
-            self.train(runtime, plan, on_round=on_round)
+            self.train(runtime, plan, on_round=on_round, label=name)
         curve = [CurvePoint(r, *self._figures(q), moved) for r, q in sorted(by_round.items())]
         arm = Arm(
             name,

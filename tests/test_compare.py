@@ -160,7 +160,7 @@ def test_reference_settings_override_train_keys_only() -> None:
         reference_train(cfg, ["train.lr=-1"])
 
 
-def test_arms_runs_only_the_named_arms(tmp_path: Path) -> None:
+def test_arms_runs_only_the_named_arms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--arms base,centralized`: no federation, only those rows and only the lines they allow."""
     out = tmp_path / "out"
     assert (
@@ -188,6 +188,8 @@ def test_arms_runs_only_the_named_arms(tmp_path: Path) -> None:
     assert "| base | " in text and "| centralized | " in text
     assert "federated" not in rows and "local-only" not in rows
     assert "centralized-full" not in text and "Inference latency" not in text
+    # A long in-process arm says where it is (round k/N, elapsed, ETA) at each curve round.
+    assert "centralized: round 1/1, elapsed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
