@@ -30,12 +30,13 @@ import torch
 from bench_output import REPO, Clock, header, print_table, write_result
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-from client.data import load_dataset, site_data
-from client.site import AdapterHost
-from client.tokens import encode_examples, iterate_batches
-from client.train import module_seed, train_local
+from client.train import train_local
+from common.adapter_host import AdapterHost, module_seed
 from common.config import RunConfig, load_config
+from common.data import load_dataset
 from common.models import load_base
+from common.partition import site_data
+from common.tokens import encode_examples, iterate_batches
 
 TARGET_RATIO = 0.9
 # Untimed blocks per loop first: the first steps of a process pay for allocator and thread

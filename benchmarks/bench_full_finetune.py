@@ -25,12 +25,13 @@ from typing import Any
 import torch
 
 from client.site import round_seed
-from client.tokens import encode_examples, iterate_batches
 from client.train import train_local
 from common.config import load_config
 from common.models import load_base
-from fedlora.compare import Comparison, reference_train
+from common.tokens import encode_examples, iterate_batches
+from fedlora.compare import reference_train
 from fedlora.compare_full import centralized_full
+from fedlora.comparison import Comparison
 
 STEPS_PER_REP = 5
 

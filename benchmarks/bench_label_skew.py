@@ -27,7 +27,7 @@ from common.adapters import AdapterState
 from common.config import load_config
 from common.modules import join_modules, split_modules
 from common.server_opt import server_optimizer_for
-from fedlora.compare import Comparison
+from fedlora.comparison import Comparison
 
 FEDADAM = [
     "aggregation.server-optimizer='fedadam'",

@@ -42,6 +42,7 @@ from client.app import SiteKeys, make_client_app
 from common.config import load_config
 from common.errors import FedloraError
 from common.keys import COORDINATOR_KEY_NAME, generate_site_key, public_path_for
+from common.registry import Registry
 from fedlora.simulate import (
     backend_config,
     provision_keys,
@@ -62,7 +63,6 @@ from server.audit import (
 from server.checkpoint import load_checkpoint
 from server.federation import prepare
 from server.metrics import read_metrics
-from server.registry import Registry
 from server.rundir import RunDirLock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -298,7 +298,7 @@ def _sent_at(mark: Path) -> float | None:
 def disk_full_at(version: int) -> Iterator[None]:
     """The registry's tensor write fails with ENOSPC for ``version``, as on a full disk.
 
-    The one fake of the matrix: it replaces the function ``server.registry`` writes the
+    The one fake of the matrix: it replaces the function ``common.registry_format`` writes the
     adapter tensors with (``safetensors.torch.save_file``, imported when the registry
     writes), in this process (where the simulated coordinator runs).
     """

@@ -23,13 +23,14 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.site_api import EvalResult, Site, SiteUpdate
+from client.site_api import Site, SiteUpdate
 from common import protocol as P
 from common.adapters import AdapterState
 from common.config import RunConfig, SitePlan, SitePolicy, simulation_policy
 from common.encoding import encode_delta
 from common.envelope import EnvelopeContext, seal_delta
 from common.errors import DataError, FedloraError
+from common.evaluation import EvalResult
 from common.instructions import INSTRUCTION_PUBLIC_NAME, verify_instruction
 from common.keys import (
     COORDINATOR_KEY_NAME,
@@ -47,8 +48,9 @@ from common.roster import ENROLL_PUBLIC_NAME
 from common.site_policy import check_plan
 
 if TYPE_CHECKING:  # the simulation's in-process sites: torch, transformers, peft, datasets
-    from client.data import Dataset
-    from client.site import AdapterHost, SiteRuntime
+    from client.site import SiteRuntime
+    from common.adapter_host import AdapterHost
+    from common.data import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ _RUNTIMES: dict[str, SiteRuntime] = {}
 
 
 def _dataset(cfg: RunConfig) -> Dataset:
-    from client.data import load_dataset
+    from common.data import load_dataset
 
     key = str(cfg.data.path)
     if key not in _DATASETS:
@@ -78,7 +80,7 @@ def _dataset(cfg: RunConfig) -> Dataset:
 
 def _host(cfg: RunConfig, plan: SitePlan, site_id: str, num_labels: int | None) -> AdapterHost:
     """The process's host for the modules ``site_id`` holds (sites of one group share one)."""
-    from client.site import AdapterHost
+    from common.adapter_host import AdapterHost
 
     modules = site_modules(plan.modules, plan.groups, site_id)
     held = ",".join(f"{name}={m.model_dump_json()}" for name, m in modules.items())
@@ -89,9 +91,9 @@ def _host(cfg: RunConfig, plan: SitePlan, site_id: str, num_labels: int | None) 
 
 
 def _runtime(cfg: RunConfig, plan: SitePlan, context: Context, sites_dir: Path) -> SiteRuntime:
-    from client.data import site_data
     from client.site import SiteRuntime
     from client.site_store import SiteStore
+    from common.partition import site_data
 
     index = int(context.node_config.get("partition-id", 0))
     num_sites = int(context.node_config.get("num-partitions", cfg.federation.sites))

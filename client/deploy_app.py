@@ -30,8 +30,8 @@ from common.modules import site_groups, site_modules
 from common.site_config import SiteConfig, load_site_config
 
 if TYPE_CHECKING:  # torch, transformers, peft, datasets: imported where a site is built
-    from client.data import Kind, SiteData
     from client.site import SiteRuntime
+    from common.data import Kind, SiteData
     from common.models import LoadedBase
 
 NODE_CONFIG_KEY = "site-config"
@@ -59,7 +59,8 @@ def load_site_data(
     cfg: SiteConfig, max_eval_examples: int | None, label_names: list[str] | None = None
 ) -> tuple[SiteData, Kind, int]:
     """The site's examples split into train/held-out; also the data kind and label count."""
-    from client.data import load_dataset, split_holdout
+    from common.data import load_dataset
+    from common.partition import split_holdout
 
     dataset = load_dataset(cfg.data.data_config(), label_names=label_names or cfg.data.labels)
     data = split_holdout(
@@ -101,8 +102,9 @@ def build_runtime(
     ``preloaded`` is used instead of loading the base again when its label count is the
     run's; LoRA is then injected into it in place, so it serves one runtime only.
     """
-    from client.site import AdapterHost, SiteRuntime
+    from client.site import SiteRuntime
     from client.site_store import SiteStore
+    from common.adapter_host import AdapterHost
 
     if plan.task != cfg.model.task:
         raise ConfigError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from client.round_claims import check_run_id, claim
-from client.site_api import EvalResult, SiteUpdate, StepCallback, TrainResult
+from client.site_api import SiteUpdate, StepCallback, TrainResult
 from client.worker_wire import (
     KIND_DESCRIBE,
     KIND_ERROR,
@@ -35,6 +35,7 @@ from client.worker_wire import (
 from common.adapters import AdapterState
 from common.config import SitePlan
 from common.errors import FingerprintMismatch
+from common.evaluation import EvalResult
 
 # As ``client.site.LOCAL_RUN`` (not imported: that module loads transformers and peft).
 LOCAL_RUN = "local"

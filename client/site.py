@@ -14,78 +14,28 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from peft import PeftModel
 
-from client.data import Kind, SiteData
 from client.losses import label_counts
-from client.site_api import SiteUpdate as SiteUpdate
+from client.site_api import SiteUpdate, StepCallback
 from client.site_store import SiteStore
-from client.tokens import encode_examples, eval_batches, iterate_batches
-from client.train import (
-    EvalResult,
-    StepCallback,
-    activate,
-    adapter_state,
-    attach_adapters,
-    evaluate,
-    freeze_lora_a,
-    load_adapter_state,
-    lora_config,
-    train_local,
-)
+from client.train import freeze_lora_a, train_local
+from common.adapter_host import AdapterHost
 from common.adapters import AdapterState, compute_delta
-from common.config import ModelConfig, ModuleConfig, SitePlan
+from common.config import ModuleConfig, SitePlan
+from common.data import Kind, SiteData
 from common.dp import clip_delta
 from common.errors import ConfigError, FingerprintMismatch, UpdateRejected
+from common.evaluation import EvalResult, evaluate_encoded
 from common.exact import factors_for_site_rank, rank_fill_seed
-from common.models import LoadedBase, load_base
-from common.modules import PRIVATE, join_modules, site_modules, split_modules
+from common.modules import join_modules, site_modules, split_modules
 from common.rules import get_rule
+from common.scopes import PRIVATE
+from common.tokens import encode_examples, iterate_batches
 
 logger = logging.getLogger(__name__)
 
-# Eval batches are forward-only, so they can be larger than training batches.
-EVAL_BATCH_SIZE = 16
 # The run id of in-process use without a coordinator (compare's arms, tests).
 LOCAL_RUN = "local"
-
-
-class AdapterHost:
-    """A frozen base model with named LoRA modules attached; shared by sites in one process."""
-
-    def __init__(
-        self,
-        model_cfg: ModelConfig,
-        modules: Mapping[str, ModuleConfig],
-        num_labels: int | None,
-        base: LoadedBase | None = None,
-    ) -> None:
-        # ``base``: one already loaded from ``model_cfg`` with ``num_labels`` (the site daemon's
-        # start-up check), used instead of loading it again; LoRA is injected into it in place.
-        self.base: LoadedBase = base or load_base(model_cfg, num_labels=num_labels)
-        self.task = model_cfg.task
-        self.modules = {name: modules[name] for name in sorted(modules)}
-        self.loras = {name: lora_config(m, model_cfg.task) for name, m in self.modules.items()}
-        self.model: PeftModel = attach_adapters(self.base.model, self.loras, seed=model_cfg.seed)
-        # Each module's seeded initialisation: where a private module starts at every site.
-        self.initial = self.states()
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = self.base.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.base.tokenizer.eos_token_id)
-
-    def states(self) -> dict[str, AdapterState]:
-        """Every module's current tensors (float32 CPU copies)."""
-        return {name: adapter_state(self.model, name) for name in self.modules}
-
-    def load(self, states: Mapping[str, AdapterState], active: list[str] | None = None) -> None:
-        """Overwrite the modules in ``states`` and make ``active`` (default: those) active."""
-        for name, state in states.items():
-            if name not in self.modules:
-                raise UpdateRejected(f"module {name!r} is not attached here ({list(self.modules)})")
-            load_adapter_state(self.model, state, name)
-        activate(self.model, sorted(states) if active is None else active)
 
 
 def round_seed(seed: int, server_round: int, site_index: int) -> int:
@@ -258,5 +208,4 @@ class SiteRuntime:
         """Evaluate global ``version`` (+ this site's private tensors) on the held-out split."""
         self._start(received, plan, version, self.store.for_run(run_id))
         items = self._items("heldout", plan.train.max_length)
-        batches = eval_batches(items, EVAL_BATCH_SIZE, self.host.pad_token_id)
-        return evaluate(self.host.model, batches, self.host.task)
+        return evaluate_encoded(self.host.model, items, self.host.task, self.host.pad_token_id)

@@ -1,4 +1,5 @@
-"""What a site is to the ClientApp: the ``Site`` protocol and the results a site returns.
+"""What a site is to the ClientApp: the ``Site`` protocol and the results a site returns
+(``EvalResult`` is ``common.evaluation``'s, which the coordinator's evaluation returns too).
 
 Two kinds of site satisfy ``Site``: ``client.site.SiteRuntime`` (model and data in this
 process) and ``client.remote_site.RemoteSite`` (a thin proxy of the site daemon's resident
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from common.adapters import AdapterState
 from common.config import SitePlan
+from common.evaluation import EvalResult
 
 # Called after every optimizer step with (step, steps, loss): the app turns it into progress.
 StepCallback = Callable[[int, int, float], None]
@@ -27,15 +29,6 @@ class TrainResult:
     steps: int
     seconds: float
     peak_memory_bytes: int
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float  # mean loss per target token (causal LM) or per example (classification)
-    perplexity: float
-    accuracy: float | None  # classification only
-    examples: int
-    tokens: int  # target tokens (causal LM) or examples (classification) the loss averages over
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from client.round_claims import check_run_id, claim
 from common.adapters import AdapterState
 from common.atomic import write_bytes_atomic
 from common.errors import StorageError
-from server.registry import Registry
+from common.registry import Registry
 
 logger = logging.getLogger(__name__)
 

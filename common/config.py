@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common.errors import ConfigError
 from common.model_names import looks_like_dataset_name
-from common.modules import MODULE_NAME, PRIVATE, SHARED, module_group
+from common.scopes import MODULE_NAME, PRIVATE, SHARED, module_group
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -580,7 +580,7 @@ def _check_files(cfg: RunConfig) -> None:
     for key, path in files:
         if path is not None and not _exists(path, key):
             if key.startswith("data.") and looks_like_dataset_name(str(path)):
-                continue  # a hub data set name: client.tables looks it up in the cache
+                continue  # a hub data set name: common.tables looks it up in the cache
             raise ConfigError(f"{key}: file not found: {path}")
 
 

@@ -1,37 +1,29 @@
 """Adapter modules: which modules a site holds and sends, and one flat state for all of them.
 
-A run declares named LoRA modules (``[modules.<name>]``), each with a scope: ``shared``
-(aggregated over every site), ``group:<name>`` (over the sites ``[groups.<name>]`` lists) or
-``private`` (trained at each site, never sent). Between the coordinator, the ClientApp and a
-site, the tensors of several modules travel as one flat ``AdapterState`` whose keys are
-``<module>/<peft key>`` (module names never contain ``/``): the Flower ``ArrayRecord``, the
-site worker's frames and the delta all keep their one-state shape.
+Each module has a scope (``common.scopes``): ``shared``, ``group:<name>`` or ``private``.
+Between the coordinator, the ClientApp and a site, the tensors of several modules travel as one
+flat ``AdapterState`` whose keys are ``<module>/<peft key>`` (module names never contain
+``/``): the Flower ``ArrayRecord``, the site worker's frames and the delta all keep their
+one-state shape.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from common.errors import UpdateRejected
+from common.scopes import MODULE_NAME, PRIVATE, module_group
 
 if TYPE_CHECKING:
-    # common.config imports this module for its validation, and the CLI imports common.config
-    # to check a config before anything loads torch (about 1 s of the 2-core budget).
+    # Type names only: the CLI checks a config before anything loads torch (about 1 s of the
+    # 2-core budget), and common.adapters imports torch.
     import torch
 
     from common.adapters import AdapterState
     from common.config import ModuleConfig
 
 SEPARATOR = "/"
-MODULE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
-SHARED, PRIVATE, GROUP_PREFIX = "shared", "private", "group:"
-
-
-def module_group(scope: str) -> str | None:
-    """The group a ``group:<name>`` scope names; None for ``shared`` and ``private``."""
-    return scope[len(GROUP_PREFIX) :] if scope.startswith(GROUP_PREFIX) else None
 
 
 def site_groups(groups: Mapping[str, list[str]], site_id: str) -> list[str]:

@@ -86,7 +86,7 @@ class SiteDataSection(Section):
     seed: int = 0
 
     def data_config(self) -> DataConfig:
-        """The ``DataConfig`` that ``client.data.load_dataset`` reads this file with."""
+        """The ``DataConfig`` that ``common.data.load_dataset`` reads this file with."""
         return DataConfig(
             path=self.path,
             format=self.format,

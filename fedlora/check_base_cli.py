@@ -18,8 +18,9 @@ from safetensors import safe_open
 from common.config import ModelConfig, parse_override, validate_config
 from common.errors import FedloraError, RegistryError
 from common.progress import console
+from common.registry import Registry, find_registry
+from common.registry_format import ADAPTER_FILE
 from fedlora.help_text import doc_after_title
-from server.registry import ADAPTER_FILE, Registry, find_registry
 
 if TYPE_CHECKING:
     from server.base_fit import ModuleFit

@@ -5,21 +5,12 @@ datasets) so that ``fedlora --help`` and ``fedlora compare --help`` answer witho
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedlora.arg_types import output_folder
+from fedlora.compare_arms import ARMS, check_arms
 
-ARMS = (
-    "base",
-    "local-only",
-    "federated",
-    "personalized",
-    "centralized",
-    "centralized-equal-steps",
-    "centralized-full",
-)
 # The in-process arms are evaluated about this many times over the rounds (the curves' points).
 DEFAULT_CURVE_POINTS = 10
 
@@ -63,17 +54,6 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
-
-
-def check_arms(names: Sequence[str]) -> None:
-    """Raise ValueError naming an unknown arm, none at all, or personalized without federated."""
-    unknown = [name for name in names if name not in ARMS]
-    if unknown:
-        raise ValueError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(ARMS)}")
-    if not names:
-        raise ValueError(f"no arm named; expected some of {', '.join(ARMS)}")
-    if "personalized" in names and "federated" not in names:
-        raise ValueError("arm 'personalized' starts from the federated adapter: add 'federated'")
 
 
 def _arms(text: str) -> list[str]:

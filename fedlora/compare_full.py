@@ -19,21 +19,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from client.data import Example
-from client.site import EVAL_BATCH_SIZE, round_seed
-from client.tokens import Encoded, encode_examples, eval_batches, iterate_batches
-from client.train import EvalResult, evaluate, train_local
+from client.site import round_seed
+from client.train import train_local
 from common.config import FederationConfig
+from common.data import Example
+from common.evaluation import EvalResult, evaluate_encoded
 from common.models import load_base
 from common.server_opt import scheduled_train
+from common.tokens import Encoded, encode_examples, iterate_batches
 from fedlora.compare_curves import CurvePoint
-
-if TYPE_CHECKING:
-    from fedlora.compare import Arm, Comparison, Quality
+from fedlora.compare_measures import Arm, PeakRSS, Quality, data_bytes, quality_of
+from fedlora.comparison import Comparison
 
 NAME = "centralized-full"
 FP32_BYTES = 4
@@ -160,14 +160,11 @@ class _FullEvaluator:
         self.site_items = {s.site_id: encoded(s.data.heldout) for s in comparison.sites}
 
     def _evaluate(self, model: torch.nn.Module, items: list[Encoded]) -> EvalResult:
-        batches = eval_batches(items, EVAL_BATCH_SIZE, self.pad)
-        return evaluate(model, batches, self.comparison.host.task)
+        return evaluate_encoded(model, items, self.comparison.host.task, self.pad)
 
     def quality(self, model: torch.nn.Module) -> Quality:
-        from fedlora.compare import _quality  # compare imports this module
-
         own = {site: self._evaluate(model, items) for site, items in self.site_items.items()}
-        return _quality(self._evaluate(model, self.global_items), own)
+        return quality_of(self._evaluate(model, self.global_items), own)
 
 
 def centralized_full(comparison: Comparison, lr: float | None = None) -> FullResult:
@@ -176,8 +173,6 @@ def centralized_full(comparison: Comparison, lr: float | None = None) -> FullRes
     ``lr``: its learning rate where it should differ from the centralized arm's (full
     fine-tuning usually wants a far smaller one than LoRA).
     """
-    from fedlora.compare import Arm, PeakRSS  # compare imports this module
-
     details = fit_check(comparison)
     if "skipped" in details:
         print(f"{NAME}: skipped: {details['skipped']}")
@@ -222,7 +217,6 @@ class _Trained:
 
 def _train_full(comparison: Comparison, lr: float | None) -> _Trained:
     """The training loop of ``centralized_full``: centralized's plan, batches and rounds."""
-    from fedlora.compare import _data_bytes  # compare imports this module
 
     cfg = comparison.cfg
     labels = comparison.dataset.label_names
@@ -250,7 +244,7 @@ def _train_full(comparison: Comparison, lr: float | None) -> _Trained:
         if server_round in comparison.curve_rounds:
             by_round[server_round] = evaluator.quality(model)
     total = steps * cfg.federation.rounds
-    moved = _data_bytes(pooled)
+    moved = data_bytes(pooled)
     return _Trained(by_round, trainable, moved, total, seconds, train.lr, train.optimizer)
 
 

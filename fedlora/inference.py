@@ -17,11 +17,11 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
-from client.tokens import prompt_text
 from common.config import ModelConfig
 from common.errors import FingerprintMismatch, ModelError
 from common.models import LoadedBase, load_base
-from server.registry import ADAPTER_FILE, MANIFEST_FILE
+from common.registry_format import ADAPTER_FILE, MANIFEST_FILE
+from common.tokens import prompt_text
 
 
 def _manifest(folder: Path) -> dict[str, Any]:

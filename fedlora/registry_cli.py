@@ -28,6 +28,8 @@ from safetensors import safe_open
 from common.errors import FedloraError, RegistryError
 from common.keys import COORDINATOR_KEY_NAME, load_coordinator_private
 from common.progress import console
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE, RegistryVersion
 from fedlora.arg_types import output_folder
 from fedlora.check_base_cli import add_check_base, run_check_base
 from server.audit import (
@@ -37,7 +39,6 @@ from server.audit import (
     read_entries,
     verify_chain,
 )
-from server.registry import ADAPTER_FILE, Registry, RegistryVersion
 
 _PIPED_WIDTH = 200  # characters per line of `list` when stdout is not a terminal
 # Tensors whose first dimension is the number of classes (transformers' classification heads).
@@ -294,6 +295,9 @@ def _weights(text: str | None) -> list[float] | None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    # torch and peft (seconds of imports): only the subcommand that writes PEFT folders loads them.
+    from common.registry_export import export, export_many, export_merged
+
     registry = _open(args.run_dir)
     if (args.module is None) == (args.modules is None):
         raise UsageError("export needs exactly one of --module M or --modules a,b")
@@ -305,18 +309,18 @@ def _export(args: argparse.Namespace) -> int:
         if args.merge:
             raise UsageError("--merge needs --modules a,b")
         entry = registry.get(args.module, _version_arg(args.version))
-        registry.export(entry.module, entry.version, args.out)
+        export(registry, entry.module, entry.version, args.out)
         console.print(f"exported {entry.name} to {args.out}", soft_wrap=True)
         return 0
     selection = _selection(args.modules)
     if not args.merge:
-        registry.export_many(selection, args.out)
+        export_many(registry, selection, args.out)
         names = ", ".join(m for m, _ in selection)
         console.print(f"exported {names} to {args.out}/<module>", soft_wrap=True)
         return 0
     base = _load_model(args, registry)
-    registry.export_merged(
-        selection, args.out, base, _weights(args.weights), args.combination, args.svd_rank
+    export_merged(
+        registry, selection, args.out, base, _weights(args.weights), args.combination, args.svd_rank
     )
     names = ", ".join(m for m, _ in selection)
     console.print(f"merged {names} ({args.combination}) into {args.out}", soft_wrap=True)

@@ -24,21 +24,19 @@ The series and their drawing live in ``fedlora.run_plots``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.errors import FedloraError
-from fedlora.report_cli import add_report_arguments, run_report
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE, MANIFEST_FILE
 from fedlora.run_plots import Series, draw_plots, finite_number
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.metrics import METRICS_FILE, read_metrics
-from server.registry import ADAPTER_FILE, MANIFEST_FILE, Registry
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -305,24 +303,3 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Report:
     markdown = out_dir / REPORT_FILE
     markdown.write_text(render_markdown(records, plots, out_dir) + "\n", encoding="utf-8")
     return Report(markdown=markdown, plots=plots, series=series)
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedlora.report RUN_DIR [--out DIR]``; exit 2 on a ReportError."""
-    parser = argparse.ArgumentParser(
-        prog="fedlora report", description=(__doc__ or "").splitlines()[0]
-    )
-    add_report_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_report(args)
-    except FedloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

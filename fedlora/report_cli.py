@@ -1,13 +1,17 @@
 """``fedlora report``'s command line, kept apart from ``fedlora.report`` (matplotlib, the
 registry's torch and peft) so that ``fedlora report --help`` answers without loading them.
+``fedlora.report`` never imports this module back: ``python -m fedlora.report_cli`` runs it alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common.errors import FedloraError
 from fedlora.arg_types import output_folder
 
 
@@ -37,3 +41,21 @@ def run_report(args: argparse.Namespace) -> int:
     report = write_report(args.run_dir, args.out)
     print(f"wrote {report.markdown} and {len(report.plots)} plots")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedlora.report_cli RUN_DIR [--out DIR]``; exit 2 on a FedloraError."""
+    parser = argparse.ArgumentParser(
+        prog="fedlora report", description="plots and a Markdown report of a run folder"
+    )
+    add_report_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_report(args)
+    except FedloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,9 +36,10 @@ from common.dp import (
 from common.encoding import decode_delta_flat
 from common.errors import ConfigError, UpdateRejected
 from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
-from common.modules import PRIVATE, join_modules, split_modules
+from common.modules import join_modules, split_modules
 from common.robust import aggregate_median, aggregate_trimmed_mean
 from common.rules import get_rule, sum_only_aggregate
+from common.scopes import PRIVATE
 from common.server_opt import server_optimizer_for
 from common.streaming import FlatLayout, StreamingMean
 

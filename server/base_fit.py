@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from server.registry import ADAPTER_FILE, CONFIG_FILE, Registry, RegistryVersion
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE, CONFIG_FILE, RegistryVersion
 
 # peft's saved key names: ``base_model.model.<module path>.lora_A.weight`` for the factors,
 # ``base_model.model.<module path>.<parameter>`` for a saved module (a classification head).

@@ -18,21 +18,25 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from client.data import Dataset, Example, eval_sample, load_dataset, partition
-from client.site import EVAL_BATCH_SIZE, AdapterHost
-from client.tokens import encode_examples, eval_batches
-from client.train import evaluate
 from common import protocol as P
+from common.adapter_host import AdapterHost
 from common.adapters import AdapterState, AggregationError, num_parameters, state_num_bytes
 from common.atomic import write_json_atomic
 from common.config import RunConfig, config_to_dict, site_plan
+from common.data import Dataset, Example, load_dataset
 from common.dp import PrivacyBudgetExceeded
 from common.errors import ConfigError, StorageError
+from common.evaluation import evaluate_encoded
 from common.model_names import model_license
 from common.models import peak_memory_bytes
-from common.modules import PRIVATE, SHARED, join_modules, module_members, split_modules
+from common.modules import join_modules, module_members, split_modules
+from common.partition import eval_sample, partition
 from common.progress import RoundClock, print_message, print_rule
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE, RegistryVersion
+from common.scopes import PRIVATE, SHARED
 from common.secagg import SecAggError
+from common.tokens import encode_examples
 from server.audit import (
     AUDIT_FILE,
     EVENT_REPLY_ACCEPTED,
@@ -59,7 +63,6 @@ from server.checkpoint import (
 )
 from server.init_from import InitSource, check_init_sources, read_init_sources
 from server.metrics import read_metrics, record_round, report_round, run_summary, truncate_metrics
-from server.registry import ADAPTER_FILE, Registry, RegistryVersion
 from server.secure_sum import SecureSumRound
 from server.strategy import FedLoraStrategy, Sealing, StageLog, wait_for_nodes
 
@@ -215,8 +218,7 @@ def _global_eval(coord: Coordinator, state: AdapterState) -> dict[str, float]:
     items = encode_examples(
         examples, coord.eval_set.kind, coord.host.base.tokenizer, coord.cfg.train.max_length
     )
-    pad = coord.host.pad_token_id
-    result = evaluate(coord.host.model, eval_batches(items, EVAL_BATCH_SIZE, pad), coord.host.task)
+    result = evaluate_encoded(coord.host.model, items, coord.host.task, coord.host.pad_token_id)
     out = {"global_eval_loss": result.loss, "global_eval_perplexity": result.perplexity}
     if result.accuracy is not None:
         out["global_eval_accuracy"] = result.accuracy

@@ -26,8 +26,9 @@ from typing import Any
 from common.adapters import AdapterState
 from common.config import ModuleConfig, RunConfig
 from common.errors import ConfigError, RegistryError
-from common.modules import MODULE_NAME, PRIVATE
-from server.registry import ADAPTER_FILE, CONFIG_FILE, Registry, find_registry
+from common.registry import Registry, find_registry
+from common.registry_format import ADAPTER_FILE, CONFIG_FILE
+from common.scopes import MODULE_NAME, PRIVATE
 
 KEY = "federation.init-from"
 _VERSION = re.compile(r"v?(\d+)|latest")

@@ -43,7 +43,8 @@ from common.envelope import EnvelopeContext, max_envelope_bytes, open_delta
 from common.errors import FedloraError, UpdateRejected
 from common.instructions import sign_instruction
 from common.keys import CoordinatorPrivateKey, KeyMaterialError
-from common.modules import PRIVATE, join_modules, sent_modules, split_modules
+from common.modules import join_modules, sent_modules, split_modules
+from common.scopes import PRIVATE
 from common.streaming import FlatLayout
 from server.aggregate import Aggregator, SiteDelta, SitePayloads
 

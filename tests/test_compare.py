@@ -13,7 +13,8 @@ from common.config import load_config
 from common.errors import ConfigError
 from common.models import load_base
 from fedlora.cli import main
-from fedlora.compare import ARMS, Comparison, compare, reference_train
+from fedlora.compare import ARMS, compare, reference_train
+from fedlora.comparison import Comparison
 from server.metrics import read_metrics
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"

@@ -13,7 +13,6 @@ import torch
 from common.config import load_config
 from common.models import load_base
 from fedlora import compare_full
-from fedlora.compare import Comparison
 from fedlora.compare_cli import add_compare_parser
 from fedlora.compare_full import (
     BYTES_PER_PARAMETER,
@@ -22,6 +21,7 @@ from fedlora.compare_full import (
     centralized_full,
     full_training_bytes,
 )
+from fedlora.comparison import Comparison
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
 SHORT = ["federation.rounds=1", "train.local-steps=1"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from server.registry import Registry
+from common.registry import Registry
 
 pytestmark = pytest.mark.slow
 

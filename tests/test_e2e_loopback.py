@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common.registry import Registry
 from fedlora.deploy_keys import make_node_key
-from server.registry import Registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -43,9 +43,10 @@ from test_e2e_loopback import (
 
 from common.encoding import DELTA_FORMAT, encode_delta
 from common.envelope import HEADER, MAGIC, EnvelopeContext
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE
 from fedlora.deploy import APP_PACKAGES
 from server.audit import EVENT_REPLY_REJECTED, EVENT_VERSION_PUBLISHED, read_entries
-from server.registry import ADAPTER_FILE, Registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

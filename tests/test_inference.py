@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.site import AdapterHost
+from common.adapter_host import AdapterHost
 from common.config import ModelConfig, ModuleConfig
 from common.errors import FingerprintMismatch
+from common.registry import Registry
 from fedlora.inference import generate, load_with_adapters, predict
-from server.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 

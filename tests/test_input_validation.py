@@ -19,11 +19,9 @@ import torch
 from peft import LoraConfig
 from pydantic import BaseModel
 
-from client.data import Example, load_dataset, partition, split_holdout
-from client.records import MAX_LINE_BYTES
-from client.tokens import encode_examples, iterate_batches
 from common.allow_list import load_allow_list
 from common.config import DataConfig, ModelConfig, RunConfig, config_from_dict, load_config
+from common.data import Example, load_dataset
 from common.errors import ConfigError, DataError, ModelError, RegistryError
 from common.keys import (
     KeyMaterialError,
@@ -33,8 +31,12 @@ from common.keys import (
     load_site_private,
 )
 from common.models import load_base
+from common.partition import partition, split_holdout
+from common.records import MAX_LINE_BYTES
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE
+from common.tokens import encode_examples, iterate_batches
 from server.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from server.registry import ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE, Registry
 
 REPO = Path(__file__).resolve().parent.parent
 DOLLY = REPO / "examples" / "data" / "dolly-tiny.jsonl"

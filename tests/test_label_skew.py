@@ -110,7 +110,8 @@ def accuracies(skewed_config: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_split_is_pathological(skewed_config: Path) -> None:
-    from client.data import load_dataset, site_data
+    from common.data import load_dataset
+    from common.partition import site_data
 
     cfg = load_config(skewed_config)
     dataset = load_dataset(cfg.data)

@@ -27,13 +27,13 @@ from flwr.simulation import run_simulation
 from client.app import SiteKeys, make_client_app
 from common import protocol as P
 from common.config import load_config
+from common.registry import Registry
 from common.secagg import ConfirmRequest, KeyAdvert, UnmaskRequest, advert_message
 from common.secagg_server import SecAggServer
 from fedlora.simulate import backend_config, provision_keys
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
-from server.registry import Registry
 
 pytestmark = pytest.mark.slow
 

@@ -23,9 +23,9 @@ from common.config import RunConfig, load_config
 from common.encoding import decode_delta
 from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
 from common.modules import split_modules
+from common.registry import Registry
 from fedlora.inference import load_with_adapters
 from server.federation import prepare, run_federation
-from server.registry import Registry
 from tests.recording import RecordingGrid, open_envelope, payload_bytes
 
 pytestmark = pytest.mark.slow

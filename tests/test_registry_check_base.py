@@ -13,9 +13,9 @@ from peft.utils import get_peft_model_state_dict
 
 from common.config import ModelConfig
 from common.models import load_base
+from common.registry import Registry
 from fedlora.registry_cli import main
 from server.base_fit import check_base
-from server.registry import Registry
 
 MODEL_SECTION = {"name": "tiny-llama", "task": "causal-lm", "device": "cpu", "seed": 0}
 

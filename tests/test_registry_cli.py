@@ -16,6 +16,8 @@ from peft.utils import get_peft_model_state_dict
 from common.config import ModelConfig
 from common.keys import generate_coordinator_key, load_coordinator_private
 from common.models import load_base
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE
 from fedlora.registry_cli import main
 from server.audit import (
     EVENT_RUN_STARTED,
@@ -28,7 +30,6 @@ from server.audit import (
     sha256_hex,
     verify_chain,
 )
-from server.registry import ADAPTER_FILE, Registry
 
 REPO = Path(__file__).resolve().parent.parent
 IDS = torch.tensor([[1, 5, 9, 30, 77, 120]])

@@ -16,10 +16,9 @@ from fedlora.report import (
     REPORT_FILE,
     Report,
     ReportError,
-    main,
     write_report,
 )
-from fedlora.report_cli import add_report_parser, run_report
+from fedlora.report_cli import add_report_parser, main, run_report
 from fedlora.run_plots import PLOT_FILES, metric_series
 
 REPO = Path(__file__).resolve().parent.parent

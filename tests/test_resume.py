@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from server.registry import ADAPTER_FILE, Registry
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE
 from tests.subprocesses import kill_everything, rounds_done
 
 pytestmark = pytest.mark.slow

@@ -31,9 +31,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import make_client_app
 from common import protocol as P
 from common.config import RunConfig, load_config
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE
 from server.checkpoint import load_checkpoint
 from server.federation import prepare, run_federation
-from server.registry import ADAPTER_FILE, Registry
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 3

@@ -241,11 +241,13 @@ def site_deltas(canary: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     What the scan must never find is a single site's delta; the published aggregates are
     meant to be read.
     """
-    from client.data import load_dataset, site_data
-    from client.site import AdapterHost, SiteRuntime
+    from client.site import SiteRuntime
+    from common.adapter_host import AdapterHost
     from common.config import load_config, site_plan
+    from common.data import load_dataset
+    from common.partition import site_data
+    from common.registry import Registry
     from server.aggregate import Aggregator, SiteDelta
-    from server.registry import Registry
 
     cfg = load_config(REPO / "examples" / "tiny.toml", canary["settings"])
     registry = Registry(canary["out"] / "registry")

@@ -17,10 +17,10 @@ from flwr.simulation import run_simulation
 from client.app import SiteKeys, make_client_app
 from common import protocol as P
 from common.config import SecureSumConfig, load_config
+from common.registry import Registry
 from fedlora.simulate import backend_config, provision_keys
 from server.app import make_server_app
 from server.federation import prepare
-from server.registry import Registry
 from tests.fixed_point_bound import mean_error_bound
 
 pytestmark = pytest.mark.slow

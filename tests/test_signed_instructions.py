@@ -22,9 +22,9 @@ from client.app import SiteKeys, make_client_app
 from common import protocol as P
 from common.config import load_config
 from common.envelope import MAGIC
+from common.registry import Registry
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
-from server.registry import Registry
 from tests.recording import RecordingGrid
 
 pytestmark = pytest.mark.slow

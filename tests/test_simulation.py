@@ -23,10 +23,10 @@ from common.encoding import decode_delta
 from common.errors import UpdateRejected
 from common.fingerprint import fingerprint
 from common.models import load_base
+from common.registry import Registry
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
-from server.registry import Registry
 from tests.recording import RecordingGrid, open_envelope, payload_bytes
 
 pytestmark = pytest.mark.slow
@@ -208,7 +208,7 @@ def test_registry_loads_in_peft_with_identical_logits(run: dict[str, Any]) -> No
     ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
     # fedlora's own model with the version's weights
     coord = run["coord"]
-    from client.train import load_adapter_state
+    from common.adapter_host import load_adapter_state
 
     load_adapter_state(
         coord.host.model, Registry(out / "registry").load("shared", last.version), "shared"

@@ -13,9 +13,9 @@ from common.allow_list import add_site
 from common.config import SecureSumConfig, load_config
 from common.dp import PrivacyAccountant
 from common.keys import generate_site_key, public_path_for
+from common.registry import Registry
 from fedlora.simulate import simulate
 from server.checkpoint import load_checkpoint
-from server.registry import Registry
 from tests.fixed_point_bound import mean_error_bound
 
 pytestmark = pytest.mark.slow

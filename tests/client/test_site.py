@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.data import load_dataset, site_data
-from client.site import AdapterHost, SiteRuntime
+from client.site import SiteRuntime
+from common.adapter_host import AdapterHost
 from common.adapters import apply_delta
 from common.config import RunConfig, load_config, site_plan
+from common.data import load_dataset
 from common.errors import FingerprintMismatch
 from common.fingerprint import fingerprint
 from common.modules import join_modules
+from common.partition import site_data
 
 
 @pytest.fixture

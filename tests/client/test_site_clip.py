@@ -17,15 +17,17 @@ import torch
 from flwr.app import ConfigRecord
 
 from client.app import SiteKeys, _wire_payloads
-from client.data import load_dataset, site_data
-from client.site import AdapterHost, SiteRuntime
+from client.site import SiteRuntime
 from client.site_api import SiteUpdate
 from common import protocol as P
+from common.adapter_host import AdapterHost
 from common.adapters import delta_norm
 from common.config import RunConfig, SitePlan, load_config, site_plan
+from common.data import load_dataset
 from common.encoding import decode_delta
 from common.envelope import EnvelopeContext, open_delta
 from common.modules import join_modules, split_modules
+from common.partition import site_data
 from fedlora.simulate import provision_keys
 from server.strategy import Sealing
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from common.config import RunConfig, SitePlan, load_config, parse_override, site_plan
 from common.errors import ConfigError, RegistryError
-from server.registry import Registry
+from common.registry import Registry
 
 MINIMAL = """
 [model]

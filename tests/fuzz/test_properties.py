@@ -30,10 +30,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from client.data import load_dataset
 from common.adapters import AggregationError, aggregate_fedavg
 from common.allow_list import AllowList
 from common.config import DataConfig, RunConfig, config_from_dict, load_config
+from common.data import load_dataset
 from common.encoding import ENCODINGS, decode_delta, encode_delta, max_encoded_size
 from common.envelope import (
     HEADER,

@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client.site import AdapterHost
+from common.adapter_host import AdapterHost
 from common.config import RunConfig, load_config
 from common.errors import ConfigError
 from common.models import load_base
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE
 from server.init_from import check_init_sources, parse_init_from, read_init_sources
-from server.registry import ADAPTER_FILE, Registry
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.toml"
 

@@ -1,6 +1,6 @@
 """Rows of the data sources ``datasets`` reads: a parquet file, a folder, a hub data set name.
 
-``client.records`` reads single JSONL/JSON/CSV/text files itself: it reports the file line of
+``common.records`` reads single JSONL/JSON/CSV/text files itself: it reports the file line of
 every problem, keeps every CSV value a string (pandas, behind ``datasets``' CSV builder, turns
 a text column of digits into integers and an empty cell into NaN) and refuses bad UTF-8 at
 its byte. Everything else goes through ``datasets``:
@@ -17,7 +17,7 @@ its byte. Everything else goes through ``datasets``:
 
 Local sources are read into memory with a temporary ``datasets`` cache that is removed
 afterwards: a run leaves no arrow cache behind. Rows are located as ``"<source>, row N"``
-(1-based, within the split) for the messages of ``client.data``; class-label columns give
+(1-based, within the split) for the messages of ``common.data``; class-label columns give
 their label names.
 """
 
@@ -28,9 +28,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from client.records import Record
 from common.errors import DataError
 from common.model_names import hub_cache, hub_offline, looks_like_dataset_name
+from common.records import Record
 
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes
 _TRUE = {"1", "ON", "YES", "TRUE"}

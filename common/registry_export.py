@@ -3,12 +3,12 @@
 ``export`` copies one version, ``export_many`` several modules side by side, and
 ``export_merged`` merges several modules into one LoRA adapter with peft's
 ``add_weighted_adapter``. Every export is built in a hidden temp folder beside ``out_dir`` and
-renamed into place once fsynced; it never overwrites anything. ``Registry.export``,
-``export_many`` and ``export_merged`` call these.
+renamed into place once fsynced; it never overwrites anything. They read a coordinator's
+registry or a site's alike (``common.registry``).
 
 Every exported folder is what ``huggingface_hub``'s ``upload_folder`` takes as it is: the PEFT
 files, with the base's portable name (alias or hub id) as ``base_model_name_or_path``, a model
-card ``README.md`` (``server.model_card``, with the round's metrics from the run's
+card ``README.md`` (``common.model_card``, with the round's metrics from the run's
 ``metrics.jsonl``) and ``manifest.json``.
 """
 
@@ -32,13 +32,13 @@ from safetensors.torch import save_file
 from common.adapters import AdapterState
 from common.atomic import fsync_dir, write_json_atomic
 from common.errors import RegistryError
+from common.model_card import CARD_FILE, model_card, round_metrics
 from common.model_names import portable_model_name
-from server.model_card import CARD_FILE, model_card, round_metrics
-from server.registry import (
+from common.registry import Registry
+from common.registry_format import (
     ADAPTER_FILE,
     CONFIG_FILE,
     MANIFEST_FILE,
-    Registry,
     RegistryVersion,
     fsync_file,
     recorded_sha256,

@@ -1,4 +1,4 @@
-"""Tests for client.data (and the file reading in client.records): formats, errors, splits."""
+"""Tests for common.data, common.partition and the file reading in common.records."""
 
 from __future__ import annotations
 
@@ -10,19 +10,10 @@ from typing import Any
 
 import pytest
 
-from client.data import (
-    Dataset,
-    Example,
-    eval_sample,
-    load_dataset,
-    partition,
-    site_data,
-    sort_label_names,
-    split_holdout,
-    text_chunks,
-)
 from common.config import DataConfig
+from common.data import Dataset, Example, load_dataset, sort_label_names, text_chunks
 from common.errors import ConfigError, DataError
+from common.partition import eval_sample, partition, site_data, split_holdout
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 

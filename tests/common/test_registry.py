@@ -16,15 +16,11 @@ from peft.utils import get_peft_model_state_dict
 
 from common.config import ModelConfig
 from common.errors import RegistryError
+from common.model_card import CARD_FILE
 from common.models import LoadedBase, load_base
-from server.model_card import CARD_FILE
-from server.registry import (
-    ADAPTER_FILE,
-    CONFIG_FILE,
-    MANIFEST_FILE,
-    Registry,
-    sha256_file,
-)
+from common.registry import Registry
+from common.registry_export import export, export_many, export_merged
+from common.registry_format import ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE, sha256_file
 
 
 def _state(value: float) -> dict[str, torch.Tensor]:
@@ -255,13 +251,13 @@ def test_unknown_module_or_version_is_an_error(built: Built, tmp_path: Path) -> 
     with pytest.raises(RegistryError, match=r"no module 'nope' \(modules: shared, topic\)"):
         registry.verify("nope")
     with pytest.raises(RegistryError, match=r"shared: no version 7 \(versions: 0, 1\)"):
-        registry.export("shared", 7, tmp_path / "out")
+        export(registry, "shared", 7, tmp_path / "out")
     with pytest.raises(RegistryError, match="no registry folder"):
         Registry(tmp_path / "missing").verify()
 
 
 def test_export_loads_with_identical_logits(built: Built, tmp_path: Path) -> None:
-    out = Registry(built.root).export("shared", None, tmp_path / "out")
+    out = export(Registry(built.root), "shared", None, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE, CARD_FILE]
     )
@@ -276,18 +272,18 @@ def test_export_loads_with_identical_logits(built: Built, tmp_path: Path) -> Non
 def test_export_never_overwrites_and_checks_the_hash(built: Built, tmp_path: Path) -> None:
     registry = Registry(built.root)
     (tmp_path / "empty").mkdir()
-    registry.export("topic", 0, tmp_path / "empty")  # an empty folder is fine
+    export(registry, "topic", 0, tmp_path / "empty")  # an empty folder is fine
     with pytest.raises(RegistryError, match="not empty"):
-        registry.export("topic", 0, tmp_path / "empty")
+        export(registry, "topic", 0, tmp_path / "empty")
     path = built.root / "topic" / "v0000" / ADAPTER_FILE
     path.write_bytes(path.read_bytes()[:-1] + b"\x00")
     with pytest.raises(RegistryError, match="does not match the manifest"):
-        registry.export("topic", 0, tmp_path / "bad")
+        export(registry, "topic", 0, tmp_path / "bad")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "registry"]  # no temp left
 
 
 def test_export_many_loads_as_named_adapters(built: Built, tmp_path: Path) -> None:
-    out = Registry(built.root).export_many({"shared": None, "topic": 0}, tmp_path / "out")
+    out = export_many(Registry(built.root), {"shared": None, "topic": 0}, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["shared", "topic"]
     model = PeftModel.from_pretrained(tiny_base().model, str(out / "shared"), adapter_name="shared")
     model.load_adapter(str(out / "topic"), adapter_name="topic")
@@ -297,8 +293,8 @@ def test_export_many_loads_as_named_adapters(built: Built, tmp_path: Path) -> No
 
 def test_export_merged_cat_equals_both_adapters_active(built: Built, tmp_path: Path) -> None:
     base = tiny_base()
-    out = Registry(built.root).export_merged(
-        [("shared", None), ("topic", None)], tmp_path / "merged", base
+    out = export_merged(
+        Registry(built.root), [("shared", None), ("topic", None)], tmp_path / "merged", base
     )
     config = json.loads((out / CONFIG_FILE).read_text())
     assert config["r"] == 6 and sorted(config["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
@@ -322,11 +318,13 @@ def test_export_merged_cat_equals_both_adapters_active(built: Built, tmp_path: P
 def test_export_merged_weights_and_svd(built: Built, tmp_path: Path) -> None:
     registry = Registry(built.root)
     selection = {"shared": 1, "topic": 0}
-    half = registry.export_merged(selection, tmp_path / "half", tiny_base(), weights=[0.5, 0.5])
-    full_rank = registry.export_merged(
-        selection, tmp_path / "svd6", tiny_base(), combination_type="svd", svd_rank=6
+    half = export_merged(registry, selection, tmp_path / "half", tiny_base(), weights=[0.5, 0.5])
+    full_rank = export_merged(
+        registry, selection, tmp_path / "svd6", tiny_base(), combination_type="svd", svd_rank=6
     )
-    small = registry.export_merged(selection, tmp_path / "svd", tiny_base(), combination_type="svd")
+    small = export_merged(
+        registry, selection, tmp_path / "svd", tiny_base(), combination_type="svd"
+    )
     assert json.loads((small / CONFIG_FILE).read_text())["r"] == 4
     outputs = {
         name: logits_of(PeftModel.from_pretrained(tiny_base().model, str(folder)))
@@ -341,14 +339,14 @@ def test_export_merged_weights_and_svd(built: Built, tmp_path: Path) -> None:
 def test_export_merged_refusals(built: Built, tmp_path: Path) -> None:
     registry = Registry(built.root)
     with pytest.raises(RegistryError, match=r"differs from the model's"):
-        registry.export_merged({"shared": None, "topic": None}, tmp_path / "a", tiny_base(seed=1))
+        export_merged(registry, {"shared": None, "topic": None}, tmp_path / "a", tiny_base(seed=1))
     with pytest.raises(RegistryError, match="2 weights for 1 modules"):
-        registry.export_merged({"shared": None}, tmp_path / "b", tiny_base(), weights=[1, 2])
+        export_merged(registry, {"shared": None}, tmp_path / "b", tiny_base(), weights=[1, 2])
     head = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
     state = {**_state(1.0), "base_model.model.lm_head.weight": torch.zeros(2, 2)}
     registry.publish("head", state, head, {"base_fingerprint": built.fingerprint})
     with pytest.raises(RegistryError, match="modules_to_save"):
-        registry.export_merged({"shared": None, "head": None}, tmp_path / "c", tiny_base())
+        export_merged(registry, {"shared": None, "head": None}, tmp_path / "c", tiny_base())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["registry"]
 
 
@@ -390,7 +388,7 @@ def test_exported_card_carries_the_rounds_global_metrics(built: Built, tmp_path:
         "sites": {"site-0": {"evaluate": {"eval_loss": 9.0}}},
     }  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text(json.dumps(line) + "\n")
-    out = Registry(built.root).export("shared", None, tmp_path / "out")
+    out = export(Registry(built.root), "shared", None, tmp_path / "out")
     card = ModelCard.load(out / CARD_FILE)
     assert "| evaluation loss | 1.2500 |" in card.text
     assert "| train loss (mean over sites) | 2.5000 |" in card.text
@@ -409,7 +407,7 @@ def test_export_makes_an_older_versions_local_base_path_portable(
     manifest = json.loads((version / MANIFEST_FILE).read_text())
     manifest["sha256"][CONFIG_FILE] = sha256_file(version / CONFIG_FILE)
     (version / MANIFEST_FILE).write_text(json.dumps(manifest))
-    out = Registry(built.root).export("shared", 1, tmp_path / "out")
+    out = export(Registry(built.root), "shared", 1, tmp_path / "out")
     exported = json.loads((out / CONFIG_FILE).read_text())
     assert exported["base_model_name_or_path"] == "tiny-llama"
     copied = json.loads((out / MANIFEST_FILE).read_text())

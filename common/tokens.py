@@ -16,7 +16,7 @@ import torch
 from common.errors import DataError
 
 if TYPE_CHECKING:
-    from client.data import Example, Kind
+    from common.data import Example, Kind
 
 # Label value the loss ignores (torch.nn.CrossEntropyLoss's default ignore_index).
 IGNORE_INDEX = -100

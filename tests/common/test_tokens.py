@@ -1,4 +1,4 @@
-"""Tests for client.tokens: loss masks, truncation, padding and batch order.
+"""Tests for common.tokens: loss masks, truncation, padding and batch order.
 
 The tokenizer is built here, offline: byte-level BPE with no merges (one token per byte) and two
 special tokens, with and without a chat template.
@@ -12,8 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from client.data import Example
-from client.tokens import (
+from common.data import Example
+from common.errors import DataError
+from common.tokens import (
     IGNORE_INDEX,
     PLAIN_PROMPT,
     collate,
@@ -23,7 +24,6 @@ from client.tokens import (
     iterate_batches,
     prompt_ids,
 )
-from common.errors import DataError
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

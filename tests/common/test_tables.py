@@ -1,4 +1,4 @@
-"""Data through ``datasets`` (client.tables): a parquet file, a save_to_disk folder, a folder of
+"""Data through ``datasets`` (common.tables): a parquet file, a save_to_disk folder, a folder of
 data files and a hub data set in a cache laid out as huggingface_hub does it give the same
 examples, and the same partition, as the JSONL form of the same rows; errors name the source,
 the row, the column or the split."""
@@ -15,9 +15,10 @@ from typing import Any
 import datasets
 import pytest
 
-from client.data import load_dataset, partition, site_data
 from common.config import DataConfig, config_from_dict
+from common.data import load_dataset
 from common.errors import DataError
+from common.partition import partition, site_data
 
 ROWS = [
     {"text": f"message {i}", "label": ["card", "loan", "atm"][i % 3], "branch": f"b{i % 4}"}

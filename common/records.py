@@ -1,8 +1,8 @@
 """Read a data file into text or rows, with errors that name the file and the line.
 
-``client.data`` turns the rows into examples; this module knows only file formats: UTF-8 text,
+``common.data`` turns the rows into examples; this module knows only file formats: UTF-8 text,
 JSON lines (or one JSON array of objects) and CSV with a header row. Parquet files, folders and
-hub data sets go through ``datasets`` (``client.tables``); these three formats stay here because
+hub data sets go through ``datasets`` (``common.tables``); these three formats stay here because
 this reader names the line of every problem and keeps CSV values as the strings they are.
 """
 

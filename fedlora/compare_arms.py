@@ -1,0 +1,31 @@
+"""The arms of ``fedlora compare``, in the order its table lists them, and their check.
+
+Both ``fedlora.compare`` (which runs the arms) and ``fedlora.compare_cli`` (which parses
+``--arms``) use them: the command line loads ``fedlora.compare`` only to run it, and
+``fedlora.compare`` never imports the command line back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+ARMS = (
+    "base",
+    "local-only",
+    "federated",
+    "personalized",
+    "centralized",
+    "centralized-equal-steps",
+    "centralized-full",
+)
+
+
+def check_arms(names: Sequence[str]) -> None:
+    """Raise ValueError naming an unknown arm, none at all, or personalized without federated."""
+    unknown = [name for name in names if name not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(ARMS)}")
+    if not names:
+        raise ValueError(f"no arm named; expected some of {', '.join(ARMS)}")
+    if "personalized" in names and "federated" not in names:
+        raise ValueError("arm 'personalized' starts from the federated adapter: add 'federated'")
