@@ -18,6 +18,7 @@ from peft import PeftModel
 
 from client.data import Kind, SiteData
 from client.losses import label_counts
+from client.received import ReceivedVersions
 from client.site_api import SiteUpdate as SiteUpdate
 from client.site_store import SiteStore
 from client.tokens import encode_examples, eval_batches, iterate_batches
@@ -152,6 +153,10 @@ class SiteRuntime:
     @property
     def fingerprint(self) -> str:
         return self.host.base.fingerprint
+
+    def received_versions(self, run_id: str) -> ReceivedVersions:
+        """The global versions of run ``run_id`` this site holds, in its store."""
+        return self.store.for_run(run_id).received
 
     def claim_masked_input(self, run_id: str, server_round: int) -> None:
         """Secure sum: one masked input per (run, round), recorded in the store."""
