@@ -115,7 +115,7 @@ def _header(msg: Message) -> tuple[ConfigRecord, SitePlan]:
     return header, SitePlan.model_validate_json(str(header[P.KEY_PLAN]))
 
 
-def _global(msg: Message, site: Site, header: ConfigRecord, plan: SitePlan) -> AdapterState:
+def _global(msg: Message, site: Site, header: ConfigRecord) -> AdapterState:
     """The instruction's global version, rebuilt from its form (full, step or reference),
     checked against the header's SHA-256 and kept in the site's store (``client.received``)."""
     from client.received import rebuild_global
@@ -365,7 +365,7 @@ def client_app(
                 return Message(content, reply_to=msg)
             server_round = int(str(header[P.KEY_ROUND]))
             update = site.train(
-                _global(msg, site, header, plan),
+                _global(msg, site, header),
                 plan,
                 server_round,
                 int(str(header[P.KEY_VERSION])),
@@ -395,7 +395,7 @@ def client_app(
             _admit(msg, site, header, plan, keys, policy)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             version, run_id = int(str(header[P.KEY_VERSION])), str(header[P.KEY_RUN_ID])
-            result = site.evaluate(_global(msg, site, header, plan), plan, version, run_id)
+            result = site.evaluate(_global(msg, site, header), plan, version, run_id)
             content = _evaluate_reply(result, plan, header, site, keys)
         except FedloraError as exc:
             return _refuse(msg, exc)

@@ -79,8 +79,8 @@ def _eval_reply(instruction: Message, site: str) -> Message:
 
 
 def _rebuild(message: Message, site: StoreOnly) -> dict[str, torch.Tensor]:
-    header, plan = _header(message)
-    return _global(message, site, header, plan)  # type: ignore[arg-type]
+    header, _ = _header(message)
+    return _global(message, site, header)  # type: ignore[arg-type]
 
 
 def _forms(messages: list[Message]) -> dict[int, str]:
