@@ -52,6 +52,9 @@ HOSTILE_KINDS = (
 ROGUE_SITE = "site-rogue"  # the name the unenrolled key signs as
 MAX_STALL_SECONDS = 300.0  # a stalled site gives up waiting for ``Fault.after`` (seconds)
 REPLAY_RECORD = "fault-replay"  # node state: the site's last sent envelope
+# Node state: the shapes of the module's global tensors, from the last instruction that carried
+# the full state (round 0's evaluation does; later ones may carry a step or a reference).
+SHAPES_RECORD = "fault-shapes"
 MODULE = "shared"  # the fault cases run examples/tiny.toml: one shared module
 
 
@@ -121,6 +124,7 @@ def _handle(inner: ClientApp, plan: FaultPlan, msg: Message, context: Context) -
     stage = msg.metadata.message_type
     server_round = int(str(msg.content.config_records[P.HEADER_RECORD][P.KEY_ROUND]))
     fault = plan.find(site, server_round, stage)
+    _note_shapes(msg, context)
     reply = inner(msg, context) if fault is None else _misbehave(inner, plan, fault, msg, context)
     if stage == "train" and fault is None and plan.replays(site) and reply.has_content():
         envelope = reply.content.config_records[P.UPDATE_RECORD][P.delta_key(MODULE)]
@@ -184,30 +188,38 @@ def _reseal_report(msg: Message, reply: Message, keys: Path, site_id: str, examp
     reply.content.config_records[P.UPDATE_RECORD][P.KEY_REPORT] = envelope
 
 
-def _zeros(msg: Message) -> AdapterState:
+def _note_shapes(msg: Message, context: Context) -> None:
+    arrays = msg.content.array_records.get(P.GLOBAL_RECORD)
+    if arrays is not None:
+        state = split_modules(arrays.to_torch_state_dict())[MODULE]
+        shapes = {key: json.dumps(list(value.shape)) for key, value in state.items()}
+        context.state.config_records[SHAPES_RECORD] = ConfigRecord(shapes)  # type: ignore[arg-type]
+
+
+def _zeros(context: Context) -> AdapterState:
     """A delta of the right keys and shapes (the module's global tensors: the fedavg rule)."""
-    state = split_modules(msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict())
-    return {key: torch.zeros_like(value) for key, value in state[MODULE].items()}
+    shapes = context.state.config_records[SHAPES_RECORD]
+    return {key: torch.zeros(*json.loads(str(shape))) for key, shape in shapes.items()}
 
 
-def _nan_delta(plan: FaultPlan, fault: Fault, msg: Message, reply: Message, _: Context) -> None:
+def _nan_delta(plan: FaultPlan, fault: Fault, msg: Message, reply: Message, ctx: Context) -> None:
     # encode_delta refuses NaN, so write the bits of a float32 NaN over the first value of the
     # data section, as a hostile (or broken) site's own encoder would send it.
-    payload = encode_delta(_zeros(msg))
+    payload = encode_delta(_zeros(ctx))
     start = 8 + int.from_bytes(payload[:8], "little")
     payload = payload[:start] + b"\x00\x00\xc0\x7f" + payload[start + 4 :]
     _reseal(msg, reply, plan.keys, f"site-{fault.site}", payload)
 
 
-def _wrong_shape(plan: FaultPlan, fault: Fault, msg: Message, reply: Message, _: Context) -> None:
-    delta = _zeros(msg)
+def _wrong_shape(plan: FaultPlan, fault: Fault, msg: Message, reply: Message, ctx: Context) -> None:
+    delta = _zeros(ctx)
     first = sorted(delta)[0]
     delta[first] = torch.zeros(delta[first].shape[0] + 1, *delta[first].shape[1:])
     _reseal(msg, reply, plan.keys, f"site-{fault.site}", encode_delta(delta))
 
 
-def _huge_norm(plan: FaultPlan, fault: Fault, msg: Message, reply: Message, _: Context) -> None:
-    delta = {key: torch.full_like(value, 100.0) for key, value in _zeros(msg).items()}
+def _huge_norm(plan: FaultPlan, fault: Fault, msg: Message, reply: Message, ctx: Context) -> None:
+    delta = {key: torch.full_like(value, 100.0) for key, value in _zeros(ctx).items()}
     _reseal(msg, reply, plan.keys, f"site-{fault.site}", encode_delta(delta))
 
 
@@ -223,8 +235,8 @@ def _replay(_p: FaultPlan, _f: Fault, _m: Message, reply: Message, context: Cont
     reply.content.config_records[P.UPDATE_RECORD][P.delta_key(MODULE)] = stored
 
 
-def _unenrolled(plan: FaultPlan, _f: Fault, msg: Message, reply: Message, _: Context) -> None:
-    _reseal(msg, reply, plan.rogue_keys, ROGUE_SITE, encode_delta(_zeros(msg)))
+def _unenrolled(plan: FaultPlan, _f: Fault, msg: Message, reply: Message, ctx: Context) -> None:
+    _reseal(msg, reply, plan.rogue_keys, ROGUE_SITE, encode_delta(_zeros(ctx)))
 
 
 HOSTILE_EDITS: dict[str, Callable[[FaultPlan, Fault, Message, Message, Context], None]] = {

@@ -54,6 +54,9 @@ if TYPE_CHECKING:  # the simulation's in-process sites: torch, transformers, pef
 
 logger = logging.getLogger(__name__)
 
+# Largest encoded step from the coordinator (bytes): an fp32 step of 2 GiB of adapter state,
+# the worker wire's bound on what a site receives.
+_MAX_STEP_BYTES = 2 * 2**30
 # Error codes of refusal replies (Flower reserves small codes for its own errors).
 ERROR_REFUSED = 1001
 
@@ -114,8 +117,27 @@ def _header(msg: Message) -> tuple[ConfigRecord, SitePlan]:
     return header, SitePlan.model_validate_json(str(header[P.KEY_PLAN]))
 
 
-def _global(msg: Message) -> AdapterState:
-    return msg.content.array_records[P.GLOBAL_RECORD].to_torch_state_dict()
+def _global(msg: Message, site: Site, header: ConfigRecord) -> AdapterState:
+    """The instruction's global version, rebuilt from its form (full, step or reference),
+    checked against the header's SHA-256 and kept in the site's store (``client.received``)."""
+    from client.received import rebuild_global
+
+    form = str(header.get(P.KEY_GLOBAL_FORM, P.FORM_FULL))
+    arrays = msg.content.array_records.get(P.GLOBAL_RECORD)
+    step = msg.content.config_records.get(P.GLOBAL_STEP_RECORD)
+    payload = None if step is None else step.get(P.KEY_DELTA)
+    base = header.get(P.KEY_GLOBAL_BASE)
+    digest = header.get(P.KEY_GLOBAL_SHA256)
+    return rebuild_global(
+        form,
+        int(str(header[P.KEY_VERSION])),
+        None if digest is None else str(digest),
+        site.received_versions(str(header[P.KEY_RUN_ID])),
+        full=None if arrays is None else arrays.to_torch_state_dict(),
+        step=payload if isinstance(payload, bytes) else None,
+        base=base if isinstance(base, int) and not isinstance(base, bool) else None,
+        max_bytes=_MAX_STEP_BYTES,
+    )
 
 
 def _secure_sum_keys(
@@ -345,7 +367,7 @@ def client_app(
                 return Message(content, reply_to=msg)
             server_round = int(str(header[P.KEY_ROUND]))
             update = site.train(
-                _global(msg),
+                _global(msg, site, header),
                 plan,
                 server_round,
                 int(str(header[P.KEY_VERSION])),
@@ -375,7 +397,7 @@ def client_app(
             _admit(msg, site, header, plan, keys, policy)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             version, run_id = int(str(header[P.KEY_VERSION])), str(header[P.KEY_RUN_ID])
-            result = site.evaluate(_global(msg), plan, version, run_id)
+            result = site.evaluate(_global(msg, site, header), plan, version, run_id)
             content = _evaluate_reply(result, plan, header, site, keys)
         except FedloraError as exc:
             return _refuse(msg, exc)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from client.received import RECEIVED_FOLDER, ReceivedVersions
 from client.round_claims import check_run_id, claim
 from client.site_api import SiteUpdate, StepCallback, TrainResult
 from client.worker_wire import (
@@ -59,6 +60,7 @@ class RemoteSite:
         self.site_id = field_of(reply, "site_id", str)
         self._fingerprint = field_of(reply, "fingerprint", str)
         self._claimed: set[int] = set()
+        self._received: dict[str, ReceivedVersions] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -68,6 +70,12 @@ class RemoteSite:
         """``client.round_claims.claim`` in the site's store (shared with its worker)."""
         root = None if self.state_dir is None else self.state_dir / check_run_id(run_id)
         claim(root, server_round, self._claimed)
+
+    def received_versions(self, run_id: str) -> ReceivedVersions:
+        """The site's received versions, in its store (shared with its worker)."""
+        if self.state_dir is None:  # tests: memory, for as long as this proxy lives
+            return self._received.setdefault(run_id, ReceivedVersions(None))
+        return ReceivedVersions(self.state_dir / check_run_id(run_id) / RECEIVED_FOLDER)
 
     def check_fingerprint(self, expected: str) -> None:
         """Refuse to work for a coordinator whose base model differs from ours."""

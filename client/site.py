@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from client.losses import label_counts
+from client.received import ReceivedVersions
 from client.site_api import SiteUpdate, StepCallback
 from client.site_store import SiteStore
 from client.train import freeze_lora_a, train_local
@@ -102,6 +103,10 @@ class SiteRuntime:
     @property
     def fingerprint(self) -> str:
         return self.host.base.fingerprint
+
+    def received_versions(self, run_id: str) -> ReceivedVersions:
+        """The global versions of run ``run_id`` this site holds, in its store."""
+        return self.store.for_run(run_id).received
 
     def claim_masked_input(self, run_id: str, server_round: int) -> None:
         """Secure sum: one masked input per (run, round), recorded in the store."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from common.adapters import AdapterState
 from common.config import SitePlan
 from common.evaluation import EvalResult
+
+if TYPE_CHECKING:
+    from client.received import ReceivedVersions
 
 # Called after every optimizer step with (step, steps, loss): the app turns it into progress.
 StepCallback = Callable[[int, int, float], None]
@@ -52,6 +55,10 @@ class Site(Protocol):
 
     def check_fingerprint(self, expected: str) -> None:
         """Raise ``FingerprintMismatch`` unless the site's base model is ``expected``."""
+
+    def received_versions(self, run_id: str) -> ReceivedVersions:
+        """The global versions of run ``run_id`` this site holds (``client.received``)."""
+        ...
 
     def claim_masked_input(self, run_id: str, server_round: int) -> None:
         """Secure sum: raise ``UpdateRejected`` if this (run, round) already got a masked

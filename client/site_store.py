@@ -7,6 +7,8 @@ manifest layout as the coordinator's, so ``fedlora registry list|verify|export``
 ``fedlora generate --adapters`` read it): for every global version ``NNNN`` the site saw, each
 module as this site uses it at that version: the shared and group modules it received, and
 its private modules as it trained them. Versions the site missed are gaps.
+``received/v<NNNN>.safetensors`` holds the newest global versions exactly as received and
+checked (``client.received``), which the coordinator's steps and references build on.
 
 ``kept/after-v<NNNN>.safetensors`` holds what never leaves the site (private modules,
 fedsa's B factors) after training on global version ``NNNN``. Training on, or evaluating,
@@ -27,6 +29,7 @@ from typing import Any
 from peft import LoraConfig
 from safetensors.torch import load, save
 
+from client.received import RECEIVED_FOLDER, ReceivedVersions
 from client.round_claims import check_run_id, claim
 from common.adapters import AdapterState
 from common.atomic import write_bytes_atomic
@@ -51,6 +54,8 @@ class SiteStore:
         self._runs: dict[str, SiteStore] = {}
         self._claimed: set[int] = set()
         self.registry = None if root is None else Registry(root / REGISTRY_FOLDER)
+        # The global versions as received and verified (client.received): steps build on them.
+        self.received = ReceivedVersions(None if root is None else root / RECEIVED_FOLDER)
 
     def for_run(self, run_id: str) -> SiteStore:
         """The part of this store that belongs to run ``run_id``: ``<root>/<run-id>/``."""

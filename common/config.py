@@ -31,6 +31,10 @@ PositiveInt = Annotated[int, Field(gt=0)]
 # Delta encodings on the up-link (``common.encoding``); int8 has one scale per tensor,
 # int8-block and int4 one bf16 scale per block of values.
 DeltaEncoding = Literal["fp32", "fp16", "int8", "int8-block", "int4"]
+# The down-link (``common.downlink``): "full" sends every site the whole global state in every
+# instruction; an encoding sends a site the step from the version it confirmed, encoded so, or
+# a reference to the version it holds (full state only to a site with neither).
+DownlinkEncoding = Literal["full", "fp32", "fp16", "int8", "int8-block", "int4"]
 # Those that quantise; secure-sum masks its own fixed-point levels instead.
 QUANTISED_ENCODINGS = ("int8", "int8-block", "int4")
 PrivacyMode = Literal["sealed", "secure-sum", "none"]
@@ -142,6 +146,9 @@ class FederationConfig(Section):
     # registry/, relative to the working directory: every sent module's latest version),
     # "PATH:MODULE" or "PATH:MODULE:VERSION". Version 0 of this run is then that version.
     init_from: str | None = None
+    # How a global version reaches the sites (see DownlinkEncoding): a lossy encoding rounds
+    # each version's step once, as published (common/downlink.py).
+    downlink: DownlinkEncoding = "fp16"
 
     def site_evaluates(self, server_round: int) -> bool:
         """Whether the sites evaluate after ``server_round``."""

@@ -18,6 +18,12 @@ A train reply (site -> coordinator) carries:
                                  like a delta (envelope module ``@site-report``); secure-sum
                                  mode does not send them (they would single a site out).
 An evaluate instruction carries ``global`` + ``fedlora``; its reply carries ``metrics``.
+
+The global version travels in one of three forms (``KEY_GLOBAL_FORM``, ``common.downlink``):
+``full`` (``global`` as above), ``step`` (``global-step``: the encoded step from version
+``KEY_GLOBAL_BASE``, a version the site confirmed) or ``reference`` (nothing: the site holds the
+version). Every instruction's header carries ``KEY_GLOBAL_SHA256``, the digest of the version's
+state, which the site checks whatever the form.
 """
 
 from __future__ import annotations
@@ -47,6 +53,17 @@ KEY_FINGERPRINT = "base-fingerprint"
 KEY_PLAN = "plan"
 # The coordinator's Ed25519 signature over the whole instruction (``common.instructions``).
 KEY_SIGNATURE = "signature"
+
+# How the global version travels (``common.downlink``): its form, the version a step starts
+# from, the SHA-256 of the version's state; a step's payload is ``GLOBAL_STEP_RECORD[KEY_DELTA]``.
+KEY_GLOBAL_FORM = "global-form"
+KEY_GLOBAL_BASE = "global-base"
+KEY_GLOBAL_SHA256 = "global-sha256"
+GLOBAL_STEP_RECORD = "global-step"
+FORM_FULL = "full"
+FORM_STEP = "step"
+FORM_REFERENCE = "reference"
+GLOBAL_FORMS = (FORM_FULL, FORM_STEP, FORM_REFERENCE)
 
 # Secure-sum stages: the stage name, public parameters and site numbering travel in the header;
 # stage payloads (adverts, sealed shares, masked input, survivor list and confirmation, unmask

@@ -506,15 +506,20 @@ def _train_stage(
     if cfg.privacy.mode == "secure-sum":
         secure = SecureSumRound(strategy, grid, server_round)
         strategy.train_log = secure.log  # filled as the stages go, also if one fails
-        return secure.run(arrays)
-    replies = grid.send_and_receive(
-        strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-        timeout=cfg.federation.round_timeout,
-    )
-    new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        new_arrays: ArrayRecord | None = secure.run(arrays)
+    else:
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+            timeout=cfg.federation.round_timeout,
+        )
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
     if new_arrays is None:
         raise AggregationError(f"round {server_round}: nothing to aggregate")
-    return new_arrays
+    # The next version is what sites rebuild from its encoded step (federation.downlink).
+    published = strategy.downlink.publish(
+        strategy.version + 1, arrays.to_torch_state_dict(), new_arrays.to_torch_state_dict()
+    )
+    return ArrayRecord(published)
 
 
 def _record_failed_round(

@@ -183,22 +183,18 @@ class SecureSumRound:
 
     def _train_and_advertise(self, arrays: ArrayRecord) -> dict[int, KeyAdvert]:
         """Stage 1: every site trains and replies with its signed key advert and metrics."""
-        content = RecordDict(
-            {P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: self._header(P.STAGE_TRAIN)}
+        messages, self.log.bytes_down = self.strategy.downlink_messages(
+            self._header(P.STAGE_TRAIN), arrays, MessageType.TRAIN
         )
-        self.strategy.signed(content, MessageType.TRAIN)
-        messages = [
-            Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
-            for node in self.strategy.node_ids
-        ]
-        self.log.bytes_down = sum(len(a.data) for a in arrays.values()) * len(messages)
         adverts: dict[int, KeyAdvert] = {}
         received = list(self.grid.send_and_receive(messages, timeout=self._timeout))
         sent = sent_nodes(messages)
         for reply in received:
-            site = self.strategy._site_of(reply, reply_node(reply, sent))
+            node = reply_node(reply, sent)
+            site = self.strategy._site_of(reply, node)
             if reply.has_error():
                 self.log.reject(site, f"site reported an error: {reply.error.reason}")
+                self.strategy.downlink.forget(node)  # full state next time
                 continue
             number = self.numbers.get(site)
             if number is None:
@@ -217,6 +213,7 @@ class SecureSumRound:
                 self.log.reject(site, "a second signed advert from this site in the round")
                 continue
             adverts[number] = advert
+            self.strategy.downlink.confirm(node, self.strategy.version)
             self.log.bytes_up += record_bytes(record)
             self.nodes[number] = reply.metadata.src_node_id
             # No per-site figures in secure-sum mode: a site's loss, example count or clip

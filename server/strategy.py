@@ -47,6 +47,7 @@ from common.modules import join_modules, sent_modules, split_modules
 from common.scopes import PRIVATE
 from common.streaming import FlatLayout
 from server.aggregate import Aggregator, SiteDelta, SitePayloads
+from server.downlink import Downlink, arrays_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,6 @@ class StageLog:
         self.rejected.append({"site": site, "reason": reason})
 
 
-def array_record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of an ArrayRecord's tensors (what one site downloads)."""
-    return sum(len(array.data) for array in record.values())
-
-
 class FedLoraStrategy(Strategy):
     """Weighted FedAvg of adapter deltas, with per-reply validation."""
 
@@ -116,6 +112,8 @@ class FedLoraStrategy(Strategy):
         self.run_id = run_id
         self.sealing = sealing
         self.aggregator = Aggregator(cfg)
+        # Which form of each version each node gets (reference, step, full): server.downlink.
+        self.downlink = Downlink(cfg.federation.downlink, cfg.privacy.max_payload_bytes)
         self.version = 0  # the global version the current instructions carry
         self.node_ids: list[int] = []
         self.offences: dict[int, int] = {}  # Flower node id -> rejected train replies
@@ -151,17 +149,34 @@ class FedLoraStrategy(Strategy):
             sign_instruction(content, message_type, self.sealing.instruction_key)
         return content
 
+    def downlink_messages(
+        self, header: ConfigRecord, arrays: ArrayRecord, message_type: str
+    ) -> tuple[list[Message], int]:
+        """One signed instruction per node carrying ``arrays`` (the header's version) in the
+        form that node gets (``server.downlink``); and the bytes down, all nodes together.
+
+        Nodes that get the same form share one content (one signature)."""
+        version = int(str(header[P.KEY_VERSION]))
+        digest = arrays_sha256(arrays)
+        contents: dict[str, tuple[RecordDict, int]] = {}
+        messages: list[Message] = []
+        down = 0
+        for node in self.node_ids:
+            form = self.downlink.form(node, version)
+            if form not in contents:
+                content, size = self.downlink.content(form, header, arrays, digest)
+                contents[form] = (self.signed(content, message_type), size)
+            content, size = contents[form]
+            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+            down += size
+        return messages, down
+
     def _instructions(
         self, server_round: int, arrays: ArrayRecord, message_type: str, log: StageLog
     ) -> list[Message]:
-        header = self._header(server_round)
-        content = self.signed(
-            RecordDict({P.GLOBAL_RECORD: arrays, P.HEADER_RECORD: header}), message_type
+        self._sent, log.bytes_down = self.downlink_messages(
+            self._header(server_round), arrays, message_type
         )
-        log.bytes_down = array_record_bytes(arrays) * len(self.node_ids)
-        self._sent = [
-            Message(content, dst_node_id=node, message_type=message_type) for node in self.node_ids
-        ]
         return list(self._sent)
 
     def configure_train(
@@ -351,8 +366,11 @@ class FedLoraStrategy(Strategy):
                 self.train_log.reject(site, str(exc))
                 if not reply.has_error():  # a crash or timeout is no offence
                     self._count_offence(node, site)
+                else:  # it may lack the version or hold a corrupt copy: full state next time
+                    self.downlink.forget(node)
                 continue
             accepted.append(update)
+            self.downlink.confirm(node, self.version)
             self.node_sites[node] = update.site
             self.train_log.bytes_up += update.payload_bytes
             self.train_log.accepted[update.site] = update.metrics
@@ -412,6 +430,7 @@ class FedLoraStrategy(Strategy):
                 self.node_claims[node] = site
             if reply.has_error():
                 self.eval_log.reject(site, f"site reported an error: {reply.error.reason}")
+                self.downlink.forget(node)
                 continue
             if site in self.eval_log.accepted:
                 self.eval_log.reject(site, "a second evaluate reply from this site this round")
@@ -424,6 +443,7 @@ class FedLoraStrategy(Strategy):
             self.eval_log.accepted[site] = {
                 k: float(v) for k, v in metrics.items() if isinstance(v, int | float)
             }
+            self.downlink.confirm(node, self.version)
         self._note_silent(self.eval_log, sent, answered)
         if not self.eval_log.accepted:
             return None

@@ -236,7 +236,8 @@ def tensor_markers(registry: Path) -> list[str]:
 
 def site_deltas(canary: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     """Each site's round-1 delta, recomputed in this process (training is deterministic for a
-    seed), and checked against the run: their mean is the published version 1, bit for bit.
+    seed), and checked against the run: their mean, as published (``server.downlink``), is
+    version 1, bit for bit.
 
     What the scan must never find is a single site's delta; the published aggregates are
     meant to be read.
@@ -248,6 +249,7 @@ def site_deltas(canary: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     from common.partition import site_data
     from common.registry import Registry
     from server.aggregate import Aggregator, SiteDelta
+    from server.downlink import Downlink
 
     cfg = load_config(REPO / "examples" / "tiny.toml", canary["settings"])
     registry = Registry(canary["out"] / "registry")
@@ -267,7 +269,11 @@ def site_deltas(canary: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
         torch.set_num_threads(threads)
     updates = [SiteDelta(s, u.examples, u.delta) for s, u in deltas.items()]
     mean = Aggregator(cfg).aggregate(v0, updates, server_round=1, version=1)
-    assert v1 and all(torch.equal(mean[k], v1[k]) for k in v1), "recomputed deltas differ"
+    # Published as the coordinator does: v0 + the step as sites rebuild it (federation.downlink)
+    published = Downlink(cfg.federation.downlink, cfg.privacy.max_payload_bytes).publish(
+        1, v0, mean
+    )
+    assert v1 and all(torch.equal(published[k], v1[k]) for k in v1), "recomputed deltas differ"
     return {site: update.delta for site, update in deltas.items()}
 
 

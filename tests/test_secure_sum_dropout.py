@@ -83,8 +83,11 @@ def test_dropouts_after_sharing_are_recovered(
     bound = mean_error_bound(sites, ss.max_weight, ss.clip_range, survivors)
     assert 0 < line["secure_sum_max_abs_error"] <= bound
     ours, plain = secure["registry"].load("shared", 1), sealed["registry"].load("shared", 1)
-    for key in plain:  # + float32 rounding of the stored adapters (1e-7 here)
-        assert float((ours[key] - plain[key]).abs().max()) <= bound + 1e-7, key
+    v0 = sealed["registry"].load("shared", 0)
+    for key in plain:  # + float32 rounding of the stored adapters (1e-7 here), + each run's
+        # fp16 rounding of its published step (federation.downlink): 2^-11 of the step
+        step = float((plain[key] - v0[key]).abs().max()) + bound
+        assert float((ours[key] - plain[key]).abs().max()) <= bound + 2 * step * 2.0**-11 + 1e-7
 
 
 def test_below_threshold_the_round_fails_and_the_version_stays(tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ def run_tiny(out: Path, *overrides: str) -> dict[str, Any]:
     cfg = load_config(TINY, ["federation.rounds=2", *overrides])
     summary = simulate(cfg, out)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"summary": summary, "metrics": metrics, "registry": Registry(out / "registry")}
+    registry = Registry(out / "registry")
+    return {"summary": summary, "metrics": metrics, "registry": registry, "out": out}
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +137,36 @@ def test_secure_sum_matches_sealed_within_its_error_bound(
     bound = mean_error_bound(3, SecureSumConfig().max_weight, SecureSumConfig().clip_range, 3)
     assert 0 < max(m["secure_sum_max_abs_error"] for m in run["metrics"][1:]) <= bound
     ours, plain = run["registry"].load("shared", 1), fedavg["registry"].load("shared", 1)
+    v0 = fedavg["registry"].load("shared", 0)
     for key in plain:
         # one round of FedAvg: the mean delta differs by the fixed-point error (+ float32
-        # rounding of the stored adapters, 1e-7 here)
-        assert float((ours[key] - plain[key]).abs().max()) <= bound + 1e-7, key
+        # rounding of the stored adapters, 1e-7 here); each run publishes v0 + its step
+        # rounded to fp16 (federation.downlink), half an fp16 ulp: 2^-11 of the step, each
+        step = float((plain[key] - v0[key]).abs().max()) + bound
+        assert float((ours[key] - plain[key]).abs().max()) <= bound + 2 * step * 2.0**-11 + 1e-7
     assert run["registry"].get("shared").manifest["privacy"] == "secure-sum"
+
+
+def test_the_downlink_sends_steps_and_references_not_the_state(
+    tmp_path: Path, fedavg: dict[str, Any]
+) -> None:
+    """federation.downlink = fp16 (the default) against 'full': after round 0, a site's train
+    instruction is a reference to the version it evaluated (0 bytes) and its evaluate
+    instruction the fp16 step from the version it trained on. Every site checks the SHA-256 of
+    what it rebuilt: a mismatch would be a rejected reply."""
+    full = run_tiny(tmp_path / "run", "federation.downlink='full'")
+    ours, theirs = fedavg["metrics"], full["metrics"]
+    assert all(not m["rejected"] for m in ours + theirs)
+    assert ours[0]["bytes_down"] == theirs[0]["bytes_down"] > 0  # v0: nobody holds anything
+    for server_round in (1, 2):
+        # 'full' sends the fp32 state twice (train, evaluate); fp16 one step of half the data
+        # bytes (the tiny adapter's headers weigh more than SmolLM2's)
+        one_full = theirs[server_round]["bytes_down"] / 2
+        assert ours[server_round]["bytes_down"] < 0.6 * one_full
+    assert abs(ours[-1]["eval_loss"] - theirs[-1]["eval_loss"]) < 0.05
+    received = fedavg["out"] / "sites" / "site-0" / fedavg["summary"]["run_id"] / "received"
+    held = sorted(p.name for p in received.iterdir())
+    assert held == ["v0000.safetensors", "v0001.safetensors", "v0002.safetensors"], held
 
 
 def test_secure_sum_with_distributed_dp(tmp_path: Path) -> None:

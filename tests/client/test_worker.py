@@ -34,7 +34,7 @@ from client.worker_wire import (
     unpack_states,
 )
 from common.config import SitePlan, load_config, site_plan
-from common.errors import ConfigError, FingerprintMismatch
+from common.errors import ConfigError, FingerprintMismatch, UpdateRejected
 from common.modules import join_modules
 from common.site_config import SiteConfig, load_site_config
 
@@ -115,6 +115,18 @@ def test_remote_site_trains_and_evaluates_bit_identically(
     assert local.evaluate(received, plan, version + 1) == remote.evaluate(
         received, plan, version + 1
     )
+
+
+def test_the_clientapp_keeps_received_versions_where_the_worker_keeps_its_store(
+    worker: WorkerServer, site_cfg: SiteConfig, plan: SitePlan
+) -> None:
+    """The per-message ClientApp rebuilds each global version (client.received) in the site's
+    store, the folder the worker's own ``SiteStore`` names for the run."""
+    remote = RemoteSite(worker.path, plan, site_cfg.state_dir)
+    theirs = SiteStore(site_cfg.state_dir).for_run("run-1").received.folder
+    assert remote.received_versions("run-1").folder == theirs is not None
+    with pytest.raises(UpdateRejected, match="not a plain name"):
+        remote.received_versions("../elsewhere")
 
 
 def test_socket_is_private_to_the_site_user(worker: WorkerServer) -> None:
