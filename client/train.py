@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 from peft import PeftModel
+from transformers import get_scheduler
 
 from client.losses import calibrated_cross_entropy, proximal_penalty, restricted_cross_entropy
 from client.site_api import StepCallback, TrainResult
@@ -67,6 +68,8 @@ def train_local(
     The optimizer state starts fresh every round, as in FedIT: only the adapter travels.
     ``counts``: a classification site's examples per label (``local_loss``). With
     ``cfg.proximal_mu`` the loss adds FedProx's pull toward the received (starting) tensors.
+    ``cfg.lr_scheduler`` / ``warmup_steps`` shape the lr over the round's steps, and
+    ``cfg.max_grad_norm`` clips each step's gradient norm.
     Deterministic on CPU for a fixed ``seed`` (dropout RNG and batch order are seeded).
     """
     device = next(model.parameters()).device
@@ -79,6 +82,13 @@ def train_local(
         )
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # transformers' schedules: the first warm-up step has lr 0, as in its Trainer.
+    schedule = get_scheduler(
+        "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.local_steps,
+    )
     torch.manual_seed(seed)
     model.train()
     losses: list[float] = []
@@ -94,7 +104,10 @@ def train_local(
             proximal_penalty(params, anchors, cfg.proximal_mu).backward()
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss became {step_loss} at step {step}")
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        schedule.step()
         losses.append(step_loss)
         if on_step is not None:
             on_step(step, cfg.local_steps, step_loss)

@@ -188,6 +188,23 @@ class TrainConfig(Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     # FedProx: mu / 2 * ||w - w_global||^2 added to the local loss; 0 = off.
     proximal_mu: Annotated[float, Field(ge=0)] = 0.0
+    # The lr over one round's local steps (transformers' get_scheduler, restarted each round
+    # with the optimizer): 'constant', or 'linear' / 'cosine' decay to 0 at the last step,
+    # after warmup-steps of linear warm-up from 0 (also before 'constant').
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    # Gradient-norm clipping of each optimizer step (torch clip_grad_norm_ over the trainable
+    # tensors, after accumulation); 0 = off. Not differential privacy: DP clips the delta.
+    max_grad_norm: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> TrainConfig:
+        if self.warmup_steps >= self.local_steps and self.warmup_steps > 0:
+            raise ValueError(
+                f"train.warmup-steps = {self.warmup_steps} must be below train.local-steps = "
+                f"{self.local_steps} (warm-up restarts every round)"
+            )
+        return self
 
 
 class ModuleConfig(Section):
