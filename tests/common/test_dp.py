@@ -195,13 +195,27 @@ def test_noise_placements() -> None:
         (lambda: coordinator_noise_std(1.0, 1.0, "x"), "placement"),  # type: ignore[arg-type]
         (lambda: distributed_noise_std(1.0, 1.0, 0), "min-sites"),
         (lambda: distributed_noise_std(1.0, 1.0, True), "min-sites"),
-        (lambda: central_noise_std(0.0, 1.0), "noise-multiplier"),
-        (lambda: site_noise_std(1.0, -1.0, "central", 3), "clip"),
+        (lambda: central_noise_std(0.0, 1.0), r"^privacy\.dp\.noise-multiplier is 0\.0, "),
+        (lambda: site_noise_std(1.0, -1.0, "central", 3), r"^privacy\.dp\.clip is -1\.0, "),
+        (lambda: PrivacyAccountant(-1.0, 1.0, DELTA), r"^privacy\.dp\.noise-multiplier is "),
+        (lambda: PrivacyAccountant(1.0, 0.0, DELTA), r"^sampling rate \(cohort / total "),
+        (lambda: PrivacyAccountant(1.0, 1.0, 1.0), r"^privacy\.dp\.delta is 1\.0, "),
     ],
 )
-def test_noise_std_rejects_bad_parameters(call: Callable[[], float], match: str) -> None:
+def test_noise_std_rejects_bad_parameters(call: Callable[[], object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         call()
+
+
+def test_one_survivor_in_distributed_mode_adds_all_the_noise() -> None:
+    # min-sites 1: the lone guaranteed survivor must add the central std by itself.
+    assert distributed_noise_std(1.2, 0.5, 1) == pytest.approx(central_noise_std(1.2, 0.5))
+
+
+def test_gaussian_noise_of_a_float64_delta_is_float32() -> None:
+    delta = {key: tensor.double() for key, tensor in random_delta(0).items()}
+    noisy = add_gaussian_noise(delta, 0.1, torch.Generator().manual_seed(0))
+    assert all(tensor.dtype == torch.float32 for tensor in noisy.values())
 
 
 @pytest.mark.parametrize(("num_sites", "min_sites"), [(5, 5), (3, 3)])
@@ -407,9 +421,9 @@ def test_noise_multiplier_for_inverts_epsilon(epsilon: float, rounds: int, q: fl
 
 
 def test_noise_multiplier_for_rejects_impossible_targets() -> None:
-    with pytest.raises(ConfigError, match="rounds is 0"):
+    with pytest.raises(ConfigError, match=r"^rounds is 0: any noise multiplier meets the budget$"):
         noise_multiplier_for(1.0, DELTA, 0)
-    with pytest.raises(ConfigError, match="target epsilon"):
+    with pytest.raises(ConfigError, match=r"^target epsilon is 0\.0, "):
         noise_multiplier_for(0.0, DELTA, 10)
     with pytest.raises(ConfigError, match="no noise multiplier"):
         noise_multiplier_for(1e-12, DELTA, 10**6)
