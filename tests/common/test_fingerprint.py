@@ -20,6 +20,8 @@ from common.fingerprint import fingerprint, fingerprint_checkpoint
 # sha256 over the length-prefixed fields "class", "config", "tensor", "bytes" of _linear().
 # Registries and sites compare stored fingerprints across versions: a change to what is hashed
 # or how must be deliberate, and this digest changes with it.
+FAST_DIGEST = "cbab5cf6a3909c329af2da8df7dd77ccf7341b3a304e57606be5d028b1e4c640"
+SLOW_DIGEST = "6c304121e89bd2c5ab13016065761cae82b50de20d70fc6be8dd2ce1f2ef50aa"
 LINEAR_DIGEST = "dc34618188b618ea7a1978c7c9f67f076b75b36de590b4b4c9215f6d2814ff25"
 
 
@@ -43,6 +45,42 @@ class _Configured(torch.nn.Linear):
 
 def test_fingerprint_of_a_fixed_model_is_a_known_answer() -> None:
     assert fingerprint(_linear(), None) == LINEAR_DIGEST
+
+
+def _fast_tokenizer() -> SimpleNamespace:
+    """Stands in for a fast tokenizer: rules from its backend, whose padding state is volatile."""
+    rules = '{"model": {"vocab": {"a": 0, "b": 1}}, "padding": {"length": 8}}'  # no truncation
+    backend = SimpleNamespace(to_str=lambda: rules)
+    specials = {"pad_token": "b", "eos_token": "a"}  # keys out of order: hashed sorted
+    return SimpleNamespace(
+        backend_tokenizer=backend, special_tokens_map=specials, chat_template="t"
+    )
+
+
+def _slow_tokenizer(vocab: dict[str, int]) -> SimpleNamespace:
+    """Stands in for a slow (Python) tokenizer: no backend, rules from its vocabulary."""
+    specials = {"pad_token": "b", "eos_token": "a"}
+    return SimpleNamespace(get_vocab=lambda: vocab, special_tokens_map=specials, chat_template=None)
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "digest"),
+    [
+        (_fast_tokenizer(), FAST_DIGEST),
+        (_slow_tokenizer({"a": 0, "b": 1}), SLOW_DIGEST),
+    ],
+)
+def test_fingerprint_with_tokenizer_and_extra_is_a_known_answer(
+    tokenizer: SimpleNamespace, digest: str
+) -> None:
+    extra = {"quant-type": "nf4", "quantize": "bitsandbytes-4bit"}
+    assert fingerprint(_linear(), tokenizer, extra) == digest  # type: ignore[arg-type]
+
+
+def test_fingerprint_covers_a_slow_tokenizers_vocabulary() -> None:
+    one = fingerprint(_linear(), _slow_tokenizer({"a": 0, "b": 1}))  # type: ignore[arg-type]
+    other = fingerprint(_linear(), _slow_tokenizer({"a": 0, "c": 1}))  # type: ignore[arg-type]
+    assert one != other
 
 
 def test_fingerprint_covers_the_elements_of_lists_in_the_config() -> None:
