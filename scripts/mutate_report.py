@@ -114,8 +114,12 @@ def _diff(mutant: Mutant) -> str:
     return get_diff_for_mutant(mutant.name, path=mutant.path)
 
 
-def render(mutants: list[Mutant], reasons: dict[str, str]) -> str:
-    """The Markdown report: a table of scores per module, then each mutant not killed."""
+def render(mutants: list[Mutant], reasons: dict[str, str], known: set[str]) -> str:
+    """The Markdown report: a table of scores per module, then each mutant not killed.
+
+    ``known`` holds every mutant name mutmut recorded (not only the reported ones): an
+    equivalents entry outside it is stale.
+    """
     by_module: dict[Path, list[Mutant]] = {}
     for m in mutants:
         by_module.setdefault(m.path, []).append(m)
@@ -137,7 +141,7 @@ def render(mutants: list[Mutant], reasons: dict[str, str]) -> str:
             f" {counts['survived']} | {counts['no tests']} | {explained} |"
             f" {score(counts):.1f} % |"
         )
-    stale = sorted(set(reasons) - {m.name for m in mutants})
+    stale = sorted(set(reasons) - known)
     lines += ["", f"Not checked or other: {total['not checked'] + total['other']}.", ""]
     for m in mutants:
         if m.status in ("killed", "timeout"):
@@ -157,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="restrict to these mutants")
     args = parser.parse_args(argv)
     mutants = read_results()
+    known = {m.name for m in mutants}
     if args.only is not None:
         wanted = set(args.only)
         mutants = [m for m in mutants if m.name in wanted]
     reasons = read_equivalents()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(mutants, reasons), "utf-8")
+    args.out.write_text(render(mutants, reasons, known), "utf-8")
     missing = unexplained(mutants, reasons)
     counts = Counter(m.status for m in mutants)
     print(f"{len(mutants)} mutants, score {score(counts):.1f} %: {dict(counts)}; report {args.out}")
