@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test lint unit bench fuzz e2e clean help
+.PHONY: setup demo test lint unit bench fuzz e2e mutate mutate-sample clean help
 
 help:
 	@echo "make demo   - set up .venv if needed, run the demo federation (SmolLM2, 3 sites)"
@@ -21,6 +21,8 @@ help:
 	@echo "make bench  - the quick benchmarks (benchmarks/RESULTS.md)"
 	@echo "make fuzz   - 10,000 mutated envelopes against the coordinator's opening path"
 	@echo "make e2e    - loopback deployment: coordinator + 3 sites with TLS and auth"
+	@echo "make mutate - mutation testing of the privacy/integrity modules (benchmarks/MUTATION.md)"
+	@echo "make mutate-sample - a seeded sample of those mutants; fails on an unexplained survivor"
 	@echo "make setup  - create .venv: torch==2.13.0 (CPU) first, then fedlora[dev], then models"
 
 setup: $(STAMP)
@@ -65,5 +67,16 @@ fuzz: setup
 e2e: setup
 	bash scripts/e2e-loopback.sh
 
+# Mutation testing (issue 20): mutmut mutates the modules listed under [tool.mutmut] in
+# pyproject.toml and runs the fast tests that reach each mutant, WORKERS mutants at a time.
+# One torch thread per worker: two workers on two cores, and no thread pool to oversubscribe.
+MUTATE_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+mutate: setup
+	$(MUTATE_ENV) $(BIN)/mutmut run --max-children $(WORKERS)
+	$(BIN)/python scripts/mutate_report.py --out benchmarks/MUTATION.md
+
+mutate-sample: setup
+	$(MUTATE_ENV) $(BIN)/python scripts/mutate_sample.py --max-children $(WORKERS)
+
 clean:
-	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache mutants
