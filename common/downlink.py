@@ -29,6 +29,7 @@ import torch
 from common.adapters import AdapterState, check_shapes, check_values, compute_delta, state_shapes
 from common.encoding import Encoding, decode_delta, encode_delta
 from common.errors import UpdateRejected
+from common.payload_format import STEP_FORMAT
 
 _DIGEST_DOMAIN = b"fedlora-global-state/1\x00"
 
@@ -62,7 +63,7 @@ def apply_step(base: Mapping[str, torch.Tensor], payload: bytes, max_bytes: int)
         The payload is malformed, oversized, or its names and shapes are not ``base``'s.
     """
     check_values(base, what="base state")
-    step = decode_delta(payload, max_bytes, expected=state_shapes(base))
+    step = decode_delta(payload, max_bytes, expected=state_shapes(base), fmt=STEP_FORMAT)
     rebuilt: AdapterState = {}
     for key, tensor in base.items():
         start = tensor.detach().to("cpu", torch.float32)
@@ -85,7 +86,7 @@ def published_step(
         beyond its range).
     """
     check_shapes(state_shapes(new), state_shapes(base), what="new global state")
-    payload = encode_delta(compute_delta(new, base), encoding)
+    payload = encode_delta(compute_delta(new, base), encoding, STEP_FORMAT)
     return payload, apply_step(base, payload, max_bytes)
 
 

@@ -125,7 +125,9 @@ def _quantise_int8(tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
     return codes.to(torch.int8).contiguous(), scale
 
 
-def encode_delta(delta: Mapping[str, torch.Tensor], encoding: Encoding = "fp32") -> bytes:
+def encode_delta(
+    delta: Mapping[str, torch.Tensor], encoding: Encoding = "fp32", fmt: str = DELTA_FORMAT
+) -> bytes:
     """Serialise a delta into safetensors bytes with the given encoding.
 
     Parameters
@@ -136,6 +138,9 @@ def encode_delta(delta: Mapping[str, torch.Tensor], encoding: Encoding = "fp32")
         ``"fp32"`` (exact), ``"fp16"`` (half the bytes), ``"int8"`` (a quarter, one scale
         per tensor), ``"int8-block"`` (a quarter, one scale per 128 values) or ``"int4"``
         (an eighth, one scale per 64 values).
+    fmt
+        The format tag: ``DELTA_FORMAT`` (a site's update) or ``STEP_FORMAT`` (the
+        coordinator's step between two global versions).
 
     Returns
     -------
@@ -155,7 +160,7 @@ def encode_delta(delta: Mapping[str, torch.Tensor], encoding: Encoding = "fp32")
     if METADATA_KEY in delta:
         raise UpdateRejected(f"delta tensor name {METADATA_KEY!r} is reserved by safetensors")
     check_values(delta)
-    metadata = {META_FORMAT: DELTA_FORMAT, META_ENCODING: encoding}
+    metadata = {META_FORMAT: fmt, META_ENCODING: encoding}
     if encoding in BLOCK_ENCODINGS:
         return encode_blocks(delta, encoding, metadata)
     tensors: dict[str, torch.Tensor] = {}
@@ -198,13 +203,13 @@ def max_encoded_size(expected: Mapping[str, tuple[int, ...]], encoding: Encoding
     return total
 
 
-def _read_encoding(metadata: Any) -> str:
-    """Check the format tag and metadata keys; return the encoding name."""
+def _read_encoding(metadata: Any, fmt: str = DELTA_FORMAT) -> str:
+    """Check the format tag (``fmt``) and metadata keys; return the encoding name."""
     if not isinstance(metadata, dict):
         raise UpdateRejected("delta payload has no fedlora metadata (format, encoding)")
     tag = metadata.get(META_FORMAT)
-    if tag != DELTA_FORMAT:
-        raise UpdateRejected(f"delta payload format is {quote(tag)}, expected {DELTA_FORMAT!r}")
+    if tag != fmt:
+        raise UpdateRejected(f"delta payload format is {quote(tag)}, expected {fmt!r}")
     encoding = metadata.get(META_ENCODING)
     if not isinstance(encoding, str) or encoding not in ENCODINGS:
         raise UpdateRejected(
@@ -268,7 +273,10 @@ def _load_tensors(payload: bytes) -> dict[str, torch.Tensor]:
 
 
 def decode_delta(
-    payload: bytes, max_bytes: int, expected: Mapping[str, tuple[int, ...]] | None = None
+    payload: bytes,
+    max_bytes: int,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    fmt: str = DELTA_FORMAT,
 ) -> AdapterState:
     """Parse a payload made by ``encode_delta`` back into float32 tensors, refusing bad input.
 
@@ -281,6 +289,9 @@ def decode_delta(
     expected
         ``{name: shape}`` the delta must match exactly (the global adapter's manifest);
         ``None`` to accept any names and shapes.
+    fmt
+        The format tag the payload must carry (``DELTA_FORMAT``, or ``STEP_FORMAT`` for a
+        down-link step): a global step is never accepted as a site's update, nor the reverse.
 
     Returns
     -------
@@ -296,7 +307,7 @@ def decode_delta(
     """
     header = read_header(payload, max_bytes)
     metadata = header.pop(METADATA_KEY, None)
-    encoding = _read_encoding(metadata)
+    encoding = _read_encoding(metadata, fmt)
     if encoding in BLOCK_ENCODINGS:
         layout, flat = decode_blocks(payload, header, metadata, encoding, expected)
         views = layout.unflatten(flat)

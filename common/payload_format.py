@@ -17,7 +17,10 @@ import torch
 
 from common.errors import UpdateRejected
 
-DELTA_FORMAT = "fedlora-delta/1"
+DELTA_FORMAT = "fedlora-delta/1"  # a site's update (up-link)
+# The coordinator's step from one global version to the next (down-link, common.downlink): a
+# difference of two published versions, tagged apart so that neither is taken for the other.
+STEP_FORMAT = "fedlora-global-step/1"
 META_FORMAT = "format"
 META_ENCODING = "encoding"
 # Largest JSON header accepted (bytes): about 100 000 tensor entries, far beyond any adapter,

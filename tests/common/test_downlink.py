@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.adapters import compute_delta
 from common.downlink import apply_step, check_rebuilt, published_step, state_sha256
-from common.encoding import ENCODINGS, Encoding, encode_delta
+from common.encoding import ENCODINGS, Encoding, decode_delta, encode_delta
 from common.errors import UpdateRejected
+from common.payload_format import DELTA_FORMAT, STEP_FORMAT
 
 MAX_BYTES = 1 << 20
 
@@ -65,7 +67,7 @@ def test_an_fp32_step_rebuilds_within_one_rounding_and_fp16_within_its_precision
 
 def test_a_step_of_other_names_or_shapes_is_refused() -> None:
     base = _state(0)
-    wrong = encode_delta({"shared/q.lora_A.weight": torch.zeros(4, 16)}, "fp16")
+    wrong = encode_delta({"shared/q.lora_A.weight": torch.zeros(4, 16)}, "fp16", STEP_FORMAT)
     with pytest.raises(UpdateRejected, match="decoded delta"):
         apply_step(base, wrong, MAX_BYTES)
     payload, _ = published_step(base, _state(1), "fp16", MAX_BYTES)
@@ -73,6 +75,19 @@ def test_a_step_of_other_names_or_shapes_is_refused() -> None:
         apply_step(base, payload[:-7], MAX_BYTES)  # truncated
     with pytest.raises(UpdateRejected, match="over the bound"):
         apply_step(base, payload, 64)
+
+
+def test_a_step_and_a_sites_update_are_not_taken_for_each_other() -> None:
+    """The down-link step carries its own format tag: a site's update (or a replayed one)
+    is no step, and a step sent back up is no update."""
+    base = _state(0)
+    update = encode_delta(compute_delta(_state(1), base), "fp16")  # as a site sends it
+    with pytest.raises(UpdateRejected, match=f"expected {STEP_FORMAT!r}"):
+        apply_step(base, update, MAX_BYTES)
+    payload, _ = published_step(base, _state(1), "fp16", MAX_BYTES)
+    assert STEP_FORMAT.encode() in payload and DELTA_FORMAT.encode() not in payload
+    with pytest.raises(UpdateRejected, match=f"expected {DELTA_FORMAT!r}"):
+        decode_delta(payload, MAX_BYTES)
 
 
 def test_a_rebuilt_state_of_another_digest_is_refused_naming_both() -> None:
