@@ -143,12 +143,17 @@ def _global(msg: Message, site: Site, header: ConfigRecord) -> AdapterState:
 def _secure_sum_keys(
     keys: SiteKeys | None, site: Site, header: ConfigRecord
 ) -> tuple[Ed25519PrivateKey, dict[int, Ed25519PublicKey]]:
-    """The site's signing key, and its peers' keys from the signed roster in ``header``."""
+    """The site's signing key, and its peers' keys from the signed roster in ``header``
+    (refused if the site has accepted a newer roster before)."""
     from client.secure_sum import peer_keys
+    from common.roster import roster_serial
 
     if keys is None:
         raise KeyMaterialError("secure sum needs the site's keys; none configured")
-    return keys.load(site.site_id)[1], peer_keys(header, keys.enroll_key(site.site_id))
+    enroll = keys.enroll_key(site.site_id)
+    peers = peer_keys(header, enroll)
+    site.accept_roster(roster_serial(header.get(P.KEY_ROSTER), enroll))  # type: ignore[arg-type]
+    return keys.load(site.site_id)[1], peers
 
 
 def _report(update: SiteUpdate) -> dict[str, int | float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from client.received import RECEIVED_FOLDER, ReceivedVersions
+from client.roster_serial import RosterSerial
 from client.round_claims import check_run_id, claim
 from client.site_api import SiteUpdate, StepCallback, TrainResult
 from client.worker_wire import (
@@ -60,6 +61,7 @@ class RemoteSite:
         self.site_id = field_of(reply, "site_id", str)
         self._fingerprint = field_of(reply, "fingerprint", str)
         self._claimed: set[int] = set()
+        self.roster = RosterSerial(state_dir)  # across runs, in the site's store
         self._received: dict[str, ReceivedVersions] = {}
 
     @property
@@ -70,6 +72,10 @@ class RemoteSite:
         """``client.round_claims.claim`` in the site's store (shared with its worker)."""
         root = None if self.state_dir is None else self.state_dir / check_run_id(run_id)
         claim(root, server_round, self._claimed)
+
+    def accept_roster(self, serial: int) -> None:
+        """``client.roster_serial``: the highest roster serial, in the site's store."""
+        self.roster.accept(serial)
 
     def received_versions(self, run_id: str) -> ReceivedVersions:
         """The site's received versions, in its store (shared with its worker)."""

@@ -17,6 +17,7 @@ import torch
 
 from client.losses import label_counts
 from client.received import ReceivedVersions
+from client.roster_serial import RosterSerial
 from client.site_api import SiteUpdate, StepCallback
 from client.site_store import SiteStore
 from client.train import freeze_lora_a, train_local
@@ -98,6 +99,7 @@ class SiteRuntime:
         self.site_id = site_id
         self.site_index = site_index
         self.store = store or SiteStore(None)
+        self.roster = RosterSerial(self.store.root)
         self._encoded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
 
     @property
@@ -111,6 +113,10 @@ class SiteRuntime:
     def claim_masked_input(self, run_id: str, server_round: int) -> None:
         """Secure sum: one masked input per (run, round), recorded in the store."""
         self.store.for_run(run_id).claim_masked_input(server_round)
+
+    def accept_roster(self, serial: int) -> None:
+        """Secure sum: no roster older than one accepted before (``client.roster_serial``)."""
+        self.roster.accept(serial)
 
     def check_fingerprint(self, expected: str) -> None:
         """Refuse to work for a coordinator whose base model differs from ours."""

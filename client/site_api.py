@@ -64,6 +64,10 @@ class Site(Protocol):
         """Secure sum: raise ``UpdateRejected`` if this (run, round) already got a masked
         input from this site (``client.round_claims``); otherwise record that it does now."""
 
+    def accept_roster(self, serial: int) -> None:
+        """Secure sum: raise ``UpdateRejected`` if this site accepted a newer signed roster
+        than ``serial`` before (``client.roster_serial``); otherwise remember ``serial``."""
+
     def train(
         self,
         received: AdapterState,

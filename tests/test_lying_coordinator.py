@@ -11,6 +11,7 @@ nothing and the coordinator learns no delta.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,21 +20,25 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from client.app import SiteKeys, make_client_app
+from client.roster_serial import ROSTER_SERIAL_FILE
 from common import protocol as P
 from common.config import load_config
+from common.keys import load_site_private
 from common.registry import Registry
+from common.roster import ENROLL_KEY_NAME, roster_bytes
 from common.secagg import ConfirmRequest, KeyAdvert, UnmaskRequest, advert_message
 from common.secagg_server import SecAggServer
 from fedlora.simulate import backend_config, provision_keys
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
+from server.secure_sum import SecureSumRound
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +135,47 @@ def test_inconsistent_dropout_story_gets_no_mask_key_of_the_victim(
         "refuses to unmask" in reason and "1 of its neighbourhood confirmed" in reason
         for reason in refusals
     ), refusals
+
+
+def test_an_older_roster_is_refused_after_a_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 1 relays roster serial 2; round 2 relays serial 1, an older roster signed by the
+    same enrollment key (one from before a key rotation, say). Every site has remembered
+    serial 2 in its store and refuses round 2 at its first secure-sum stage."""
+    cfg = load_config(
+        TINY, ["federation.rounds=2", "data.partition='iid'", "privacy.mode='secure-sum'"]
+    )
+    sealing, _ = provision_keys(cfg, tmp_path)
+    enroll = load_site_private(tmp_path / "keys" / ENROLL_KEY_NAME)
+    keys = {site: sealing.allow_list.public_key(site) for site in sealing.allow_list}
+    older, newer = (roster_bytes(keys, enroll, serial) for serial in (1, 2))
+    honest_header = SecureSumRound._header
+
+    def relayed(self: SecureSumRound, stage: str) -> ConfigRecord:
+        header = honest_header(self, stage)
+        header[P.KEY_ROSTER] = newer if self.round == 1 else older
+        return header
+
+    monkeypatch.setattr(SecureSumRound, "_header", relayed)
+    coord = prepare(cfg, tmp_path, dataclasses.replace(sealing, roster=newer))
+    app = make_client_app(cfg, SiteKeys(tmp_path / "keys"), tmp_path / "sites")
+    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "failed" not in metrics[1], metrics[1]  # serial 2 accepted
+    assert "failed" in metrics[2], metrics[2]
+    refusals = [
+        entry["reason"]
+        for entry in read_entries(tmp_path / AUDIT_FILE)
+        if entry["event"] == EVENT_REPLY_REJECTED and entry["round"] == 2
+    ]
+    assert sum("relays roster serial 1" in r and "accepted serial 2" in r for r in refusals) == 3, (
+        refusals
+    )
+    assert Registry(tmp_path / "registry").latest("shared").version == 1  # type: ignore[union-attr]
+    for site in ("site-0", "site-1", "site-2"):  # remembered in each site's store, across runs
+        assert (tmp_path / "sites" / site / ROSTER_SERIAL_FILE).read_text() == "2\n"
 
 
 def rescaling(inner: ClientApp, weight: float) -> ClientApp:
