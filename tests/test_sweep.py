@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from common.config import load_config
+from common.errors import ConfigError
 from fedlora.cli import main
+from fedlora.sweep import grid, parse_vary
 from fedlora.sweep_rule import Candidate, recommend
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
@@ -71,6 +74,27 @@ def test_an_empty_table_or_negative_tolerance_is_refused() -> None:
         recommend([], classification=True)
     with pytest.raises(ValueError, match="negative"):
         recommend(rows(("a", 0.5, 1, 1)), classification=True, tolerance=-1)
+
+
+# ---------------------------------------------------------------------------- the grid
+
+
+def test_the_issue_keys_make_a_grid_of_valid_configs() -> None:
+    """rank, lr, local steps and rounds, read as --set reads them; the first varies slowest."""
+    vary = ["modules.shared.rank=2,8", "train.lr=1e-3,3e-2", "train.local-steps=1",
+            "federation.rounds=2,5"]  # fmt: skip
+    settings = grid(parse_vary(vary, load_config(TINY)))
+    assert len(settings) == 2 * 2 * 1 * 2
+    assert settings[0] == ["modules.shared.rank=2", "train.lr=1e-3", "train.local-steps=1",
+                           "federation.rounds=2"]  # fmt: skip
+    cfg = load_config(TINY, settings[-1])
+    assert (cfg.modules["shared"].rank, cfg.train.lr) == (8, 0.03)
+    assert (cfg.train.local_steps, cfg.federation.rounds) == (1, 5)
+
+
+def test_a_key_varied_twice_is_refused() -> None:
+    with pytest.raises(ConfigError, match="varied twice"):
+        parse_vary(["train.lr=1e-3", "train.lr=2e-3"], load_config(TINY))
 
 
 # ---------------------------------------------------------------------------- bad input
