@@ -14,6 +14,7 @@ bytes per round, one labelled point per setting, the recommended one marked).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from fedlora.sweep_rule import Candidate, default_tolerance, recommend
 # A value is also a folder name: nothing that would leave DIR or hide the folder.
 _BAD_IN_VALUE = ("/", "\\", "\0")
 SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png")
+NO_PICK = "none: no setting's federated quality is a finite number (every run diverged)."
 
 
 def _leaf_keys(node: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -162,9 +164,10 @@ def markdown(rows: Sequence[Mapping[str, Any]], classification: bool, reason: st
 
 
 def plot_sweep(
-    rows: Sequence[Mapping[str, Any]], recommended: int, classification: bool, path: Path
+    rows: Sequence[Mapping[str, Any]], recommended: int | None, classification: bool, path: Path
 ) -> None:
-    """Federated quality against bytes per round, one labelled point per setting."""
+    """Federated quality against bytes per round, one labelled point per setting (a diverged
+    one, whose quality is not finite, is left out of the picture; the table still has it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -172,18 +175,21 @@ def plot_sweep(
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     scale = 100 if classification else 1
-    xs = [row["bytes_per_round"] for row in rows]
-    ys = [scale * row["federated_quality"] for row in rows]
-    axes.scatter(xs, ys, color="C0")
-    for x, y, row in zip(xs, ys, rows, strict=True):
+    for index, row in enumerate(rows):
+        if not math.isfinite(row["federated_quality"]):
+            continue
+        x, y = row["bytes_per_round"], scale * row["federated_quality"]
+        axes.scatter([x], [y], color="C0")
         axes.annotate(row["setting"], (x, y), textcoords="offset points", xytext=(4, 4),
                       fontsize=7)  # fmt: skip
-    axes.scatter([xs[recommended]], [ys[recommended]], s=160, facecolors="none",
-                 edgecolors="C3", linewidths=2, label="recommended")  # fmt: skip
+        if index == recommended:
+            axes.scatter([x], [y], s=160, facecolors="none", edgecolors="C3", linewidths=2,
+                         label="recommended")  # fmt: skip
     axes.set_xlabel("bytes per round (up + down, all sites)")
     axes.set_ylabel(f"federated {'accuracy %' if classification else 'perplexity'}")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7)
+    if recommended is not None:
+        axes.legend(fontsize=7)
     figure.suptitle("fedlora sweep: quality against bytes per round")
     figure.tight_layout()
     figure.savefig(path, format="png")
@@ -224,6 +230,7 @@ def sweep(
         for r in rows
     ]  # fmt: skip
     chosen = recommend(candidates, classification, tol)
+    reason = NO_PICK if chosen is None else chosen.reason
     result = {
         "config": str(config),
         "set": list(overrides),
@@ -233,12 +240,14 @@ def sweep(
         "tolerance": tol,
         "tolerance_unit": "accuracy points" if classification else "percent of best perplexity",
         "rows": rows,
-        "recommended": {"setting": chosen.label, "index": chosen.index, "reason": chosen.reason},
+        "recommended": None
+        if chosen is None
+        else {"setting": chosen.label, "index": chosen.index, "reason": chosen.reason},
     }
     write_json_atomic(out / "sweep.json", result)
-    table = markdown(rows, classification, chosen.reason)
+    table = markdown(rows, classification, reason)
     title = f"# fedlora sweep: {config.name}, {' x '.join(k for k, _ in varied)}"
     (out / "sweep.md").write_text(f"{title}\n\n{table}\n![sweep](sweep.png)\n", encoding="utf-8")
-    plot_sweep(rows, chosen.index, classification, out / "sweep.png")
+    plot_sweep(rows, None if chosen is None else chosen.index, classification, out / "sweep.png")
     print(f"\n{table}\nwrote {', '.join(str(out / name) for name in SWEEP_FILES)}")
     return result

@@ -4,11 +4,14 @@ enough to the best one's. Pure: no model, no files, so that the rule is tested o
 Quality is accuracy (a fraction, higher is better) for classification and perplexity (lower is
 better) for a causal LM. The tolerance is in accuracy points (1.0 = 0.01 accuracy) or in
 percent of the best perplexity (2.0 = within 2 % above it). Cheapest = fewest bytes per round
-(up + down, all sites), then fewest trainable parameters, then the earlier row.
+(up + down, all sites), then fewest trainable parameters, then the earlier row. A setting whose
+quality is not finite (a learning rate that diverged: perplexity inf or nan) is never the best
+nor recommended.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,8 +52,9 @@ def within_tolerance(quality: float, best: float, classification: bool, toleranc
 
 def recommend(
     rows: Sequence[Candidate], classification: bool, tolerance: float | None = None
-) -> Recommendation:
-    """The cheapest row within ``tolerance`` of the best federated quality, and why.
+) -> Recommendation | None:
+    """The cheapest row within ``tolerance`` of the best federated quality, and why; None
+    where no row has a finite quality.
 
     Raises ValueError on an empty table or a negative tolerance.
     """
@@ -59,11 +63,14 @@ def recommend(
     tol = default_tolerance(classification) if tolerance is None else tolerance
     if tol < 0:
         raise ValueError(f"recommend: tolerance {tol} is negative")
+    finite = [i for i, row in enumerate(rows) if math.isfinite(row.quality)]
+    if not finite:
+        return None
     pick_best = max if classification else min
-    best = pick_best(range(len(rows)), key=lambda i: rows[i].quality)
+    best = pick_best(finite, key=lambda i: rows[i].quality)
     close = [
-        i for i, row in enumerate(rows)
-        if within_tolerance(row.quality, rows[best].quality, classification, tol)
+        i for i in finite
+        if within_tolerance(rows[i].quality, rows[best].quality, classification, tol)
     ]  # fmt: skip
     index = min(close, key=lambda i: (rows[i].bytes_per_round, rows[i].trainable_parameters, i))
     chosen = rows[index]

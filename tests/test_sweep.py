@@ -4,6 +4,7 @@ of examples/tiny.toml over the adapter's rank."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from common.config import load_config
 from common.errors import ConfigError
 from fedlora.cli import main
-from fedlora.sweep import grid, parse_vary
+from fedlora.sweep import NO_PICK, grid, markdown, parse_vary, plot_sweep
 from fedlora.sweep_rule import Candidate, recommend
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
@@ -31,6 +32,7 @@ def test_accuracy_picks_the_cheapest_within_one_point() -> None:
         ("rank=8", 0.80, 4000, 40),  # the best
     )
     chosen = recommend(table, classification=True)
+    assert chosen is not None
     assert (chosen.index, chosen.label) == (1, "rank=4")
     assert "within 1 accuracy points of the best (80.0%, rank=8)" in chosen.reason
     assert recommend(table, classification=True, tolerance=2.0).label == "rank=2"
@@ -39,7 +41,7 @@ def test_accuracy_picks_the_cheapest_within_one_point() -> None:
 def test_only_the_best_within_tolerance() -> None:
     table = rows(("a", 0.50, 100, 1), ("b", 0.90, 900, 9), ("c", 0.70, 300, 3))
     chosen = recommend(table, classification=True, tolerance=0.0)
-    assert chosen.label == "b"
+    assert chosen is not None and chosen.label == "b"
     assert "it has the best federated quality" in chosen.reason
     assert "the fewest of the 1 setting(s)" in chosen.reason
 
@@ -69,11 +71,34 @@ def test_perplexity_is_lower_is_better_within_percent() -> None:
     assert recommend(table, classification=True, tolerance=0.0).label == "rank=4"
 
 
+def test_a_diverged_setting_is_never_best_nor_recommended() -> None:
+    table = rows(
+        ("lr=1", math.nan, 100, 1), ("lr=0.1", math.inf, 100, 1), ("lr=0.01", 12.0, 100, 1)
+    )
+    chosen = recommend(table, classification=False)
+    assert chosen is not None and chosen.label == "lr=0.01"
+    assert recommend(rows(("lr=1", math.inf, 100, 1)), classification=False) is None
+
+
 def test_an_empty_table_or_negative_tolerance_is_refused() -> None:
     with pytest.raises(ValueError, match="no rows"):
         recommend([], classification=True)
     with pytest.raises(ValueError, match="negative"):
         recommend(rows(("a", 0.5, 1, 1)), classification=True, tolerance=-1)
+
+
+def test_a_table_where_every_run_diverged_is_written_without_a_pick(tmp_path: Path) -> None:
+    row = {"setting": "train.lr=10", "overrides": ["train.lr=10"], "federated_quality": math.inf,
+           "federated_own_quality": math.inf, "centralized_quality": None,
+           "trainable_parameters": 896, "bytes_per_round": 28041.0, "peak_memory_bytes": None,
+           "federated_seconds": 1.0, "centralized_seconds": None, "latency_unmerged_ms": None,
+           "latency_merged_ms": None}  # fmt: skip
+    assert recommend([Candidate("train.lr=10", math.inf, 28041.0, 896)], False) is None
+    text = markdown([row], classification=False, reason=NO_PICK)
+    assert "| train.lr=10 | inf | inf | - | 896 | 28,041 | - | 1.0 | - | - | - |" in text
+    assert "**Recommended**: none" in text
+    plot_sweep([row], None, classification=False, path=tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------- the grid
