@@ -29,6 +29,7 @@ from fedlora.inference_cli import add_inference_parsers, run_inference
 from fedlora.keys_cli import add_keys_parser, run_keys
 from fedlora.registry_cli import add_registry_parser, run_registry
 from fedlora.report_cli import add_report_parser, run_report
+from fedlora.sweep_cli import add_sweep_parser, run_sweep
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 # fedlora's own loggers: -v, -q and --log-file set them; Flower keeps its own handler and level.
@@ -43,6 +44,7 @@ examples:
   fedlora simulate examples/tiny.toml --out runs/tiny
   fedlora simulate examples/banking77.toml --out runs/b77 --set federation.rounds=5
   fedlora compare examples/tiny.toml --out runs/compare   # base / local / federated / central
+  fedlora sweep examples/tiny.toml --vary modules.shared.rank=2,4 --out runs/sweep
   fedlora fingerprint smollm2-135m
 """
 
@@ -124,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     add_inference_parsers(sub)
     add_report_parser(sub)
     add_compare_parser(sub)
+    add_sweep_parser(sub)
     add_keys_parser(sub)
     add_registry_parser(sub)
     add_coordinator_parser(sub)
@@ -244,6 +247,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "fingerprint": _run_fingerprint,
     "report": run_report,
     "compare": run_compare,
+    "sweep": run_sweep,
     "generate": run_inference,
     "predict": run_inference,
     "keys": run_keys,
