@@ -40,13 +40,17 @@ def hold_writes(timeout_s: float) -> bool:
     return WRITES.acquire(timeout=timeout_s)
 
 
-def fsync_dir(path: Path) -> None:
-    """Persist a folder's entries (a rename is durable only once its folder is synced)."""
+def fsync_path(path: Path) -> None:
+    """Persist a file's data, or a folder's entries (a rename is durable only once its folder
+    is synced): the one fsync helper."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path  # the name its many callers use for a folder
 
 
 @whole_write

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.adapters import AdapterState
-from common.atomic import fsync_dir, write_json_atomic
+from common.atomic import fsync_dir, fsync_path, write_json_atomic
 from common.errors import RegistryError
 from common.model_card import CARD_FILE, model_card, round_metrics
 from common.model_names import portable_model_name
@@ -40,7 +40,6 @@ from common.registry_format import (
     CONFIG_FILE,
     MANIFEST_FILE,
     RegistryVersion,
-    fsync_file,
     recorded_sha256,
     sha256_file,
     utc_stamp,
@@ -191,7 +190,7 @@ def _staging(out_dir: Path) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary folder
         for path in sorted(tmp.rglob("*"), reverse=True):
-            fsync_file(path)
+            fsync_path(path)
         os.rename(tmp, out_dir)  # replaces an empty folder; fails on a non-empty one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.atomic import fsync_dir, whole_write, write_json_atomic
+from common.atomic import fsync_dir, fsync_path, whole_write, write_json_atomic
 from common.errors import RegistryError
 from common.model_card import CARD_FILE, model_card
 from common.model_names import portable_model_name
@@ -55,14 +55,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def utc_stamp() -> str:
@@ -126,7 +118,7 @@ def write_version(
         card = model_card(full, task_type=_task_type(lora))
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         for name in (ADAPTER_FILE, CONFIG_FILE, CARD_FILE):
-            fsync_file(tmp / name)
+            fsync_path(tmp / name)
         if final.exists():
             raise RegistryError(f"{final} already exists; versions are never overwritten")
         os.rename(tmp, final)
