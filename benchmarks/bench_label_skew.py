@@ -35,8 +35,12 @@ FEDADAM = [
     "aggregation.server-tau=1e-6",
 ]
 SGD = ["train.optimizer='sgd'", "train.lr=0.1"]
-ADAMW = ["train.optimizer='adamw'", "train.lr=5e-3", "aggregation.server-optimizer='sgd'",
-         "aggregation.server-lr=1.0"]  # fmt: skip
+ADAMW = [
+    "train.optimizer='adamw'",
+    "train.lr=5e-3",
+    "aggregation.server-optimizer='sgd'",
+    "aggregation.server-lr=1.0",
+]
 # name -> overrides. The first is the old default (fresh local AdamW each round, FedAvg).
 SETTINGS: dict[str, list[str]] = {
     "adamw + fedavg (old default)": [*ADAMW, "train.classifier-loss='plain'"],
@@ -53,6 +57,19 @@ SETTINGS: dict[str, list[str]] = {
         *FEDADAM,
         "train.classifier-loss='plain'",
         "aggregation.server-lr=0.02",
+    ],
+    "sgd + fedadam + scaffold": [
+        *SGD,
+        *FEDADAM,
+        "train.classifier-loss='plain'",
+        "train.scaffold=true",
+    ],
+    "sgd + fedavg + scaffold": [
+        *SGD,
+        "train.classifier-loss='plain'",
+        "train.scaffold=true",
+        "aggregation.server-optimizer='sgd'",
+        "aggregation.server-lr=1.0",
     ],
     "sgd + fedadam, cosine to 0.1x": [
         *SGD,
@@ -78,23 +95,37 @@ def federate(overrides: list[str], config: Path, rounds: int, every: int, name: 
     optimizer = server_optimizer_for(cfg.aggregation, rounds)
     state = {k: v.clone() for k, v in comparison.initial.items()}
     total = sum(len(site.data.train) for site in comparison.sites)
+    control: AdapterState | None = {} if cfg.train.scaffold else None  # SCAFFOLD's c
     curve, start = [], time.perf_counter()
     for server_round in range(1, rounds + 1):
         mean: AdapterState = {}
+        control_step: AdapterState = {}
         for site in comparison.sites:
-            update = site.train(join_modules({comparison.module: state}), plan, server_round,
-                                server_round - 1)  # fmt: skip
+            update = site.train(
+                join_modules({comparison.module: state}),
+                plan,
+                server_round,
+                server_round - 1,
+                control=control,
+            )
             weight = update.examples / total
             for key, value in split_modules(update.delta)[comparison.module].items():
                 mean[key] = mean.get(key, 0) + weight * value
+            for key, value in (update.control or {}).items():
+                control_step[key] = control_step.get(key, 0) + weight * value
         state = optimizer.step(state, mean)
+        if control is not None:
+            control = {k: control.get(k, 0) + v for k, v in control_step.items()}
         if server_round % every == 0 or server_round == rounds:
             flat = join_modules({comparison.module: state})
             result = comparison.global_site.evaluate(flat, comparison.plain, 0)
             curve.append([server_round, round(100 * (result.accuracy or 0), 1), result.loss])
             seconds = time.perf_counter() - start
-            print(f"{name}: round {server_round} global accuracy {curve[-1][1]} % "
-                  f"loss {result.loss:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"{name}: round {server_round} global accuracy {curve[-1][1]} % "
+                f"loss {result.loss:.3f} ({seconds:.0f} s)",
+                flush=True,
+            )
     return curve
 
 

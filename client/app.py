@@ -29,7 +29,7 @@ from common.adapters import AdapterState
 from common.config import RunConfig, SitePlan, SitePolicy, simulation_policy
 from common.encoding import encode_delta
 from common.envelope import EnvelopeContext, seal_delta
-from common.errors import DataError, FedloraError
+from common.errors import DataError, FedloraError, UpdateRejected
 from common.evaluation import EvalResult
 from common.instructions import INSTRUCTION_PUBLIC_NAME, verify_instruction
 from common.keys import (
@@ -138,6 +138,16 @@ def _global(msg: Message, site: Site, header: ConfigRecord) -> AdapterState:
         base=base if isinstance(base, int) and not isinstance(base, bool) else None,
         max_bytes=_MAX_STEP_BYTES,
     )
+
+
+def _control(msg: Message, plan: SitePlan) -> AdapterState | None:
+    """SCAFFOLD's ``c`` from a train instruction (``plan.train.scaffold``), else None."""
+    if not plan.train.scaffold:
+        return None
+    record = msg.content.array_records.get(P.CONTROL_RECORD)
+    if record is None:
+        raise UpdateRejected("the plan asks for SCAFFOLD but the instruction carries no c")
+    return record.to_torch_state_dict()
 
 
 def _secure_sum_keys(
@@ -279,6 +289,12 @@ def _wire_payloads(
         record[P.delta_key(module)] = (
             _seal(payload, module, header, site, keys) if sealed else payload
         )
+    for module, change in sorted(split_modules(update.control or {}).items()):
+        payload = encode_delta(change, plan.encoding)
+        bound = P.control_envelope_module(module)
+        record[P.control_key(module)] = (
+            _seal(payload, bound, header, site, keys) if sealed else payload
+        )
     if sealed:
         report = P.report_bytes(_report(update))
         record[P.KEY_REPORT] = _seal(report, P.REPORT_MODULE, header, site, keys)
@@ -378,6 +394,7 @@ def client_app(
                 int(str(header[P.KEY_VERSION])),
                 _progress(site.site_id, server_round),
                 str(header[P.KEY_RUN_ID]),
+                _control(msg, plan),
             )
             if plan.privacy_mode == "secure-sum":
                 from client.secure_sum import start_round

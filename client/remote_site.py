@@ -96,6 +96,7 @@ class RemoteSite:
         version: int,
         on_step: StepCallback | None = None,
         run_id: str = LOCAL_RUN,
+        control: AdapterState | None = None,
     ) -> SiteUpdate:
         """``SiteRuntime.train`` in the worker; progress is reported to ``on_step``."""
         request = {
@@ -105,7 +106,10 @@ class RemoteSite:
             "version": version,
             "run_id": run_id,
         }
-        reply = self._call(request, KIND_UPDATE, {"received": received}, on_step)
+        states = {"received": received}
+        if control is not None:
+            states["control"] = control
+        reply = self._call(request, KIND_UPDATE, states, on_step)
         result = TrainResult(
             loss=field_of(reply, "loss", float),
             first_loss=field_of(reply, "first_loss", float),
@@ -119,6 +123,7 @@ class RemoteSite:
             examples=field_of(reply, "examples", int),
             result=result,
             clip_scale=field_of(reply, "clip_scale", float),
+            control=reply.states.get("control"),
         )
 
     def evaluate(

@@ -82,6 +82,8 @@ def start_round(
     delta = update.delta
     if noise_std > 0:  # distributed DP: this site's share of the noise on the sum
         delta = add_gaussian_noise(delta, noise_std, secure_generator())
+    if update.control is not None:  # SCAFFOLD: c_i's change is summed with the delta
+        delta = {**delta, **{P.CONTROL_FLAT_PREFIX + k: v for k, v in update.control.items()}}
     vector, _ = flatten(delta)
     params = _params(header)
     # Under DP every site weighs 1 (clipped deltas, fixed denominator); else its examples.

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from client.drift import DriftCorrection, join_kept, split_kept, trained_parameters
 from client.losses import label_counts
 from client.received import ReceivedVersions
 from client.roster_serial import RosterSerial
@@ -154,7 +155,7 @@ class SiteRuntime:
     ) -> dict[str, Any]:
         """Load where this version starts into the host; record it in the site registry."""
         held = self._held(plan)
-        kept = store.load_kept(before=version)
+        kept, _ = split_kept(store.load_kept(before=version))
         start = start_states(received, kept, plan, held, self.host.initial, version)
         self.host.load(start)
         sources = {
@@ -175,13 +176,16 @@ class SiteRuntime:
         version: int,
         on_step: StepCallback | None = None,
         run_id: str = LOCAL_RUN,
+        control: AdapterState | None = None,
     ) -> SiteUpdate:
         """Train every module this site holds from global ``version``; return the delta.
 
         ``received`` is the global state of the sent modules (``<module>/<key>``). The rule
         decides what trains and what leaves: ``ffa`` freezes A (identical at every site) and
         sends B; ``fedsa`` sends A and keeps B here; private modules are kept whole, in the
-        store's part for ``run_id``.
+        store's part for ``run_id``. ``control``: SCAFFOLD's ``c`` over the sent tensors
+        (``client.drift``; None = off); the site's own ``c_i`` is kept in its store, and the
+        update carries ``c_i(new) - c_i``.
         """
         store = self.store.for_run(run_id)
         start = self._start(received, plan, version, store)
@@ -191,8 +195,16 @@ class SiteRuntime:
         seed = round_seed(plan.train.seed, server_round, self.site_index)
         items = self._items("train", plan.train.max_length)
         batches = iterate_batches(items, plan.train.batch_size, seed, self.host.pad_token_id)
+        drift = None
+        if control is not None:
+            shared = [n for n, m in self.host.modules.items() if m.scope != PRIVATE]
+            params = trained_parameters(self.host.model, shared)
+            sent_keys = {f"{n}/{k}" for n in shared for k in rule.sent_keys(start[n])}
+            params = {k: p for k, p in params.items() if k in sent_keys}
+            own = split_kept(store.load_kept(before=version))[1]
+            drift = DriftCorrection(params, control, own)
         result = train_local(
-            self.host.model, batches, plan.train, seed, on_step, self._label_counts()
+            self.host.model, batches, plan.train, seed, on_step, self._label_counts(), drift
         )
         trained = self.host.states()
         sent: dict[str, AdapterState] = {}
@@ -210,8 +222,12 @@ class SiteRuntime:
         scale = 1.0
         if plan.clip is not None:
             flat, scale = clip_delta(flat, plan.clip)
-        store.save_kept(version, join_modules(kept))
-        return SiteUpdate(flat, len(self.data.train), result, scale)
+        if drift is None:
+            store.save_kept(version, join_modules(kept))
+            return SiteUpdate(flat, len(self.data.train), result, scale)
+        new_own = drift.new_own()
+        store.save_kept(version, join_kept(join_modules(kept), new_own))
+        return SiteUpdate(flat, len(self.data.train), result, scale, drift.sent(new_own))
 
     def evaluate(
         self, received: AdapterState, plan: SitePlan, version: int, run_id: str = LOCAL_RUN

@@ -42,6 +42,8 @@ class SiteUpdate:
     examples: int  # training examples at this site (the aggregation weight it claims)
     result: TrainResult
     clip_scale: float = 1.0  # factor the DP clipping applied (1.0 = within the bound)
+    # SCAFFOLD (client.drift): ``c_i(new) - c_i`` over the delta's keys; None when off.
+    control: AdapterState | None = None
 
 
 class Site(Protocol):
@@ -76,8 +78,10 @@ class Site(Protocol):
         version: int,
         on_step: StepCallback | None = None,
         run_id: str = ...,
+        control: AdapterState | None = None,
     ) -> SiteUpdate:
-        """Train from global ``version`` of run ``run_id`` (``received``: ``<module>/<key>``)."""
+        """Train from global ``version`` of run ``run_id`` (``received``: ``<module>/<key>``);
+        ``control``: SCAFFOLD's ``c`` (``client.drift``), or None."""
         ...
 
     def evaluate(

@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import get_scheduler
 
+from client.drift import DriftCorrection
 from client.losses import calibrated_cross_entropy, proximal_penalty, restricted_cross_entropy
 from client.site_api import StepCallback, TrainResult
 from common.config import TrainConfig
@@ -61,6 +62,7 @@ def train_local(
     seed: int,
     on_step: StepCallback | None = None,
     counts: torch.Tensor | None = None,
+    drift: DriftCorrection | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` optimizer steps (each of ``cfg.grad_accum`` micro-batches).
 
@@ -69,7 +71,8 @@ def train_local(
     ``counts``: a classification site's examples per label (``local_loss``). With
     ``cfg.proximal_mu`` the loss adds FedProx's pull toward the received (starting) tensors.
     ``cfg.lr_scheduler`` / ``warmup_steps`` shape the lr over the round's steps, and
-    ``cfg.max_grad_norm`` clips each step's gradient norm.
+    ``cfg.max_grad_norm`` clips each step's gradient norm. ``drift`` (SCAFFOLD,
+    ``client.drift``) records each step's raw data gradient and adds ``c - c_i`` to it.
     Deterministic on CPU for a fixed ``seed`` (dropout RNG and batch order are seeded).
     """
     device = next(model.parameters()).device
@@ -100,6 +103,8 @@ def train_local(
             loss = local_loss(model, to_device(next(batches), device), cfg, counts)
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
+        if drift is not None:
+            drift.record_and_correct()
         if anchors:  # the data loss is what is reported; the penalty only steers the step
             proximal_penalty(params, anchors, cfg.proximal_mu).backward()
         if not math.isfinite(step_loss):

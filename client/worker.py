@@ -120,10 +120,14 @@ class SiteWorker:
             field_of(request, "version", int),
             on_step,
             field_of(request, "run_id", str),
+            request.states.get("control") if plan.train.scaffold else None,
         )
         header: dict[str, Any] = {"kind": KIND_UPDATE, **asdict(update.result)}
         header |= {"examples": update.examples, "clip_scale": update.clip_scale}
-        send_frame(conn, header, {"delta": update.delta})
+        states = {"delta": update.delta}
+        if update.control is not None:
+            states["control"] = update.control
+        send_frame(conn, header, states)
 
 
 def _plan(request: Frame) -> SitePlan:

@@ -188,6 +188,12 @@ class TrainConfig(Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     # FedProx: mu / 2 * ||w - w_global||^2 added to the local loss; 0 = off.
     proximal_mu: Annotated[float, Field(ge=0)] = 0.0
+    # SCAFFOLD (client/drift.py): every local step adds c - c_i to the gradient, where c_i is
+    # the site's mean gradient of its last round (kept at the site) and c the coordinator's
+    # weighted mean of them (sent with the train instruction). Corrects client drift under
+    # label skew; secure-sum compatible (c is a sum); twice the bytes up (the delta and
+    # c_i's change). Needs aggregation.rule = 'fedavg', no robust rule and no DP.
+    scaffold: bool = False
     # The lr over one round's local steps (transformers' get_scheduler, restarted each round
     # with the optimizer): 'constant', or 'linear' / 'cosine' decay to 0 at the last step,
     # after warmup-steps of linear warm-up from 0 (also before 'constant').
@@ -408,6 +414,8 @@ class RunConfig(Section):
                 "privacy.dp with aggregation.rule = 'exact' is not supported: DP clips and "
                 "noises deltas, exact re-factors full adapters; use fedavg, ffa or fedsa"
             )
+        if self.train.scaffold:
+            _check_scaffold(self)
         if self.privacy.mode == "secure-sum" and self.federation.sites < 3:
             raise ValueError(
                 "privacy.mode = 'secure-sum' needs federation.sites >= 3 (a sum of two inputs "
@@ -415,6 +423,24 @@ class RunConfig(Section):
             )
         _check_modules(self)
         return self
+
+
+def _check_scaffold(cfg: RunConfig) -> None:
+    """train.scaffold needs a weighted-mean rule over every site's whole delta, unnoised."""
+    agg = cfg.aggregation
+    refused = [
+        (agg.rule == "exact", "aggregation.rule = 'exact' (it re-factors, not a mean)"),
+        (agg.robust != "none", f"aggregation.robust = {agg.robust!r}"),
+        (agg.server_clip is not None, "aggregation.server-clip"),
+        (cfg.privacy.dp.enabled, "privacy.dp (the control variates would leak unclipped "
+         "gradients)"),
+    ]  # fmt: skip
+    reasons = [why for bad, why in refused if bad]
+    if reasons:
+        raise ValueError(
+            "train.scaffold needs the weighted mean of every site's delta and control "
+            f"variate; it cannot run with {'; '.join(reasons)}"
+        )
 
 
 # A site id names key files and folders and travels in every envelope: a leading letter or

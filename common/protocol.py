@@ -98,6 +98,29 @@ def delta_modules(keys: Iterable[str]) -> list[str]:
     return sorted(key[len(_DELTA_PREFIX) :] for key in keys if key.startswith(_DELTA_PREFIX))
 
 
+# SCAFFOLD (train.scaffold, client/drift.py): the train instruction carries the coordinator's
+# control variate c (an ArrayRecord of ``<module>/<key>``), and a train reply one payload per
+# sent module with the site's ``c_i(new) - c_i``, encoded like the delta and, when sealed,
+# bound to the envelope "module" ``@control:<module>``, which no real module name can equal.
+CONTROL_RECORD = "control"
+_CONTROL_PREFIX = "control:"
+
+
+def control_key(module: str) -> str:
+    """The update-record key of one module's control-variate change: ``control:<module>``."""
+    return _CONTROL_PREFIX + module
+
+
+# Secure sum: a site's masked vector holds its delta and, after it, its control-variate change,
+# each tensor under ``~control/<module>/<key>`` ('~' sorts after every module name).
+CONTROL_FLAT_PREFIX = "~control/"
+
+
+def control_envelope_module(module: str) -> str:
+    """The envelope binding of one module's control-variate change: ``@control:<module>``."""
+    return "@" + _CONTROL_PREFIX + module
+
+
 # Keys of the metrics MetricRecord (site -> coordinator).
 METRIC_EXAMPLES = "num-examples"
 METRIC_TRAIN_LOSS = "train-loss"

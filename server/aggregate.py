@@ -39,11 +39,12 @@ from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
 from common.modules import join_modules, split_modules
 from common.robust import aggregate_median, aggregate_trimmed_mean
 from common.rules import get_rule, sum_only_aggregate
-from common.scopes import PRIVATE
+from common.scopes import PRIVATE, module_group
 from common.server_opt import server_optimizer_for
 from common.streaming import FlatLayout, StreamingMean
 
 OPTIMIZER_PREFIX = "optimizer/"
+CONTROL_PREFIX = "scaffold-c/"  # checkpoint keys of SCAFFOLD's c: scaffold-c/<module>/<key>
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class Aggregator:
             name: server_optimizer_for(agg, cfg.federation.rounds) for name in self.modules
         }
         self.accountant: PrivacyAccountant | None = None
+        # SCAFFOLD's c (train.scaffold): the weighted mean of the sites' control variates over
+        # every sent tensor, zero until the first round adds to it; None when off.
+        self.control: AdapterState | None = {} if cfg.train.scaffold else None
         self.noise = torch.Generator()
         if dp.enabled:
             # Every site takes part in every round: no amplification by sampling (q = 1).
@@ -121,6 +125,54 @@ class Aggregator:
             mine.alpha / mine.rank,
             fill_seed=rank_fill_seed(self.cfg.train.seed, version, module),
         )
+
+    # -- SCAFFOLD -------------------------------------------------------------------------
+    def control_for(self, global_state: AdapterState) -> AdapterState:
+        """SCAFFOLD's ``c`` over the sent keys of ``global_state`` (zeros where not yet set)."""
+        if self.control is None:
+            raise AggregationError("train.scaffold is off: there is no control variate")
+        return {
+            key: self.control.get(key, torch.zeros_like(global_state[key], dtype=torch.float32))
+            for key in self.sent_keys(global_state)
+        }
+
+    def update_control(self, changes: Sequence[tuple[int, AdapterState]]) -> None:
+        """``c += (|S| / N) sum_i w_i dc_i / sum_i w_i`` over the accepted sites ``S``.
+
+        ``changes``: (examples, ``c_i(new) - c_i``) per accepted site, in a fixed order. With
+        every site taking part this keeps ``c`` the example-weighted mean of the ``c_i``; the
+        factor ``|S| / N`` (Karimireddy et al.'s) is for rounds some sites missed.
+        """
+        if self.control is None or not changes:
+            return
+        for key in sorted({k for _, change in changes for k in change}):
+            members = [(n, change[key]) for n, change in changes if key in change]
+            total = math.fsum(float(n) for n, _ in members)
+            acc = torch.zeros_like(members[0][1], dtype=torch.float64)
+            for n, change in members:
+                acc += (float(n) / total) * change.double()
+            self._add_control(key, acc, len(members))
+
+    def update_control_from_sum(
+        self, weighted_sum: AdapterState, total_weight: float, count: int
+    ) -> None:
+        """``update_control`` from secure sum's unmasked ``sum w_i dc_i`` over ``count`` sites."""
+        if self.control is None:
+            return
+        for key in sorted(weighted_sum):
+            self._add_control(key, weighted_sum[key].double() / total_weight, count)
+
+    def _add_control(self, key: str, mean: torch.Tensor, count: int) -> None:
+        share = count / self._holders(key.partition("/")[0])
+        assert self.control is not None
+        old = self.control.get(key)
+        new = share * mean if old is None else old.double() + share * mean
+        self.control[key] = new.float()
+
+    def _holders(self, module: str) -> int:
+        """How many sites send ``module``: all, or its group's."""
+        group = module_group(self.modules[module].scope)
+        return len(self.cfg.groups.get(group, [])) if group else self.cfg.federation.sites
 
     # -- one round --------------------------------------------------------------------------
     @property
@@ -288,6 +340,8 @@ class Aggregator:
             for key, value in optimizer.state_dict().items():
                 if isinstance(value, torch.Tensor):
                     out[f"{OPTIMIZER_PREFIX}{name}/{key}"] = value
+        for key, value in (self.control or {}).items():
+            out[f"{CONTROL_PREFIX}{key}"] = value
         return out
 
     def state_meta(self) -> dict[str, Any]:
@@ -315,6 +369,12 @@ class Aggregator:
                 if key.startswith(prefix):
                     state[key[len(prefix) :]] = value
             optimizer.load_state_dict(state)
+        if self.control is not None:
+            self.control = {
+                key[len(CONTROL_PREFIX) :]: value
+                for key, value in tensors.items()
+                if key.startswith(CONTROL_PREFIX)
+            }
         if meta["accountant"] is not None:
             self.accountant = PrivacyAccountant.from_state(meta["accountant"])
         rng = bytearray(base64.b64decode(meta["noise_rng"]))

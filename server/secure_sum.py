@@ -183,8 +183,12 @@ class SecureSumRound:
 
     def _train_and_advertise(self, arrays: ArrayRecord) -> dict[int, KeyAdvert]:
         """Stage 1: every site trains and replies with its signed key advert and metrics."""
+        aggregator = self.strategy.aggregator
+        control = None
+        if aggregator.control is not None:
+            control = ArrayRecord(aggregator.control_for(arrays.to_torch_state_dict()))
         messages, self.log.bytes_down = self.strategy.downlink_messages(
-            self._header(P.STAGE_TRAIN), arrays, MessageType.TRAIN
+            self._header(P.STAGE_TRAIN), arrays, MessageType.TRAIN, control
         )
         adverts: dict[int, KeyAdvert] = {}
         received = list(self.grid.send_and_receive(messages, timeout=self._timeout))
@@ -256,7 +260,10 @@ class SecureSumRound:
     def _run(self, arrays: ArrayRecord) -> ArrayRecord:
         global_state = arrays.to_torch_state_dict()
         keys = self.strategy.aggregator.sent_keys(global_state)
-        _, layout = flatten({k: global_state[k] for k in keys})
+        sent = {k: global_state[k] for k in keys}
+        if self.strategy.aggregator.control is not None:  # SCAFFOLD: each dc_i after the delta
+            sent |= {P.CONTROL_FLAT_PREFIX + k: global_state[k] for k in keys}
+        _, layout = flatten(sent)
         length = sum(int(np.prod(shape)) for _, shape in layout)
         server = SecAggServer(self.params, self.context, self.keys, length)
         broadcast = server.collect_adverts(self._train_and_advertise(arrays))
@@ -321,10 +328,23 @@ class SecureSumRound:
             self.strategy.node_sites[self.nodes[number]] = self.names[number]
         self.log.accepted = {s: m for s, m in self.log.accepted.items() if s in survivors}
         check_sum_bounds(result, self.params)
-        weighted_sum = unflatten(result.weighted_sum, layout)
+        unmasked = unflatten(result.weighted_sum, layout)
+        weighted_sum = {
+            k: v for k, v in unmasked.items() if not k.startswith(P.CONTROL_FLAT_PREFIX)
+        }
         aggregator = self.strategy.aggregator
         mean = aggregator.mean_from_sum(weighted_sum, result.total_weight)
         self.log.extra["secure_sum_max_abs_error"] = max_abs_error_per_coordinate(
             self.params, len(result.survivors)
         ) / max(result.total_weight, 1e-12)
-        return aggregator.apply_mean(global_state, mean)
+        new_state = aggregator.apply_mean(global_state, mean)
+        control_sum = {
+            k[len(P.CONTROL_FLAT_PREFIX) :]: v
+            for k, v in unmasked.items()
+            if k.startswith(P.CONTROL_FLAT_PREFIX)
+        }
+        if control_sum:
+            aggregator.update_control_from_sum(
+                control_sum, result.total_weight, len(result.survivors)
+            )
+        return new_state

@@ -73,6 +73,7 @@ class AcceptedUpdate:
     metrics: dict[str, float]
     payload_bytes: int
     payloads: dict[str, bytes] = field(default_factory=dict)  # module -> opened, when streaming
+    control: AdapterState = field(default_factory=dict)  # SCAFFOLD's c_i(new) - c_i, decoded
 
 
 @dataclass
@@ -150,10 +151,15 @@ class FedLoraStrategy(Strategy):
         return content
 
     def downlink_messages(
-        self, header: ConfigRecord, arrays: ArrayRecord, message_type: str
+        self,
+        header: ConfigRecord,
+        arrays: ArrayRecord,
+        message_type: str,
+        control: ArrayRecord | None = None,
     ) -> tuple[list[Message], int]:
         """One signed instruction per node carrying ``arrays`` (the header's version) in the
         form that node gets (``server.downlink``); and the bytes down, all nodes together.
+        ``control``: SCAFFOLD's ``c``, signed into every instruction (``P.CONTROL_RECORD``).
 
         Nodes that get the same form share one content (one signature)."""
         version = int(str(header[P.KEY_VERSION]))
@@ -165,6 +171,9 @@ class FedLoraStrategy(Strategy):
             form = self.downlink.form(node, version)
             if form not in contents:
                 content, size = self.downlink.content(form, header, arrays, digest)
+                if control is not None:
+                    content.array_records[P.CONTROL_RECORD] = control
+                    size += sum(len(a.data) for a in control.values())
                 contents[form] = (self.signed(content, message_type), size)
             content, size = contents[form]
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
@@ -172,10 +181,15 @@ class FedLoraStrategy(Strategy):
         return messages, down
 
     def _instructions(
-        self, server_round: int, arrays: ArrayRecord, message_type: str, log: StageLog
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        message_type: str,
+        log: StageLog,
+        control: ArrayRecord | None = None,
     ) -> list[Message]:
         self._sent, log.bytes_down = self.downlink_messages(
-            self._header(server_round), arrays, message_type
+            self._header(server_round), arrays, message_type, control
         )
         return list(self._sent)
 
@@ -185,7 +199,10 @@ class FedLoraStrategy(Strategy):
         self._global = arrays.to_torch_state_dict()
         self._global_modules = split_modules(self._global)
         self.train_log = StageLog()
-        return self._instructions(server_round, arrays, MessageType.TRAIN, self.train_log)
+        control = None
+        if self.aggregator.control is not None:
+            control = ArrayRecord(self.aggregator.control_for(self._global))
+        return self._instructions(server_round, arrays, MessageType.TRAIN, self.train_log, control)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -245,8 +262,15 @@ class FedLoraStrategy(Strategy):
                 kept[module] = plain
             else:
                 delta.update(join_modules({module: opened}))
+        control: AdapterState = {}
+        if self.aggregator.control is not None:
+            for module in modules:
+                payload = update.get(P.control_key(module))
+                opened = self._open_control(module, payload, site, server_round)
+                control.update(join_modules({module: opened}))
+                wire_bytes += len(payload) if isinstance(payload, bytes) else 0
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        return AcceptedUpdate(site, examples, delta, values, wire_bytes, kept)
+        return AcceptedUpdate(site, examples, delta, values, wire_bytes, kept, control)
 
     def _figures(
         self, reply: Message, site: str, server_round: int, evaluate: bool = False
@@ -329,6 +353,29 @@ class FedLoraStrategy(Strategy):
             raise UpdateRejected(f"module {module!r}: {exc}") from None
         return delta, payload
 
+    def _open_control(
+        self, module: str, payload: object, site: str, server_round: int
+    ) -> AdapterState:
+        """SCAFFOLD: open and decode one module's ``c_i(new) - c_i``; the sent keys' shapes,
+        finite values, within the payload bound (no norm bound: it is a gradient estimate)."""
+        if not isinstance(payload, bytes):
+            raise UpdateRejected(f"module {module!r}: the reply lacks its control-variate change")
+        bound = self.cfg.privacy.max_payload_bytes
+        sealed = self.cfg.privacy.mode == "sealed"
+        if len(payload) > (max_envelope_bytes(bound) if sealed else bound):
+            raise UpdateRejected(
+                f"module {module!r}: control-variate payload of {len(payload):,} bytes exceeds "
+                f"privacy.max-payload-bytes = {bound:,}"
+            )
+        if sealed:
+            payload = self._open(payload, site, server_round, P.control_envelope_module(module))
+        start = self.aggregator.site_start(module, site, self._global_modules[module], self.version)
+        shapes = {k: tuple(start[k].shape) for k in self.aggregator.rule.sent_keys(start)}
+        try:
+            return decode_delta(payload, bound, expected=shapes)
+        except UpdateRejected as exc:
+            raise UpdateRejected(f"module {module!r}, control variate: {exc}") from None
+
     def _open(self, envelope: bytes, site: str, server_round: int, module: str) -> bytes:
         """Verify the site's signature and decrypt, in memory only, for this exact context."""
         assert self.sealing is not None
@@ -390,6 +437,7 @@ class FedLoraStrategy(Strategy):
         else:
             updates = [SiteDelta(a.site, a.examples, a.delta) for a in accepted]
             new_state = self.aggregator.aggregate(self._global, updates, server_round, self.version)
+        self.aggregator.update_control([(a.examples, a.control) for a in accepted])
         return ArrayRecord(new_state), MetricRecord(_weighted(self.train_log.accepted))
 
     def _note_silent(self, log: StageLog, sent: Mapping[str, int], answered: set[int]) -> None:

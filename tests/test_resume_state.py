@@ -57,6 +57,9 @@ CONFIGS = {
     ],
     # FedAdam: first and second moments and the step count carry over between rounds.
     "fedadam": ["aggregation.server-optimizer='fedadam'", "aggregation.server-lr=0.01"],
+    # SCAFFOLD: the coordinator's control variate c carries over; the sites keep their c_i
+    # in their stores, so a redone round starts from the same c_i.
+    "scaffold": ["train.scaffold=true", "train.optimizer='sgd'", "train.lr=0.05"],
 }
 
 
@@ -188,5 +191,7 @@ def test_resume_is_bit_identical(
         epsilons = [eps for _, eps, _ in got["rounds"]]
         assert all(e is not None for e in epsilons) and epsilons == sorted(epsilons)
         assert epsilons[-1] > epsilons[1] > 0  # spent over all rounds, not since the resume
+    elif name == "scaffold":
+        assert any(k.startswith("scaffold-c/") for k in got["optimizer"]), got["optimizer"]
     else:
         assert got["optimizer"], "FedAdam keeps moment tensors"
