@@ -421,8 +421,11 @@ class FedLoraStrategy(Strategy):
         """
         limit = self.cfg.federation.quarantine_after
         self.offences[node] = self.offences.get(node, 0) + 1
-        if limit is not None and self.offences[node] >= limit and node in self.node_ids:
-            self.node_ids.remove(node)
+        # (With sampling, a node that connected after the start is not in node_ids; the
+        # cohort sampler leaves out every quarantined node.)
+        if limit is not None and self.offences[node] >= limit and node not in self.quarantined:
+            if node in self.node_ids:
+                self.node_ids.remove(node)
             self.quarantined[node] = site
             logger.warning("quarantined %s (node %s) after %d rejected replies", site, node, limit)
 
