@@ -425,6 +425,19 @@ def client_app(
             return _refuse(msg, exc)
         return Message(content, reply_to=msg)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Identify: which site this node is, so that the coordinator can sample cohorts by
+        site id (``server.cohort``). Nothing but the id the site names in every reply."""
+        try:
+            header, plan = _header(msg)
+            site = sites(plan, context)
+            _admit(msg, site, header, plan, keys, policy)
+        except (FedloraError, KeyError) as exc:
+            return _refuse(msg, exc)
+        claim = ConfigRecord({P.KEY_SITE: site.site_id})
+        return Message(RecordDict({P.UPDATE_RECORD: claim}), reply_to=msg)
+
     return app
 
 

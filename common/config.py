@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common.errors import ConfigError
 from common.model_names import looks_like_dataset_name
+from common.sampling import cohort_size
 from common.scopes import MODULE_NAME, PRIVATE, SHARED, module_group
 
 if sys.version_info >= (3, 11):
@@ -135,8 +136,20 @@ class FederationConfig(Section):
     rounds: PositiveInt = 3
     # A site whose replies were rejected this many times is ignored for the rest of the run.
     quarantine_after: PositiveInt | None = None
-    # Fewest accepted replies with which a round still aggregates; None = all sites.
+    # Fewest accepted replies with which a round still aggregates; None = every instructed
+    # site (all sites, or the whole sampled cohort).
     min_sites: PositiveInt | None = None
+    # How many connected sites the coordinator waits for before it starts (and, when it
+    # samples, before each round); None = federation.sites. Not min-sites: that counts replies.
+    min_available_sites: PositiveInt | None = None
+    # Share of the available sites each round trains (evaluates), in (0, 1]. The cohort is
+    # max(1, round(fraction * available)) sites, never fewer than min-sites, drawn from
+    # sampling-seed, the round and the sorted site ids (common/sampling.py): a resumed run
+    # draws the same cohorts. 1.0 = every site, every round. The coordinator draws (and knows)
+    # the cohort, so the DP accountant credits no amplification by sampling.
+    fraction_train: Annotated[float, Field(gt=0, le=1)] = 1.0
+    fraction_evaluate: Annotated[float, Field(gt=0, le=1)] = 1.0
+    sampling_seed: int = 0
     # Seconds the coordinator waits for the replies of one stage.
     round_timeout: Annotated[float, Field(gt=0)] = 3600.0
     # Sites evaluate on their held-out data in round 0, every N-th round and the last round
@@ -154,11 +167,48 @@ class FederationConfig(Section):
         """Whether the sites evaluate after ``server_round``."""
         return server_round % self.evaluate_every == 0 or server_round == self.rounds
 
+    @property
+    def samples(self) -> bool:
+        """Whether a stage instructs a drawn cohort rather than every connected site."""
+        return self.fraction_train < 1.0 or self.fraction_evaluate < 1.0
+
+    @property
+    def available_floor(self) -> int:
+        """The connected sites the coordinator waits for (``min-available-sites``)."""
+        return self.sites if self.min_available_sites is None else self.min_available_sites
+
+    def train_cohort(self, available: int) -> int:
+        """Sites a training round instructs when ``available`` are connected."""
+        return cohort_size(self.fraction_train, available, self.min_sites)
+
+    @property
+    def smallest_train_cohort(self) -> int:
+        """The smallest training cohort a round can have (at ``min-available-sites``)."""
+        return self.train_cohort(self.available_floor)
+
+    @property
+    def expected_train_cohort(self) -> int:
+        """The training cohort when every site is connected (DP's fixed denominator)."""
+        return self.train_cohort(self.sites)
+
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:
         if self.min_sites is not None and self.min_sites > self.sites:
             raise ValueError(
                 f"federation.min-sites = {self.min_sites} exceeds federation.sites = {self.sites}"
+            )
+        floor = self.available_floor
+        if floor > self.sites:
+            raise ValueError(
+                f"federation.min-available-sites = {floor} exceeds federation.sites = "
+                f"{self.sites} (the coordinator would wait for sites that do not exist)"
+            )
+        if self.min_sites is not None and self.min_sites > floor:
+            raise ValueError(
+                f"federation.min-sites = {self.min_sites} (replies a round needs) exceeds "
+                f"federation.min-available-sites = {floor} (sites the coordinator waits for): "
+                "a round could start with fewer sites than it needs; expected min-sites <= "
+                "min-available-sites"
             )
         return self
 
@@ -420,6 +470,15 @@ class RunConfig(Section):
             raise ValueError(
                 "privacy.mode = 'secure-sum' needs federation.sites >= 3 (a sum of two inputs "
                 "reveals each to the other site)"
+            )
+        smallest = self.federation.smallest_train_cohort
+        if self.privacy.mode == "secure-sum" and smallest < 3:
+            raise ValueError(
+                f"privacy.mode = 'secure-sum' needs a training cohort of >= 3 sites, but "
+                f"federation.fraction-train = {self.federation.fraction_train:g} of "
+                f"federation.min-available-sites = {self.federation.available_floor} sites "
+                f"samples {smallest} (a sum of two inputs reveals each to the other site); "
+                "raise fraction-train, min-available-sites or min-sites"
             )
         _check_modules(self)
         return self
@@ -706,7 +765,10 @@ def fewest_survivors(cfg: RunConfig) -> int:
     from common.secagg import params_for  # Shamir and HKDF: only where secure sum is used
 
     ss = cfg.privacy.secure_sum
-    params = params_for(cfg.federation.sites, 1.0, 1.0, degree=ss.degree, threshold=ss.threshold)
+    # The Shamir threshold grows with the cohort: the smallest cohort a round may sample
+    # (federation.fraction-train of min-available-sites) has the lowest floor.
+    cohort = cfg.federation.smallest_train_cohort
+    params = params_for(cohort, 1.0, 1.0, degree=ss.degree, threshold=ss.threshold)
     return max(2, params.threshold)
 
 

@@ -40,7 +40,10 @@ has sensitivity ``C / denominator`` under add/remove-one-site.
 Sampling: amplification (``q < 1``) holds only if the coordinator selects each site
 independently with probability ``q`` (Poisson sampling, as in DP-FedAvg). A fixed-size cohort
 drawn without replacement is not what ``PoissonSampledDpEvent`` models; use ``q = 1`` for it
-to stay conservative.
+to stay conservative. ``federation.fraction-train`` draws such a fixed-size cohort, and the
+coordinator draws it and knows it, so there is no amplification against the coordinator at
+all: the run's accountant keeps ``q = 1`` (``server.aggregate``), and the noise and the fixed
+denominator follow the cohort (``common.config.fewest_survivors``, ``expected_train_cohort``).
 
 Config section proposed for ``common/config.py`` (not added here)::
 

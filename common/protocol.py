@@ -18,6 +18,8 @@ A train reply (site -> coordinator) carries:
                                  like a delta (envelope module ``@site-report``); secure-sum
                                  mode does not send them (they would single a site out).
 An evaluate instruction carries ``global`` + ``fedlora``; its reply carries ``metrics``.
+An identify query (Flower message type ``query``; ``server.cohort``, only when the coordinator
+samples cohorts) carries ``fedlora`` alone, signed; its reply is ``update`` with ``KEY_SITE``.
 
 The global version travels in one of three forms (``KEY_GLOBAL_FORM``, ``common.downlink``):
 ``full`` (``global`` as above), ``step`` (``global-step``: the encoded step from version

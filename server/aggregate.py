@@ -85,7 +85,9 @@ class Aggregator:
         self.control: AdapterState | None = {} if cfg.train.scaffold else None
         self.noise = torch.Generator()
         if dp.enabled:
-            # Every site takes part in every round: no amplification by sampling (q = 1).
+            # No amplification by sampling (q = 1), even with federation.fraction-train < 1:
+            # the coordinator draws the cohort and knows it, and it is the party the noise
+            # must also hold against (secure-sum, distributed DP), so the draw is no secret.
             self.accountant = PrivacyAccountant(dp.noise_multiplier, 1.0, dp.delta)
             self.noise = (
                 secure_generator() if dp.seed is None else torch.Generator().manual_seed(dp.seed)
@@ -277,6 +279,12 @@ class Aggregator:
             self.accountant.step()
         return join_modules(by_module)
 
+    @property
+    def _denominator(self) -> int:
+        """DP-FedAvg's fixed denominator: the expected training cohort (every site without
+        sampling), never the count that replied, which would depend on who took part."""
+        return self.cfg.federation.expected_train_cohort
+
     def mean_from_sum(self, weighted_sum: AdapterState, total_weight: float) -> AdapterState:
         """Secure-sum: the mean delta from the unmasked ``sum w_i x_i`` and ``sum w_i``."""
         dp = self.cfg.privacy.dp
@@ -285,7 +293,7 @@ class Aggregator:
         # Weights are 1 under DP; the denominator is the fixed expected cohort. Distributed
         # placement: the sites' noise is already in the sum; central: the coordinator adds it.
         std = coordinator_noise_std(dp.noise_multiplier, dp.clip, dp.placement)
-        return dp_aggregate_mean(weighted_sum, std, self.cfg.federation.sites, self.noise)
+        return dp_aggregate_mean(weighted_sum, std, self._denominator, self.noise)
 
     def _mean_delta(self, updates: Sequence[SiteDelta]) -> AdapterState:
         dp, agg = self.cfg.privacy.dp, self.cfg.aggregation
@@ -305,7 +313,7 @@ class Aggregator:
             self.rule.check_payload(delta)
         total = {k: torch.stack([d[k].double() for d in clipped]).sum(0) for k in clipped[0]}
         std = coordinator_noise_std(dp.noise_multiplier, dp.clip, dp.placement)
-        return dp_aggregate_mean(total, std, self.cfg.federation.sites, self.noise)
+        return dp_aggregate_mean(total, std, self._denominator, self.noise)
 
     def _aggregate_exact(
         self,

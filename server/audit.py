@@ -78,6 +78,8 @@ EVENT_VERSION_PUBLISHED = "version-published"
 EVENT_ROUND_COMPLETED = "round-completed"
 EVENT_RUN_STOPPED = "run-stopped"
 EVENT_ROUND_FAILED = "round-failed"
+# federation.fraction-*: the sites a stage of a round instructs, and how many were available.
+EVENT_COHORT_SAMPLED = "cohort-sampled"
 
 
 class AuditError(FedloraError):

@@ -34,11 +34,13 @@ from common.partition import eval_sample, partition
 from common.progress import RoundClock, print_message, print_rule
 from common.registry import Registry
 from common.registry_format import ADAPTER_FILE, RegistryVersion
+from common.sampling import STAGE_EVALUATE, STAGE_TRAIN
 from common.scopes import PRIVATE, SHARED
 from common.secagg import SecAggError
 from common.tokens import encode_examples
 from server.audit import (
     AUDIT_FILE,
+    EVENT_COHORT_SAMPLED,
     EVENT_REPLY_ACCEPTED,
     EVENT_REPLY_REJECTED,
     EVENT_ROUND_COMPLETED,
@@ -61,6 +63,7 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from server.cohort import Cohort, CohortSampler
 from server.init_from import InitSource, check_init_sources, read_init_sources
 from server.metrics import read_metrics, record_round, report_round, run_summary, truncate_metrics
 from server.secure_sum import SecureSumRound
@@ -85,6 +88,8 @@ class Coordinator:
     sealing: Sealing | None = None
     # federation.init-from: where the modules' version 0 comes from (load_inputs checked it).
     init_from: dict[str, InitSource] = field(default_factory=dict)
+    # federation.fraction-*: draws each stage's cohort (run_federation sets it); None = none.
+    sampler: CohortSampler | None = None
 
     @property
     def eval_examples(self) -> list[Example]:
@@ -311,11 +316,34 @@ def _init_lineage(coord: Coordinator, module: str, server_round: int) -> dict[st
     return {"init_from": source.lineage} if server_round == 0 and source is not None else {}
 
 
+def _sample(
+    coord: Coordinator, strategy: FedLoraStrategy, grid: Grid, server_round: int, stage: str
+) -> Cohort | None:
+    """Draw ``stage``'s cohort (federation.fraction-*) and point the strategy at it; None
+    (every node instructed) when the run does not sample."""
+    if coord.sampler is None:
+        return None
+    cohort = coord.sampler.draw(grid, server_round, stage)
+    strategy.cohort_nodes, strategy.cohort_sites = cohort.nodes, cohort.sites
+    coord.audit.append(
+        EVENT_COHORT_SAMPLED,
+        round=server_round,
+        stage=stage,
+        sites=[clip_text(site) for site in cohort.sites],
+        available=cohort.available,
+    )
+    return cohort
+
+
 def _evaluate_round(
     coord: Coordinator, strategy: FedLoraStrategy, grid: Grid, server_round: int, arrays: Any
-) -> tuple[StageLog, dict[str, float]]:
+) -> tuple[StageLog, dict[str, Any]]:
     start = time.perf_counter()
+    sampled: dict[str, Any] = {}
     if coord.cfg.federation.site_evaluates(server_round):
+        cohort = _sample(coord, strategy, grid, server_round, STAGE_EVALUATE)
+        if cohort is not None:
+            sampled = cohort.fields()
         replies = grid.send_and_receive(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
             timeout=coord.cfg.federation.round_timeout,
@@ -323,7 +351,7 @@ def _evaluate_round(
         strategy.aggregate_evaluate(server_round, replies)
     else:  # federation.evaluate-every: this round the sites only train
         strategy.eval_log = StageLog()
-    server_metrics = _global_eval(coord, arrays.to_torch_state_dict())
+    server_metrics = {**sampled, **_global_eval(coord, arrays.to_torch_state_dict())}
     strategy.eval_log.seconds = time.perf_counter() - start
     return strategy.eval_log, server_metrics
 
@@ -356,10 +384,13 @@ def _evaluate_and_record(
     arrays: ArrayRecord,
     train_log: StageLog,
     started: float,
+    cohort: Cohort | None = None,
 ) -> None:
     eval_log, server_metrics = _evaluate_round(coord, strategy, grid, server_round, arrays)
     _audit_stage(coord.audit, server_round, "evaluate", eval_log)
     server_metrics.update(train_log.extra)
+    if cohort is not None:  # the training cohort; the evaluate one is in already
+        server_metrics.update(cohort.fields())
     if strategy.aggregator.accountant is not None:
         server_metrics["epsilon"] = strategy.aggregator.accountant.epsilon()
         server_metrics["dp_delta"] = coord.cfg.privacy.dp.delta
@@ -523,13 +554,20 @@ def _train_stage(
 
 
 def _record_failed_round(
-    coord: Coordinator, strategy: FedLoraStrategy, server_round: int, reason: str, t0: float
+    coord: Coordinator,
+    strategy: FedLoraStrategy,
+    server_round: int,
+    reason: str,
+    t0: float,
+    cohort: Cohort | None,
 ) -> None:
     """A round that cannot aggregate publishes nothing; the previous version stays global."""
     print_message(f"[red]round {server_round} failed[/]: {reason}; v{strategy.version:04d} stays")
     _audit_stage(coord.audit, server_round, "train", strategy.train_log)
     coord.audit.append(EVENT_ROUND_FAILED, round=server_round, reason=clip_text(reason))
-    extra: dict[str, float | str] = {"failed": reason, "seconds": time.perf_counter() - t0}
+    extra: dict[str, Any] = {"failed": reason, "seconds": time.perf_counter() - t0}
+    if cohort is not None:
+        extra.update(cohort.fields())
     record_round(
         coord.out_dir, server_round, strategy.version, strategy.train_log, StageLog(), extra
     )
@@ -542,11 +580,18 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
     strategy = FedLoraStrategy(
         cfg, site_plan(cfg, coord.labels), coord.host.base.fingerprint, coord.run_id, coord.sealing
     )
-    strategy.node_ids = wait_for_nodes(grid, cfg.federation.sites, cfg.federation.round_timeout)
+    fed = cfg.federation
+    strategy.node_ids = wait_for_nodes(grid, fed.available_floor, fed.round_timeout)
     for node in strategy.node_ids:
         coord.audit.append(EVENT_SITE_SEEN, node_id=int(node))
+    coord.sampler = CohortSampler(strategy) if fed.samples else None
     state = join_modules(coord.host.states())
-    print_rule(f"fedlora run {coord.run_id[:8]}: {cfg.federation.sites} sites")
+    sampling = (
+        f", sampling {fed.fraction_train:g} to train, {fed.fraction_evaluate:g} to evaluate"
+        if fed.samples
+        else ""
+    )
+    print_rule(f"fedlora run {coord.run_id[:8]}: {fed.sites} sites{sampling}")
     print_message(
         f"base {cfg.model.name} fingerprint {coord.host.base.fingerprint[:16]}…, "
         f"adapter {num_parameters(state):,} params, {state_num_bytes(state):,} bytes fp32"
@@ -579,20 +624,23 @@ def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict
             )
             break
         t0 = time.perf_counter()
+        cohort = _sample(coord, strategy, grid, server_round, STAGE_TRAIN)
         coord.audit.append(
-            EVENT_ROUND_STARTED, round=server_round, cohort_size=len(strategy.node_ids)
+            EVENT_ROUND_STARTED, round=server_round, cohort_size=len(strategy.instructed)
         )
         try:
             arrays = _train_stage(strategy, grid, server_round, arrays)
         except (AggregationError, SecAggError) as exc:
-            _record_failed_round(coord, strategy, server_round, str(exc), t0)
+            _record_failed_round(coord, strategy, server_round, str(exc), t0, cohort)
             clock.round_done(server_round, time.perf_counter() - t0)
             continue
         strategy.train_log.seconds = time.perf_counter() - t0
         _audit_stage(coord.audit, server_round, "train", strategy.train_log)
         with _stop_if_unwritable(coord, server_round):
             _checkpoint_and_publish(coord, strategy, server_round, arrays)
-        _evaluate_and_record(coord, strategy, grid, server_round, arrays, strategy.train_log, t0)
+        _evaluate_and_record(
+            coord, strategy, grid, server_round, arrays, strategy.train_log, t0, cohort
+        )
         clock.round_done(server_round, time.perf_counter() - t0)
     facts = _facts(coord, time.perf_counter() - started)
     facts["stopped"] = stopped

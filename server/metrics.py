@@ -91,11 +91,24 @@ def report_round(line: dict[str, Any]) -> dict[str, Any]:
         f"round {line['round']} → v{line['version']:04d}: train loss {_fmt(line['train_loss'])}, "
         f"eval loss {_fmt(line['eval_loss'])}, ppl {_fmt(line['eval_perplexity'])}, "
         f"up {line['bytes_up']:,} B, down {line['bytes_down']:,} B, "
-        f"rejected {len(line['rejected'])}",
+        f"rejected {len(line['rejected'])}{_cohort_text(line)}",
         ["site", "train loss", "eval loss", "eval acc", "train examples", "train s"],
         rows,
     )
     return line
+
+
+def _cohort_text(line: dict[str, Any]) -> str:
+    """How many sites a sampling round instructed out of how many were available."""
+    if "available_sites" not in line:
+        return ""
+    available = line["available_sites"]
+    parts = [
+        f"{len(line[f'sampled_{stage}'])}/{available} sites {verb}"
+        for stage, verb in (("train", "trained"), ("evaluate", "evaluated"))
+        if f"sampled_{stage}" in line
+    ]
+    return f", {', '.join(parts)}" if parts else ""
 
 
 def _fmt(value: float | None) -> str:

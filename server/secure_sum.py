@@ -131,7 +131,10 @@ class SecureSumRound:
         assert strategy.sealing is not None  # the allow-list holds the sites' identity keys
         self.strategy, self.grid, self.round = strategy, grid, server_round
         allow = strategy.sealing.allow_list
-        self.numbers = site_numbers(allow)
+        # Numbered and masked among the sampled cohort only (federation.fraction-train): the
+        # sites not drawn are no one's neighbours and their keys are not in the round.
+        cohort = strategy.cohort_sites
+        self.numbers = site_numbers(allow if cohort is None else cohort)
         self.names = {number: name for name, number in self.numbers.items()}
         self.params = secagg_params(strategy.cfg, len(self.numbers))
         self.context = P.secure_sum_context(strategy._header(server_round))

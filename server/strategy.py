@@ -117,6 +117,10 @@ class FedLoraStrategy(Strategy):
         self.downlink = Downlink(cfg.federation.downlink, cfg.privacy.max_payload_bytes)
         self.version = 0  # the global version the current instructions carry
         self.node_ids: list[int] = []
+        # federation.fraction-*: the nodes (and their sites) this stage instructs, drawn by
+        # server.cohort; None = every node in node_ids (no sampling).
+        self.cohort_nodes: list[int] | None = None
+        self.cohort_sites: list[str] | None = None
         self.offences: dict[int, int] = {}  # Flower node id -> rejected train replies
         self.quarantined: dict[int, str] = {}  # node id -> the site name it last claimed
         # Node id -> site of its last accepted train reply (signature-checked when sealed),
@@ -167,7 +171,7 @@ class FedLoraStrategy(Strategy):
         contents: dict[str, tuple[RecordDict, int]] = {}
         messages: list[Message] = []
         down = 0
-        for node in self.node_ids:
+        for node in self.instructed:
             form = self.downlink.form(node, version)
             if form not in contents:
                 content, size = self.downlink.content(form, header, arrays, digest)
@@ -179,6 +183,11 @@ class FedLoraStrategy(Strategy):
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
             down += size
         return messages, down
+
+    @property
+    def instructed(self) -> list[int]:
+        """The nodes this stage instructs: the sampled cohort, else every node."""
+        return self.node_ids if self.cohort_nodes is None else list(self.cohort_nodes)
 
     def _instructions(
         self,
@@ -422,7 +431,7 @@ class FedLoraStrategy(Strategy):
             self.train_log.bytes_up += update.payload_bytes
             self.train_log.accepted[update.site] = update.metrics
         self._note_silent(self.train_log, sent, answered)
-        needed = self.cfg.federation.min_sites or len(self.node_ids)
+        needed = self.cfg.federation.min_sites or len(self.instructed)
         if len(accepted) < needed:
             raise AggregationError(
                 f"round {server_round}: {len(accepted)} valid replies, federation.min-sites "
@@ -460,8 +469,11 @@ class FedLoraStrategy(Strategy):
         """
         limit = self.cfg.federation.quarantine_after
         self.offences[node] = self.offences.get(node, 0) + 1
-        if limit is not None and self.offences[node] >= limit and node in self.node_ids:
-            self.node_ids.remove(node)
+        # (With sampling, a node that connected after the start is not in node_ids; the
+        # cohort sampler leaves out every quarantined node.)
+        if limit is not None and self.offences[node] >= limit and node not in self.quarantined:
+            if node in self.node_ids:
+                self.node_ids.remove(node)
             self.quarantined[node] = site
             logger.warning("quarantined %s (node %s) after %d rejected replies", site, node, limit)
 
@@ -542,7 +554,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
             return nodes
         if time.monotonic() > deadline:
             raise FedloraError(
-                f"only {len(nodes)} of federation.sites = {count} sites connected "
-                f"within {timeout:.0f} s"
+                f"only {len(nodes)} of {count} sites connected within {timeout:.0f} s "
+                "(federation.min-available-sites, by default federation.sites)"
             )
         time.sleep(1.0)

@@ -33,7 +33,18 @@ SETTINGS = [
     "modules.qa.scope='group:qa'",
     "groups.qa=['site-0', 'site-2']",
 ]
-ARGS = ["examples/tiny.toml", *(arg for item in SETTINGS for arg in ("--set", item))]
+# The same run with 4 sites, half of them drawn to train and half to evaluate each round.
+SAMPLED = [
+    *SETTINGS,
+    "federation.sites=4",
+    "data.partition='iid'",
+    "federation.fraction-train=0.5",
+    "federation.fraction-evaluate=0.5",
+]
+
+
+def _args(settings: list[str]) -> list[str]:
+    return ["examples/tiny.toml", *(arg for item in settings for arg in ("--set", item))]
 
 
 def _env(ray_dir: Path) -> dict[str, str]:
@@ -43,8 +54,10 @@ def _env(ray_dir: Path) -> dict[str, str]:
     return env
 
 
-def _start(out: Path, ray_dir: Path, resume: bool = False) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *ARGS, "--out", str(out)]
+def _start(
+    out: Path, ray_dir: Path, resume: bool = False, settings: list[str] = SETTINGS
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *_args(settings), "--out", str(out)]
     return subprocess.Popen(
         [*cmd, "--resume"] if resume else cmd,
         cwd=REPO,
@@ -115,3 +128,43 @@ def test_sigkill_then_resume_is_bit_identical(
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(ROUNDS + 1))
     assert not [p for p in (out / "registry" / "shared").iterdir() if p.name.startswith(".")]
+
+
+def _cohorts(out: Path) -> list[tuple[list[str] | None, list[str] | None]]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(line.get("sampled_train"), line.get("sampled_evaluate")) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def sampled_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sampled-reference") / "run"
+    with tempfile.TemporaryDirectory(prefix="ray-") as ray:
+        assert _start(out, Path(ray), settings=SAMPLED).wait(timeout=600) == 0
+    return out
+
+
+def test_sampled_run_killed_and_resumed_is_bit_identical(
+    tmp_path: Path, sampled_reference: Path
+) -> None:
+    """The resumed coordinator has new Flower node ids; it draws the same cohorts from the
+    site ids, so every version at the coordinator and at every site is the same, bit for bit."""
+    out = tmp_path / "run"
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray-"))
+    proc = _start(out, ray_dir, settings=SAMPLED)
+    deadline = time.monotonic() + 300
+    while rounds_done(out) < 1:  # round 2 is training at its cohort
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.05)
+    kill_everything(proc, ray_dir)
+    assert rounds_done(out) < ROUNDS
+
+    resumed = _start(out, ray_dir, resume=True, settings=SAMPLED)
+    assert resumed.wait(timeout=600) == 0
+
+    assert _versions(out) == list(range(ROUNDS + 1))
+    assert _cohorts(out) == _cohorts(sampled_reference)
+    trained = [train for train, _ in _cohorts(out)[1:]]
+    assert all(train is not None and len(train) == 2 for train in trained)
+    assert len({tuple(train or []) for train in trained}) > 1  # the cohorts do change
+    assert _digests(out) == _digests(sampled_reference)
