@@ -64,12 +64,24 @@ SETTINGS: dict[str, list[str]] = {
         "train.classifier-loss='plain'",
         "train.scaffold=true",
     ],
+    "sgd + fedavg": [
+        *SGD,
+        "train.classifier-loss='plain'",
+        "aggregation.server-optimizer='sgd'",
+        "aggregation.server-lr=1.0",
+    ],
     "sgd + fedavg + scaffold": [
         *SGD,
         "train.classifier-loss='plain'",
         "train.scaffold=true",
         "aggregation.server-optimizer='sgd'",
         "aggregation.server-lr=1.0",
+    ],
+    "sgd + fedadam, wsd to 0.1x": [
+        *SGD,
+        *FEDADAM,
+        "train.classifier-loss='plain'",
+        "aggregation.server-lr-schedule='wsd'",
     ],
     "sgd + fedadam, cosine to 0.1x": [
         *SGD,

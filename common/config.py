@@ -308,9 +308,10 @@ class AggregationConfig(Section):
     server_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     server_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
     server_tau: Annotated[float, Field(gt=0)] = 1e-3
-    # Server lr over the run: constant, or a cosine decay from server-lr in round 1 to
-    # server-lr * server-lr-final in the last round (federation.rounds).
-    server_lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Server lr over the run: constant; a cosine decay from server-lr in round 1 to
+    # server-lr * server-lr-final in the last round (federation.rounds); or 'wsd': constant,
+    # then a linear decay over the last fifth of the rounds to server-lr * server-lr-final.
+    server_lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"
     server_lr_final: Annotated[float, Field(gt=0, le=1)] = 0.1
     # Upper bound on the example count a site may claim as its aggregation weight.
     max_examples: PositiveInt = 1_000_000

@@ -55,18 +55,29 @@ def _check_hyperparameter(
     return float(value)
 
 
+# ``wsd`` decays over the last fifth of the rounds (warmup-stable-decay without the warm-up).
+WSD_DECAY_FRACTION = 0.2
+
+
 def lr_factor(schedule: str, final: float, rounds: int, step: int) -> float:
     """The learning-rate multiplier of step ``step`` (0-based) of ``rounds``.
 
     ``constant``: 1. ``cosine``: from 1 at the first step to ``final`` at the last
     (``final + (1 - final) * (1 + cos(pi * step / (rounds - 1))) / 2``), ``final`` after it.
+    ``wsd`` (stable, then decay): 1 until the last ``d = max(1, round(0.2 * rounds))`` steps,
+    then a linear decay that reaches ``final`` at the last step (``final`` after it).
     """
+    if schedule not in ("constant", "cosine", "wsd"):
+        raise ConfigError(
+            f"aggregation.server-lr-schedule = {schedule!r}, expected 'constant', 'cosine' "
+            "or 'wsd'"
+        )
     if schedule == "constant" or rounds <= 1:
         return 1.0
-    if schedule != "cosine":
-        raise ConfigError(
-            f"aggregation.server-lr-schedule = {schedule!r}, expected 'constant' or 'cosine'"
-        )
+    if schedule == "wsd":
+        decay = max(1, round(WSD_DECAY_FRACTION * rounds))
+        into = min(step, rounds - 1) - (rounds - decay) + 1  # 1..decay inside the decay
+        return 1.0 if into <= 0 else 1.0 - (1.0 - final) * into / decay
     progress = min(step, rounds - 1) / (rounds - 1)
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -231,6 +231,17 @@ def test_cosine_factor_known_values() -> None:
         lr_factor("linear", 0.1, 5, 0)
 
 
+def test_wsd_factor_is_constant_then_decays_linearly_over_the_last_fifth() -> None:
+    # 50 rounds: steps 0-39 at 1, then 10 steps from 0.91 down to 0.1 at the last step.
+    factors = [lr_factor("wsd", 0.1, 50, step) for step in range(52)]
+    assert factors[:40] == [1.0] * 40
+    assert factors[40:50] == pytest.approx([1 - 0.9 * k / 10 for k in range(1, 11)])
+    assert factors[50:] == pytest.approx([0.1, 0.1])  # past the end: stays
+    # Few rounds: at least the last step decays.
+    assert [lr_factor("wsd", 0.5, 3, s) for s in range(3)] == pytest.approx([1.0, 1.0, 0.5])
+    assert lr_factor("wsd", 0.1, 1, 0) == 1.0
+
+
 def test_cosine_schedule_scales_each_sgd_step() -> None:
     """SGD moves by lr * factor(step) * delta: the known answer over 3 steps."""
     optimizer = make_server_optimizer("sgd", lr=1.0)
