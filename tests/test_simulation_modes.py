@@ -221,3 +221,31 @@ def test_secure_sum_advert_signed_by_another_key_never_takes_the_slot(tmp_path: 
     assert "unsigned key advert" in rejected[0]["reason"], rejected
     assert "signature invalid" in rejected[1]["reason"], rejected  # its sealed eval report
     assert run["metrics"][1]["cohort"] == ["site-0", "site-1"]
+
+
+def test_scaffold_control_variate_is_the_mean_of_the_sites_under_secure_sum(
+    tmp_path: Path,
+) -> None:
+    """SCAFFOLD's c travels inside the masked sum: after the run it is the example-weighted
+    mean of the c_i the sites keep in their stores, to the fixed-point error."""
+    from safetensors.torch import load_file
+
+    from client.drift import split_kept
+
+    sgd = ["train.optimizer='sgd'", "train.lr=0.05"]
+    run = run_tiny(tmp_path / "run", "privacy.mode='secure-sum'", "train.scaffold=true", *sgd)
+    assert all(m["rejected"] == [] for m in run["metrics"])
+    ckpt = load_checkpoint(run["out"])
+    assert ckpt is not None
+    c = {k.removeprefix("scaffold-c/"): v for k, v in ckpt.optimizer_tensors.items()
+         if k.startswith("scaffold-c/")}  # fmt: skip
+    assert c and all(v.abs().max() > 0 for v in c.values())
+    kept = sorted(run["out"].glob("sites/site-*/*/kept/after-v0001.safetensors"))
+    assert len(kept) == 3  # each site's c_i after training on version 1 (round 2)
+    own = [split_kept(load_file(path))[1] for path in kept]
+    assert all(set(o) == set(c) for o in own)
+    bound = mean_error_bound(3, SecureSumConfig().max_weight, SecureSumConfig().clip_range, 3)
+    for key, value in c.items():
+        mean = torch.stack([o[key] for o in own]).mean(0)  # tiny's sites hold 40 examples each
+        # Two rounds of summed changes, each off by at most the bound per coordinate.
+        assert float((value - mean).abs().max()) <= 2 * bound + 1e-6, key
