@@ -16,25 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import make_client_app
-from common import protocol as P
 from common.config import RunConfig, load_config
 from common.registry import Registry
 from common.registry_format import ADAPTER_FILE
 from server.checkpoint import load_checkpoint
 from server.federation import prepare, run_federation
+from tests.in_process import Crash, InProcessGrid, flower_task_identity
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 3
@@ -60,57 +53,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def task_identity() -> Iterator[None]:
-    """What Flower's runtimes set in the ServerApp process before any message is made."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
-            patch.setattr(TaskIdentity, name, value)
-        yield
-
-
-class Crash(Exception):
-    """Stands in for a killed coordinator process."""
-
-
-@dataclass
-class InProcessGrid:
-    """A Flower Grid that hands each instruction straight to the ClientApp, node by node.
-
-    Node i + 1 is partition i (``site-<i>``); each node keeps its own ``Context`` as a
-    SuperNode would. ``crash_before``: ``(round, message type)`` of the first instruction
-    that raises ``Crash`` instead of being delivered.
-    """
-
-    app: ClientApp
-    sites: int
-    crash_before: tuple[int, str] | None = None
-    contexts: dict[int, Context] = field(default_factory=dict)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return range(1, self.sites + 1)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
-        replies = []
-        for msg in messages:
-            header = msg.content.config_records[P.HEADER_RECORD]
-            where = (int(str(header[P.KEY_ROUND])), msg.metadata.message_type)
-            if where == self.crash_before:
-                raise Crash(f"coordinator killed before sending {where}")
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what a Grid's push sets
-            node = msg.metadata.dst_node_id
-            context = self.contexts.setdefault(
-                node,
-                Context(
-                    run_id=1,
-                    node_id=node,
-                    node_config={"partition-id": node - 1, "num-partitions": self.sites},
-                    state=RecordDict(),
-                    run_config={},
-                ),
-            )
-            replies.append(self.app(msg, context))
-        return replies
+task_identity = pytest.fixture(scope="module", autouse=True)(flower_task_identity)
 
 
 def _config(name: str) -> RunConfig:
