@@ -58,14 +58,15 @@ class InProcessGrid:
     """A Flower Grid that hands each instruction straight to the ClientApp, node by node.
 
     Node i + 1 is partition i (``site-<i>``). ``crash_before``: ``(round, stage)`` (see
-    ``where``) of the first instruction that raises ``Crash`` instead of being delivered.
+    ``where``) of the first instruction that raises ``Crash`` instead of being delivered, or
+    ``(round, stage, node)``: the nodes before ``node`` got theirs (and may have trained).
     ``before_delivery``: called with each instruction and its node's context just before the
     site gets it.
     """
 
     app: ClientApp
     sites: int
-    crash_before: tuple[int, str] | None = None
+    crash_before: tuple[int, str] | tuple[int, str, int] | None = None
     before_delivery: Callable[[Message, Context], None] | None = None
     contexts: dict[int, Context] = field(default_factory=dict)
 
@@ -75,10 +76,10 @@ class InProcessGrid:
     def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
         replies = []
         for msg in messages:
-            if where(msg) == self.crash_before:
-                raise Crash(f"coordinator killed before sending {where(msg)}")
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what a Grid's push sets
             node = msg.metadata.dst_node_id
+            if self.crash_before in (where(msg), (*where(msg), node)):
+                raise Crash(f"coordinator killed before sending {where(msg)} to node {node}")
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what a Grid's push sets
             context = self.contexts.setdefault(node, new_context(node, self.sites))
             if self.before_delivery is not None:
                 self.before_delivery(msg, context)
