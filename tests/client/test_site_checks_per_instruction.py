@@ -55,10 +55,14 @@ MODES = {
     "secure-sum": ["privacy.mode='secure-sum'"],
 }
 # The instructions of one round, in order: a secure-sum round's train instruction is its
-# first stage; the next four carry no adapter.
+# first stage; the next four carry no adapter. The global version travels as the full state in
+# round 0's evaluation (``ROUND_0``), as a reference in round 1's train instruction (the site
+# evaluated that version) and as a down-link step in its evaluation.
+ROUND_0 = "evaluate@round-0"
 STAGES = {
-    "sealed": ["train", "evaluate"],
+    "sealed": [ROUND_0, "train", "evaluate"],
     "secure-sum": [
+        ROUND_0,
         P.STAGE_TRAIN,
         P.STAGE_SHARE,
         P.STAGE_MASK,
@@ -105,8 +109,9 @@ def _record(mode: str, out: Path) -> Round:
 
     def keep(msg: Message, context: Context) -> None:
         server_round, stage = where(msg)
-        if msg.metadata.dst_node_id != SITE or server_round != 1:  # round 0: v0's evaluation
+        if msg.metadata.dst_node_id != SITE:
             return
+        stage = ROUND_0 if server_round == 0 else stage
         store, snapshot = out / "sites" / "site-0", out / "snapshots" / stage
         if store.exists():
             shutil.copytree(store, snapshot)
@@ -266,7 +271,11 @@ _SIGNED = ["signature", "policy", "fingerprint"]
 _SECURE_SUM_STAGES = [P.STAGE_SHARE, P.STAGE_MASK, P.STAGE_CONFIRM, P.STAGE_UNMASK]
 # (privacy mode, instruction, check): every check on every instruction where it applies.
 ROWS = [
-    *[("sealed", stage, c) for stage in ("train", "evaluate") for c in [*_SIGNED, "global-sha256"]],
+    *[
+        ("sealed", stage, c)
+        for stage in (ROUND_0, "train", "evaluate")
+        for c in [*_SIGNED, "global-sha256"]
+    ],
     *[("secure-sum", P.STAGE_TRAIN, c) for c in [*_SIGNED, "global-sha256", "roster-serial"]],
     *[("secure-sum", s, c) for s in _SECURE_SUM_STAGES for c in [*_SIGNED, "roster-serial"]],
     ("secure-sum", P.STAGE_MASK, "one-masked-input"),
@@ -302,7 +311,7 @@ def test_honest_instruction_is_accepted_and_changes_the_site(
     (so each refusal above is the check's doing), and acting on it shows in the snapshot."""
     outcome = _replay(rounds, mode, stage, tmp_path, None)
     assert not outcome.reply.has_error(), outcome.reply.error.reason
-    if stage in ("train", "evaluate"):  # the received version and the site registry
+    if stage in (ROUND_0, "train", "evaluate"):  # the received version, the site registry
         assert outcome.store_changed
-    if mode == "secure-sum" and stage != "evaluate":  # the protocol state moves on
+    if mode == "secure-sum" and stage not in (ROUND_0, "evaluate"):  # the protocol moves on
         assert outcome.state_changed
