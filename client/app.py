@@ -150,11 +150,16 @@ def _control(msg: Message, plan: SitePlan) -> AdapterState | None:
     return record.to_torch_state_dict()
 
 
-def _secure_sum_keys(
-    keys: SiteKeys | None, site: Site, header: ConfigRecord
-) -> tuple[Ed25519PrivateKey, dict[int, Ed25519PublicKey]]:
+@dataclass(frozen=True)
+class _SecureSumKeys:
+    signing: Ed25519PrivateKey  # the site's own identity key
+    peers: dict[int, Ed25519PublicKey]  # by secure-sum number, from the signed roster
+    serial: int  # the roster's serial: remembered once the instruction is acted on
+
+
+def _secure_sum_keys(keys: SiteKeys | None, site: Site, header: ConfigRecord) -> _SecureSumKeys:
     """The site's signing key, and its peers' keys from the signed roster in ``header``
-    (refused if the site has accepted a newer roster before)."""
+    (refused if the site has accepted a newer roster before; nothing is remembered yet)."""
     from client.secure_sum import peer_keys
     from common.roster import roster_serial
 
@@ -162,8 +167,29 @@ def _secure_sum_keys(
         raise KeyMaterialError("secure sum needs the site's keys; none configured")
     enroll = keys.enroll_key(site.site_id)
     peers = peer_keys(header, enroll)
-    site.accept_roster(roster_serial(header.get(P.KEY_ROSTER), enroll))  # type: ignore[arg-type]
-    return keys.load(site.site_id)[1], peers
+    serial = roster_serial(header.get(P.KEY_ROSTER), enroll)  # type: ignore[arg-type]
+    site.check_roster(serial)
+    return _SecureSumKeys(keys.load(site.site_id)[1], peers, serial)
+
+
+def _later_stage(
+    msg: Message,
+    context: Context,
+    site: Site,
+    header: ConfigRecord,
+    stage: str,
+    secure: _SecureSumKeys,
+) -> Message:
+    """Secure-sum stages 2-5 (no training, no adapter): the site's reply."""
+    from client.secure_sum import continue_round  # dp_accounting, scipy: ~2.5 s
+
+    payload = msg.content.config_records[P.SECAGG_RECORD]
+    if stage == P.STAGE_MASK:  # the redo rule: one masked input per (run, round)
+        site.claim_masked_input(str(header[P.KEY_RUN_ID]), int(str(header[P.KEY_ROUND])))
+    content = continue_round(context, stage, payload, secure.signing, secure.peers)
+    content.config_records[P.UPDATE_RECORD] = ConfigRecord({P.KEY_SITE: site.site_id})
+    site.accept_roster(secure.serial)
+    return Message(content, reply_to=msg)
 
 
 def _report(update: SiteUpdate) -> dict[str, int | float]:
@@ -374,18 +400,14 @@ def client_app(
             _admit(msg, site, header, plan, keys, policy)
             site.check_fingerprint(str(header[P.KEY_FINGERPRINT]))
             stage = str(header.get(P.KEY_STAGE, P.STAGE_TRAIN))
-            if stage != P.STAGE_TRAIN:  # secure-sum stages 2-4: no training, no adapter
-                from client.secure_sum import continue_round  # dp_accounting, scipy: ~2.5 s
-
-                payload = msg.content.config_records[P.SECAGG_RECORD]
-                if stage == P.STAGE_MASK:  # the redo rule: one masked input per (run, round)
-                    site.claim_masked_input(
-                        str(header[P.KEY_RUN_ID]), int(str(header[P.KEY_ROUND]))
-                    )
-                signing, peers = _secure_sum_keys(keys, site, header)
-                content = continue_round(context, stage, payload, signing, peers)
-                content.config_records[P.UPDATE_RECORD] = ConfigRecord({P.KEY_SITE: site.site_id})
-                return Message(content, reply_to=msg)
+            secure = None
+            if stage != P.STAGE_TRAIN or plan.privacy_mode == "secure-sum":
+                # The roster before anything is spent: an instruction relaying an old roster
+                # gets no training and does not use up the round's one masked input. It is
+                # remembered only once the instruction is acted on (changes nothing otherwise).
+                secure = _secure_sum_keys(keys, site, header)
+            if secure is not None and stage != P.STAGE_TRAIN:
+                return _later_stage(msg, context, site, header, stage, secure)
             server_round = int(str(header[P.KEY_ROUND]))
             update = site.train(
                 _global(msg, site, header),
@@ -396,13 +418,19 @@ def client_app(
                 str(header[P.KEY_RUN_ID]),
                 _control(msg, plan),
             )
-            if plan.privacy_mode == "secure-sum":
+            if secure is not None:
                 from client.secure_sum import start_round
 
-                signing, peers = _secure_sum_keys(keys, site, header)
                 content = start_round(
-                    context, header, site.site_id, signing, update, plan.site_noise_std, peers
+                    context,
+                    header,
+                    site.site_id,
+                    secure.signing,
+                    update,
+                    plan.site_noise_std,
+                    secure.peers,
                 )
+                site.accept_roster(secure.serial)
             else:
                 payloads = _wire_payloads(update, plan, header, site, keys)
                 content = RecordDict({P.UPDATE_RECORD: payloads})

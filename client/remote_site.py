@@ -73,6 +73,10 @@ class RemoteSite:
         root = None if self.state_dir is None else self.state_dir / check_run_id(run_id)
         claim(root, server_round, self._claimed)
 
+    def check_roster(self, serial: int) -> None:
+        """``client.roster_serial``: refuse a roster older than the highest accepted."""
+        self.roster.check(serial)
+
     def accept_roster(self, serial: int) -> None:
         """``client.roster_serial``: the highest roster serial, in the site's store."""
         self.roster.accept(serial)

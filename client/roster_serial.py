@@ -38,8 +38,8 @@ class RosterSerial:
             self._highest = max(self._highest, int(text))
         return self._highest
 
-    def accept(self, serial: int) -> None:
-        """Accept roster ``serial`` unless a higher one was accepted before; remember it.
+    def check(self, serial: int) -> None:
+        """Refuse roster ``serial`` if a higher one was accepted before; remember nothing.
 
         Raises
         ------
@@ -52,7 +52,11 @@ class RosterSerial:
                 f"the coordinator relays roster serial {serial}, but this site has accepted "
                 f"serial {highest}: an older roster may name keys that are no longer enrolled"
             )
-        if serial > highest:
+
+    def accept(self, serial: int) -> None:
+        """``check`` roster ``serial``, then remember it if it is the highest so far."""
+        self.check(serial)
+        if serial > self._highest:
             self._highest = serial
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

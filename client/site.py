@@ -115,6 +115,10 @@ class SiteRuntime:
         """Secure sum: one masked input per (run, round), recorded in the store."""
         self.store.for_run(run_id).claim_masked_input(server_round)
 
+    def check_roster(self, serial: int) -> None:
+        """Secure sum: no roster older than one accepted before (``client.roster_serial``)."""
+        self.roster.check(serial)
+
     def accept_roster(self, serial: int) -> None:
         """Secure sum: no roster older than one accepted before (``client.roster_serial``)."""
         self.roster.accept(serial)

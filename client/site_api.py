@@ -66,9 +66,12 @@ class Site(Protocol):
         """Secure sum: raise ``UpdateRejected`` if this (run, round) already got a masked
         input from this site (``client.round_claims``); otherwise record that it does now."""
 
-    def accept_roster(self, serial: int) -> None:
+    def check_roster(self, serial: int) -> None:
         """Secure sum: raise ``UpdateRejected`` if this site accepted a newer signed roster
-        than ``serial`` before (``client.roster_serial``); otherwise remember ``serial``."""
+        than ``serial`` before (``client.roster_serial``); remember nothing."""
+
+    def accept_roster(self, serial: int) -> None:
+        """``check_roster``, then remember ``serial`` (once the instruction is acted on)."""
 
     def train(
         self,

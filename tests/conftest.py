@@ -42,6 +42,7 @@ _COSTLIEST_FIRST = (
     "test_resume.py",
     "test_e2e_loopback.py",
     "test_secure_sum_dropout.py",
+    "test_resume_state.py",
     "test_cli.py",
     "test_label_skew.py",
 )

@@ -32,3 +32,15 @@ def test_a_damaged_serial_file_is_named(tmp_path: Path) -> None:
     (tmp_path / ROSTER_SERIAL_FILE).write_text("two\n")
     with pytest.raises(UpdateRejected, match=f"{ROSTER_SERIAL_FILE} should hold"):
         RosterSerial(tmp_path).accept(3)
+
+
+def test_check_refuses_an_older_serial_and_remembers_nothing(tmp_path: Path) -> None:
+    """``check`` runs before a site acts on an instruction; only ``accept`` (after it acted)
+    writes, so an instruction refused for another reason leaves the store as it was."""
+    seen = RosterSerial(tmp_path)
+    seen.accept(3)
+    with pytest.raises(UpdateRejected, match="relays roster serial 2"):
+        seen.check(2)
+    seen.check(7)  # newer: fine, but not remembered
+    assert (tmp_path / ROSTER_SERIAL_FILE).read_text() == "3\n"
+    assert RosterSerial(tmp_path).highest() == 3
