@@ -76,7 +76,7 @@ mutate: setup
 	$(BIN)/python scripts/mutate_report.py --out benchmarks/MUTATION.md
 
 mutate-sample: setup
-	$(MUTATE_ENV) $(BIN)/python scripts/mutate_sample.py --max-children $(WORKERS)
+	$(MUTATE_ENV) $(BIN)/python scripts/mutate_sample.py --count 12 --max-children $(WORKERS)
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache mutants

@@ -38,6 +38,7 @@ _COSTLIEST_FIRST = (
     "test_e2e_resilience.py",
     "test_demo.py",
     "test_simulation_modes.py",
+    "test_sampling_simulation.py",
     "test_faults.py",
     "test_resume.py",
     "test_e2e_loopback.py",
