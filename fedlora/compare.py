@@ -64,7 +64,7 @@ from common.config import (
 )
 from common.errors import ConfigError
 from common.progress import print_rule
-from fedlora.compare_arms import ARMS, check_arms
+from fedlora.compare_arms import ARMS, DEFAULT_CURVE_POINTS, check_arms
 from fedlora.compare_curves import (
     CurvePoint,
     Curves,
@@ -77,7 +77,7 @@ from fedlora.compare_curves import (
 from fedlora.compare_full import NAME as FULL_ARM
 from fedlora.compare_full import FullResult, centralized_full, full_lines, skipped_row
 from fedlora.compare_measures import Arm, Quality
-from fedlora.comparison import DEFAULT_CURVE_POINTS, LATENCY_REPEATS, Comparison
+from fedlora.comparison import LATENCY_REPEATS, Comparison
 from server.metrics import read_metrics
 
 REACH_FRACTIONS = (0.9, 0.95)

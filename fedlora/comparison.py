@@ -34,6 +34,7 @@ from common.registry import Registry
 from common.rules import all_sent_keys, ffa_sent_keys
 from common.server_opt import scheduled_train
 from common.tokens import encode_examples, eval_batches
+from fedlora.compare_arms import DEFAULT_CURVE_POINTS
 from fedlora.compare_curves import (
     CurvePoint,
     curve_rounds,
@@ -42,8 +43,6 @@ from fedlora.compare_measures import Arm, PeakRSS, Quality, data_bytes, mean_qua
 from server.metrics import read_metrics
 
 LATENCY_REPEATS = 5
-# In-process arms are evaluated about this many times over the rounds (compare --curve-points).
-DEFAULT_CURVE_POINTS = 10
 
 
 # ---------------------------------------------------------------------------- the arms

@@ -5,11 +5,9 @@ so that ``fedlora sweep --help`` answers without loading them.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from fedlora.arg_types import output_folder
-from fedlora.compare_arms import check_arms
+from fedlora.arg_types import add_run_arguments, arm_names, finite_number
 
 # The arms that depend on an adapter or schedule setting; base (LoRA B = 0) and
 # centralized-full (no adapter) would be the same for every rank: run them once with compare.
@@ -35,11 +33,7 @@ example:
 
 
 def _arms(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    try:
-        check_arms(names)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    names = arm_names(text)
     if "federated" not in names:
         raise argparse.ArgumentTypeError("the recommendation needs the 'federated' arm: add it")
     fixed = [name for name in names if name not in SWEEP_ARMS]
@@ -51,16 +45,6 @@ def _arms(text: str) -> list[str]:
     return names
 
 
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def add_sweep_parser(subparsers: Any) -> None:
     """Add ``sweep`` to the ``fedlora`` sub-parsers."""
     parser = subparsers.add_parser(
@@ -69,7 +53,7 @@ def add_sweep_parser(subparsers: Any) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
+    # --vary first: the options' help lists it before the shared ones, as the main one.
     parser.add_argument(
         "--vary",
         action="append",
@@ -79,23 +63,11 @@ def add_sweep_parser(subparsers: Any) -> None:
         help="a config key and its values, e.g. modules.shared.rank=2,4,8 or train.lr=1e-3,3e-3 "
         "(repeatable: several make a grid)",
     )
-    parser.add_argument(
-        "--out", type=output_folder, required=True, help="output folder (new or empty)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key for every setting (repeatable), as for `fedlora simulate`",
-    )
-    parser.add_argument(
-        "--reference",
-        action="append",
-        default=[],
-        metavar="train.KEY=VALUE",
-        help="train setting of the in-process arms, as for `fedlora compare` (repeatable)",
+    add_run_arguments(
+        parser,
+        set_help="override a config key for every setting (repeatable), as for `fedlora simulate`",
+        reference_help="train setting of the in-process arms, as for `fedlora compare` "
+        "(repeatable)",
     )
     parser.add_argument(
         "--arms",
@@ -107,7 +79,7 @@ def add_sweep_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--tolerance",
-        type=_tolerance,
+        type=finite_number(0, low_allowed=True),
         default=None,
         metavar="T",
         help="how much worse than the best the recommended setting may be: accuracy points "
