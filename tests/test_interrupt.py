@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.subprocesses import kill_everything, rounds_done
+from tests.helpers.subprocesses import kill_everything, rounds_done
 
 pytestmark = pytest.mark.slow
 
