@@ -47,10 +47,12 @@ def arm_names(text: str) -> list[str]:
     return names
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, set_help: str, reference_help: str) -> None:
+def add_run_arguments(
+    parser: argparse.ArgumentParser, set_help: str, reference_help: str, resume_help: str
+) -> None:
     """The arguments of a command that runs ``fedlora compare``'s arms (``compare``, ``sweep``):
-    the config, ``--out``, ``--set`` and ``--reference``; each command words the last two's
-    help for what it does with them."""
+    the config, ``--out``, ``--set``, ``--reference`` and ``--resume``; each command words the
+    last three's help for what it does with them."""
     parser.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
     parser.add_argument(
         "--out", type=output_folder, required=True, help="output folder (new or empty)"
@@ -70,3 +72,4 @@ def add_run_arguments(parser: argparse.ArgumentParser, set_help: str, reference_
         metavar="train.KEY=VALUE",
         help=reference_help,
     )
+    parser.add_argument("--resume", action="store_true", help=resume_help)

@@ -56,6 +56,9 @@ def add_compare_parser(subparsers: Any) -> None:
         reference_help="train setting of the in-process arms (local-only, centralized, "
         "personalized) where it should differ from the federation's, e.g. --reference "
         "train.optimizer=adamw --reference train.lr=5e-3 when the sites run SGD (repeatable)",
+        resume_help="go on with a compare stopped in --out (Ctrl-C): the finished arms are "
+        "taken from DIR/arms, the federated run resumes from its last round (same config and "
+        "options; --arms may differ)",
     )
     parser.add_argument(
         "--curve-points",
@@ -91,20 +94,47 @@ def add_compare_parser(subparsers: Any) -> None:
     )
 
 
+def compare_command(args: argparse.Namespace) -> list[str]:
+    """The ``fedlora compare`` command line of ``args`` (without ``--resume``)."""
+    command = ["fedlora", "compare", str(args.config), "--out", str(args.out)]
+    command += [arg for item in args.overrides for arg in ("--set", item)]
+    command += [arg for item in args.reference for arg in ("--reference", item)]
+    if args.curve_points != DEFAULT_CURVE_POINTS:
+        command += ["--curve-points", str(args.curve_points)]
+    if args.personalize_steps is not None:
+        command += ["--personalize-steps", str(args.personalize_steps)]
+    if args.arms != list(ARMS):
+        command += ["--arms", ",".join(args.arms)]
+    if args.full_lr is not None:
+        command += ["--full-lr", str(args.full_lr)]
+    return command
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    """Run ``fedlora compare`` with parsed arguments; 0 on success (errors raise)."""
+    """Run ``fedlora compare`` with parsed arguments; 0 on success (errors raise).
+
+    The first Ctrl-C or SIGTERM stops it within seconds with one line (what ran, what is kept,
+    the command that goes on) and exit code 130 (``fedlora.interrupt``); a second exits at once.
+    """
     from common.config import load_config
-    from fedlora.compare import compare, reference_train
+    from fedlora.compare_progress import interrupted_line
+    from fedlora.interrupt import RunInterrupted, exit_interrupted, stop_on_signals
 
     cfg = load_config(args.config, args.overrides)
-    reference = reference_train(cfg, args.reference)
-    compare(
-        cfg,
-        args.out,
-        args.curve_points,
-        args.personalize_steps,
-        reference,
-        args.full_lr,
-        args.arms,
-    )
+    try:
+        with stop_on_signals():
+            from fedlora.compare import compare, reference_train
+
+            compare(
+                cfg,
+                args.out,
+                args.curve_points,
+                args.personalize_steps,
+                reference_train(cfg, args.reference),
+                args.full_lr,
+                args.arms,
+                resume=args.resume,
+            )
+    except RunInterrupted as stop:
+        exit_interrupted(interrupted_line(stop, args.out, compare_command(args)))
     return 0

@@ -263,17 +263,23 @@ class Comparison:
         )
         return arm, curve
 
-    def federated(self, out: Path) -> tuple[Arm, AdapterState]:
-        from fedlora.simulate import simulate  # starts Ray: only when this arm runs
-
-        start = time.perf_counter()
-        simulate(self.cfg, out)
-        seconds = time.perf_counter() - start
+    def federated_state(self, out: Path) -> AdapterState:
+        """The last version the federated run in ``out`` published."""
         registry = Registry(out / "registry")
         latest = registry.latest(self.module)
         if latest is None:
             raise ConfigError(f"{out}: the federated run published no adapter version")
-        state = registry.load(self.module, latest.version)
+        return registry.load(self.module, latest.version)
+
+    def federated(self, out: Path, resume: bool = False) -> tuple[Arm, AdapterState]:
+        """``fedlora simulate`` into ``out`` (``resume``: from its last checkpoint there; the
+        arm's seconds are then the resumed part's)."""
+        from fedlora.simulate import simulate  # starts Ray: only when this arm runs
+
+        start = time.perf_counter()
+        simulate(self.cfg, out, resume=resume)
+        seconds = time.perf_counter() - start
+        state = self.federated_state(out)
         rounds = read_metrics(out)
         moved = sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in rounds)
         peaks = [r["peak_memory_bytes"] for r in rounds if r.get("peak_memory_bytes")]
