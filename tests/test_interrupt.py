@@ -13,14 +13,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.subprocesses import (
     kill_everything,
-    ray_folder,
     rounds_done,
     start_job,
     wait_session_empty,
@@ -32,12 +30,6 @@ ROUNDS = 6
 SETTINGS = [f"federation.rounds={ROUNDS}", "train.local-steps=2"]
 ARGS = ["examples/tiny.toml", *(arg for item in SETTINGS for arg in ("--set", item))]
 STOP_SECONDS = 30  # the target is 5 s; this leaves room for a loaded test machine
-
-
-@pytest.fixture
-def ray_dir() -> Iterator[Path]:
-    with ray_folder() as path:
-        yield path
 
 
 def _start(

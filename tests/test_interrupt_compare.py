@@ -14,14 +14,13 @@ import os
 import shlex
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.subprocesses import (
     kill_everything,
-    ray_folder,
     rounds_done,
     start_job,
     wait_session_empty,
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.slow
 ROUNDS = 3
 ARMS = "federated,local-only,centralized"
 STOP_SECONDS = 30  # the target is a few seconds; this leaves room for a loaded test machine
-
-
-@pytest.fixture
-def ray_dir() -> Iterator[Path]:
-    with ray_folder() as path:
-        yield path
 
 
 def _interrupt(
@@ -63,6 +56,16 @@ def _interrupt(
     assert not left, f"processes of the command's session still alive: {left}"
     assert not list((tmp_path / "tmp").glob("fedlora-*")), "scratch folder left behind"
     return rc, output
+
+
+def _finish(args: list[str], tmp_path: Path, ray_dir: Path, log: Path) -> str:
+    """Run ``fedlora ARGS`` to its end (exit code 0); its output."""
+    proc = start_job(args, tmp_path, ray_dir, log)
+    try:
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        kill_everything(proc, ray_dir)
+    return log.read_text()
 
 
 def _hint(output: str) -> tuple[str, list[str]]:
@@ -118,13 +121,8 @@ def test_compare_stops_per_arm_and_its_resume_command_finishes(
     kept = federated_record.read_bytes()
 
     # 3. The same command finishes the rest and keeps the federated arm as it was measured.
-    log = tmp_path / "3.log"
-    finished = start_job(resume, tmp_path, ray_dir, log)
-    try:
-        assert finished.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        kill_everything(finished, ray_dir)
-    assert "federated: measured by the interrupted run" in log.read_text()
+    output = _finish(resume, tmp_path, ray_dir, tmp_path / "3.log")
+    assert "federated: measured by the interrupted run" in output
     assert federated_record.read_bytes() == kept
     result = json.loads((out / "compare.json").read_text())
     assert sorted(result["arms"]) == ["centralized", "federated", "local-only"]
@@ -150,12 +148,7 @@ def test_sweep_stops_in_a_setting_and_its_resume_command_finishes(
     assert resume == [*args, "--resume"]
     kept = (first / "compare.json").read_bytes()
 
-    log = tmp_path / "2.log"
-    finished = start_job(resume, tmp_path, ray_dir, log)
-    try:
-        assert finished.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        kill_everything(finished, ray_dir)
+    _finish(resume, tmp_path, ray_dir, tmp_path / "2.log")
     assert (first / "compare.json").read_bytes() == kept  # the finished setting is not run again
     result = json.loads((out / "sweep.json").read_text())
     assert [row["setting"] for row in result["rows"]] == [first.name, second.name]

@@ -7,13 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,16 +27,6 @@ def fedlora(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=300,
         env=env,
     )
-
-
-@contextlib.contextmanager
-def ray_folder() -> Iterator[Path]:
-    """Ray's folder: short, since its socket paths must fit in 107 bytes (AF_UNIX)."""
-    path = Path(tempfile.mkdtemp(prefix="ray-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def job_env(tmp_path: Path, ray_dir: Path) -> dict[str, str]:
