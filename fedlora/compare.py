@@ -44,18 +44,20 @@ round; the in-process arms about ``--curve-points`` times.
     against. Skipped, with the reason in the table, where it would not fit the device's memory.
 
 Writes ``DIR/compare.json``, ``DIR/compare.md`` and the federated run under ``DIR/federated``.
+Each arm is kept in ``DIR/arms/`` once measured: a compare stopped by Ctrl-C goes on with
+``--resume`` (``fedlora.compare_progress``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from common.adapters import AdapterState
-from common.atomic import write_json_atomic
+from common.atomic import write_bytes_atomic, write_json_atomic
 from common.config import (
     RunConfig,
     TrainConfig,
@@ -64,7 +66,7 @@ from common.config import (
 )
 from common.errors import ConfigError
 from common.progress import print_rule
-from fedlora.compare_arms import ARMS, check_arms
+from fedlora.compare_arms import ARMS, DEFAULT_CURVE_POINTS, check_arms
 from fedlora.compare_curves import (
     CurvePoint,
     Curves,
@@ -77,64 +79,14 @@ from fedlora.compare_curves import (
 from fedlora.compare_full import NAME as FULL_ARM
 from fedlora.compare_full import FullResult, centralized_full, full_lines, skipped_row
 from fedlora.compare_measures import Arm, Quality
-from fedlora.comparison import DEFAULT_CURVE_POINTS, LATENCY_REPEATS, Comparison
+from fedlora.compare_progress import ArmLedger, Measured, compare_settings
+from fedlora.compare_tables import curve_table, markdown_table, site_table
+from fedlora.comparison import LATENCY_REPEATS, Comparison
+from fedlora.interrupt import RunInterrupted
 from server.metrics import read_metrics
+from server.rundir import holds_run
 
 REACH_FRACTIONS = (0.9, 0.95)
-
-
-def _quality_cells(q: Quality, classification: bool) -> list[str]:
-    if classification:
-        return [
-            f"{100 * (q.global_accuracy or 0):.1f}",
-            f"{100 * (q.site_accuracy or 0):.1f}",
-            f"{q.global_loss:.4f}",
-        ]
-    return [f"{q.global_perplexity:.3f}", f"{q.site_perplexity:.3f}", f"{q.global_loss:.4f}"]
-
-
-def markdown_table(arms: Sequence[Arm], classification: bool) -> str:
-    metric = "accuracy %" if classification else "perplexity"
-    head = [
-        "arm",
-        f"global {metric}",
-        f"own held-out {metric}",
-        "global loss",
-        "trainable params",
-        "bytes moved",
-        "wall s",
-        "peak RSS GiB",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm in arms:
-        rss = "-" if arm.peak_rss_bytes is None else f"{arm.peak_rss_bytes / 2**30:.2f}"
-        cells = [
-            arm.name,
-            *_quality_cells(arm.quality, classification),
-            f"{arm.trainable_parameters:,}",
-            f"{arm.bytes_moved:,}",
-            f"{arm.seconds:.1f}",
-            rss,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def site_table(arms: Sequence[Arm], groups: dict[str, str], classification: bool) -> str:
-    """Each site's own held-out accuracy (%) or perplexity, per arm (local-only: its own)."""
-    key = "accuracy" if classification else "perplexity"
-    head = ["site", "data", *(arm.name for arm in arms)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for site, group in groups.items():
-        cells = [site, group]
-        for arm in arms:
-            value = arm.quality.sites.get(site, {}).get(key)
-            scale = 100 if classification else 1
-            cells.append(
-                "-" if value is None else f"{scale * value:.{1 if classification else 3}f}"
-            )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def verdicts(
@@ -223,22 +175,6 @@ def _reach_lines(reach: dict[str, Any], rounds: int, classification: bool) -> st
     return "\n".join(lines)
 
 
-def _curve_table(curves: Curves, classification: bool) -> str:
-    """Global figure per arm at each round any arm was evaluated (``-``: not evaluated)."""
-    scale, digits = (100, 1) if classification else (1, 3)
-    rounds = sorted({p.round for points in curves.values() for p in points if p.round > 0})
-    at = {arm: {p.round: p.global_value for p in points} for arm, points in curves.items()}
-    head = ["round", *curves]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rounds:
-        cells = [str(r)]
-        for arm in curves:
-            value = at[arm].get(r)
-            cells.append("-" if value is None else f"{scale * value:.{digits}f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def reference_train(cfg: RunConfig, overrides: Sequence[str]) -> TrainConfig | None:
     """The in-process arms' train settings: ``cfg.train`` with ``train.KEY=VALUE`` overrides."""
     if not overrides:
@@ -260,56 +196,100 @@ def compare(
     reference: TrainConfig | None = None,
     full_lr: float | None = None,
     arms_wanted: Sequence[str] = ARMS,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the arms ``arms_wanted`` (default: every arm) on ``cfg``'s split and seed; write
     compare.json and compare.md in ``out``.
 
     ``full_lr``: the centralized-full arm's learning rate (default: the centralized arm's).
-    ``personalized`` needs ``federated`` (it starts from the federated adapter).
+    ``personalized`` needs ``federated`` (it starts from the federated adapter). ``resume``:
+    go on with an interrupted compare in ``out`` (``fedlora.compare_progress``). The first
+    SIGINT or SIGTERM (under ``stop_on_signals``) raises ``CompareInterrupted``.
     """
     check_arms(arms_wanted)
-    wanted = set(arms_wanted)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; compare writes a fresh folder")
-    out.mkdir(parents=True, exist_ok=True)
-    comparison_started = time.perf_counter()
-    comparison = Comparison(cfg, curve_points, reference)
+    ledger = ArmLedger(out)
+    ledger.check(compare_settings(cfg, curve_points, personalize_steps, reference, full_lr), resume)
+    try:
+        return _compare(cfg, ledger, curve_points, personalize_steps, reference, full_lr,
+                        arms_wanted)  # fmt: skip
+    except RunInterrupted as stop:
+        raise ledger.interrupted(stop) from None
+
+
+def _federated(comparison: Comparison, out: Path, classification: bool) -> Measured:
+    arm, _ = comparison.federated(out, resume=holds_run(out))
+    return Measured(arm, federated_curve(read_metrics(out), classification))
+
+
+def _full(comparison: Comparison, lr: float | None) -> Measured:
+    result = centralized_full(comparison, lr)
+    return Measured(result.arm, result.curve, result.details)
+
+
+def _measure_arms(
+    comparison: Comparison, ledger: ArmLedger, wanted: set[str], personalize_steps: int
+) -> tuple[dict[str, Measured], AdapterState | None]:
+    """The wanted arms but centralized-full, each measured or taken from disk (``ledger``), in
+    the order they run, and the federated adapter where that arm is wanted."""
     classification = comparison.dataset.kind == "classification"
-    arms: dict[str, Arm] = {}
-    curves: Curves = {}
+    measured: dict[str, Measured] = {}
     federated_state: AdapterState | None = None
     if "federated" in wanted:
         print_rule("fedlora compare: federated run")
-        arms["federated"], federated_state = comparison.federated(out / "federated")
-        curves["federated"] = federated_curve(read_metrics(out / "federated"), classification)
+        run_dir = ledger.out / "federated"
+        measured["federated"] = ledger.measure(
+            "federated", lambda: _federated(comparison, run_dir, classification)
+        )
+        federated_state = comparison.federated_state(run_dir)
     print_rule("fedlora compare: the in-process arms")
-    if "base" in wanted:
-        arms["base"] = comparison.base()
-    if "local-only" in wanted:
-        arms["local-only"], curves["local-only"] = comparison.local_only()
+    runs: dict[str, Callable[[], Measured]] = {
+        "base": lambda: Measured(comparison.base()),
+        "local-only": lambda: Measured(*comparison.local_only()),
+        "centralized": lambda: Measured(*comparison.centralized()),
+        "centralized-equal-steps": lambda: Measured(*comparison.centralized(equal_steps=True)),
+    }
+    if federated_state is not None:  # personalized starts from it (check_arms)
+        start = federated_state
+        runs["personalized"] = lambda: Measured(comparison.personalized(start, personalize_steps))
+    for name in ARMS:  # base, local-only, personalized, centralized, centralized-equal-steps
+        if name in wanted and name in runs:
+            measured[name] = ledger.measure(name, runs[name])
+    return measured, federated_state
+
+
+def _compare(
+    cfg: RunConfig,
+    ledger: ArmLedger,
+    curve_points: int,
+    personalize_steps: int | None,
+    reference: TrainConfig | None,
+    full_lr: float | None,
+    arms_wanted: Sequence[str],
+) -> dict[str, Any]:
+    out, wanted = ledger.out, set(arms_wanted)
+    comparison_started = time.perf_counter()
+    comparison = Comparison(cfg, curve_points, reference)
+    ledger.record()
+    classification = comparison.dataset.kind == "classification"
     steps = personalize_steps or cfg.train.local_steps
-    if federated_state is not None and "personalized" in wanted:
-        arms["personalized"] = comparison.personalized(federated_state, steps)
-    if "centralized" in wanted:
-        arms["centralized"], curves["centralized"] = comparison.centralized()
-    if "centralized-equal-steps" in wanted:
-        equal = comparison.centralized(equal_steps=True)
-        arms["centralized-equal-steps"], curves["centralized-equal-steps"] = equal
-    arms = {name: arms[name] for name in ARMS if name in arms}  # the table's fixed order
+    measured, federated_state = _measure_arms(comparison, ledger, wanted, steps)
+    arms = {name: m.arm for name in ARMS if (m := measured.get(name)) and m.arm is not None}
+    curves: Curves = {name: m.curve for name, m in measured.items() if m.curve is not None}
     reach = (
         _rounds_to_reach(curves["federated"], curves["centralized"], classification)
         if "federated" in curves and "centralized" in curves
         else {}
     )
     # After the other arms: its fresh full model must not inflate their peak RSS.
-    full = (
-        centralized_full(comparison, full_lr)
-        if FULL_ARM in wanted
-        else FullResult(None, [], {"skipped": "not among --arms"})
-    )
+    if FULL_ARM in wanted:
+        m = ledger.measure(FULL_ARM, lambda: _full(comparison, full_lr))
+        full = FullResult(m.arm, m.curve or [], m.details)
+    else:
+        full = FullResult(None, [], {"skipped": "not among --arms"})
     if full.arm is not None:
         arms[FULL_ARM] = full.arm
         curves[FULL_ARM] = full.curve
+    ledger.phase = "while measuring latency and writing the tables"
     plots = plot_curves(curves, out, classification)
     latency = comparison.latency(federated_state) if federated_state is not None else {}
     table = markdown_table(list(arms.values()), classification)
@@ -327,6 +307,7 @@ def compare(
         "global_examples": len(comparison.global_examples),
         "base_parameters_incl_adapter": base_parameters,
         "arms": {name: asdict(arm) for name, arm in arms.items()},
+        "arms_wanted": list(arms_wanted),
         "centralized_full": full.details,
         "latency": latency,
         "verdicts": lines,
@@ -362,10 +343,10 @@ def compare(
         "Curves (federated: every round; the other arms: every "
         f"{comparison.curve_rounds[0]} rounds):",
         "\n".join(f"![{x}]({path.name})" for x, path in plots.items()),
-        _curve_table(curves, classification),
+        curve_table(curves, classification),
     ]
     markdown = "\n\n".join(section for section in sections if section)
-    (out / "compare.md").write_text(markdown + "\n", encoding="utf-8")
+    write_bytes_atomic(out / "compare.md", (markdown + "\n").encode())
     print(f"\n{table}\n\n{per_site}\n\n{latency_line}")
     for line in lines:
         print(f"- {line}")

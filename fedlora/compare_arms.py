@@ -1,4 +1,5 @@
-"""The arms of ``fedlora compare``, in the order its table lists them, and their check.
+"""The arms of ``fedlora compare``, in the order its table lists them, their check, and the
+default number of curve points.
 
 Both ``fedlora.compare`` (which runs the arms) and ``fedlora.compare_cli`` (which parses
 ``--arms``) use them: the command line loads ``fedlora.compare`` only to run it, and
@@ -18,6 +19,8 @@ ARMS = (
     "centralized-equal-steps",
     "centralized-full",
 )
+# The in-process arms are evaluated about this many times over the rounds (--curve-points).
+DEFAULT_CURVE_POINTS = 10
 
 
 def check_arms(names: Sequence[str]) -> None:

@@ -5,14 +5,10 @@ datasets) so that ``fedlora --help`` and ``fedlora compare --help`` answer witho
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from fedlora.arg_types import output_folder
-from fedlora.compare_arms import ARMS, check_arms
-
-# The in-process arms are evaluated about this many times over the rounds (the curves' points).
-DEFAULT_CURVE_POINTS = 10
+from fedlora.arg_types import add_run_arguments, arm_names, finite_number
+from fedlora.compare_arms import ARMS, DEFAULT_CURVE_POINTS
 
 DESCRIPTION = """\
 The pilot's ROI table on one data split and seed. Every arm is evaluated on the same global set
@@ -46,25 +42,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _arms(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    try:
-        check_arms(names)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return names
-
-
 def add_compare_parser(subparsers: Any) -> None:
     """Add ``compare`` to the ``fedlora`` sub-parsers."""
     parser = subparsers.add_parser(
@@ -73,26 +50,15 @@ def add_compare_parser(subparsers: Any) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
-    parser.add_argument(
-        "--out", type=output_folder, required=True, help="output folder (new or empty)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key (repeatable), as for `fedlora simulate`",
-    )
-    parser.add_argument(
-        "--reference",
-        action="append",
-        default=[],
-        metavar="train.KEY=VALUE",
-        help="train setting of the in-process arms (local-only, centralized, personalized) "
-        "where it should differ from the federation's, e.g. --reference train.optimizer=adamw "
-        "--reference train.lr=5e-3 when the sites run SGD (repeatable)",
+    add_run_arguments(
+        parser,
+        set_help="override a config key (repeatable), as for `fedlora simulate`",
+        reference_help="train setting of the in-process arms (local-only, centralized, "
+        "personalized) where it should differ from the federation's, e.g. --reference "
+        "train.optimizer=adamw --reference train.lr=5e-3 when the sites run SGD (repeatable)",
+        resume_help="go on with a compare stopped in --out (Ctrl-C): the finished arms are "
+        "taken from DIR/arms, the federated run resumes from its last round (same config and "
+        "options; --arms may differ)",
     )
     parser.add_argument(
         "--curve-points",
@@ -112,7 +78,7 @@ def add_compare_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--arms",
-        type=_arms,
+        type=arm_names,
         default=list(ARMS),
         metavar="ARM,ARM",
         help="the arms to run, comma-separated (default: all of them); e.g. "
@@ -120,7 +86,7 @@ def add_compare_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--full-lr",
-        type=_positive_float,
+        type=finite_number(0, low_allowed=False),
         default=None,
         metavar="LR",
         help="learning rate of the centralized-full arm (default: the centralized arm's); full "
@@ -128,20 +94,47 @@ def add_compare_parser(subparsers: Any) -> None:
     )
 
 
+def compare_command(args: argparse.Namespace) -> list[str]:
+    """The ``fedlora compare`` command line of ``args`` (without ``--resume``)."""
+    command = ["fedlora", "compare", str(args.config), "--out", str(args.out)]
+    command += [arg for item in args.overrides for arg in ("--set", item)]
+    command += [arg for item in args.reference for arg in ("--reference", item)]
+    if args.curve_points != DEFAULT_CURVE_POINTS:
+        command += ["--curve-points", str(args.curve_points)]
+    if args.personalize_steps is not None:
+        command += ["--personalize-steps", str(args.personalize_steps)]
+    if args.arms != list(ARMS):
+        command += ["--arms", ",".join(args.arms)]
+    if args.full_lr is not None:
+        command += ["--full-lr", str(args.full_lr)]
+    return command
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    """Run ``fedlora compare`` with parsed arguments; 0 on success (errors raise)."""
+    """Run ``fedlora compare`` with parsed arguments; 0 on success (errors raise).
+
+    The first Ctrl-C or SIGTERM stops it within seconds with one line (what ran, what is kept,
+    the command that goes on) and exit code 130 (``fedlora.interrupt``); a second exits at once.
+    """
     from common.config import load_config
-    from fedlora.compare import compare, reference_train
+    from fedlora.compare_progress import interrupted_line
+    from fedlora.interrupt import RunInterrupted, exit_interrupted, stop_on_signals
 
     cfg = load_config(args.config, args.overrides)
-    reference = reference_train(cfg, args.reference)
-    compare(
-        cfg,
-        args.out,
-        args.curve_points,
-        args.personalize_steps,
-        reference,
-        args.full_lr,
-        args.arms,
-    )
+    try:
+        with stop_on_signals():
+            from fedlora.compare import compare, reference_train
+
+            compare(
+                cfg,
+                args.out,
+                args.curve_points,
+                args.personalize_steps,
+                reference_train(cfg, args.reference),
+                args.full_lr,
+                args.arms,
+                resume=args.resume,
+            )
+    except RunInterrupted as stop:
+        exit_interrupted(interrupted_line(stop, args.out, compare_command(args)))
     return 0

@@ -34,6 +34,7 @@ from common.registry import Registry
 from common.rules import all_sent_keys, ffa_sent_keys
 from common.server_opt import scheduled_train
 from common.tokens import encode_examples, eval_batches
+from fedlora.compare_arms import DEFAULT_CURVE_POINTS
 from fedlora.compare_curves import (
     CurvePoint,
     curve_rounds,
@@ -42,8 +43,6 @@ from fedlora.compare_measures import Arm, PeakRSS, Quality, data_bytes, mean_qua
 from server.metrics import read_metrics
 
 LATENCY_REPEATS = 5
-# In-process arms are evaluated about this many times over the rounds (compare --curve-points).
-DEFAULT_CURVE_POINTS = 10
 
 
 # ---------------------------------------------------------------------------- the arms
@@ -264,17 +263,23 @@ class Comparison:
         )
         return arm, curve
 
-    def federated(self, out: Path) -> tuple[Arm, AdapterState]:
-        from fedlora.simulate import simulate  # starts Ray: only when this arm runs
-
-        start = time.perf_counter()
-        simulate(self.cfg, out)
-        seconds = time.perf_counter() - start
+    def federated_state(self, out: Path) -> AdapterState:
+        """The last version the federated run in ``out`` published."""
         registry = Registry(out / "registry")
         latest = registry.latest(self.module)
         if latest is None:
             raise ConfigError(f"{out}: the federated run published no adapter version")
-        state = registry.load(self.module, latest.version)
+        return registry.load(self.module, latest.version)
+
+    def federated(self, out: Path, resume: bool = False) -> tuple[Arm, AdapterState]:
+        """``fedlora simulate`` into ``out`` (``resume``: from its last checkpoint there; the
+        arm's seconds are then the resumed part's)."""
+        from fedlora.simulate import simulate  # starts Ray: only when this arm runs
+
+        start = time.perf_counter()
+        simulate(self.cfg, out, resume=resume)
+        seconds = time.perf_counter() - start
+        state = self.federated_state(out)
         rounds = read_metrics(out)
         moved = sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in rounds)
         peaks = [r["peak_memory_bytes"] for r in rounds if r.get("peak_memory_bytes")]

@@ -14,6 +14,7 @@ bytes per round, one labelled point per setting, the recommended one marked).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from common.atomic import write_json_atomic
 from common.config import RunConfig, load_config, parse_override
 from common.errors import ConfigError
 from common.progress import print_rule
+from fedlora.compare_progress import SETTINGS_FILE
 from fedlora.sweep_rule import Candidate, default_tolerance, recommend
 
 # A value is also a folder name: nothing that would leave DIR or hide the folder.
@@ -195,6 +197,14 @@ def plot_sweep(
     figure.savefig(path, format="png")
 
 
+def _finished(folder: Path, arms: Sequence[str]) -> dict[str, Any] | None:
+    """The compare.json of a setting whose compare finished these ``arms``, else None."""
+    if not (folder / "compare.md").is_file():  # written last
+        return None
+    result: dict[str, Any] = json.loads((folder / "compare.json").read_text(encoding="utf-8"))
+    return result if result.get("arms_wanted") == list(arms) else None
+
+
 def sweep(
     config: Path,
     overrides: Sequence[str],
@@ -203,15 +213,22 @@ def sweep(
     arms: Sequence[str],
     reference: Sequence[str] = (),
     tolerance: float | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``compare``'s ``arms`` once per setting of the ``vary`` grid; write the sweep files.
 
-    Every setting's config is loaded and checked before anything is written.
+    Every setting's config is loaded and checked before anything is written. ``resume``: go
+    on with a sweep stopped in ``out``: a finished setting's compare.json is taken as it is,
+    a stopped one resumes (``compare --resume``), the others run.
     """
     from fedlora.compare import compare, reference_train
 
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; sweep writes a fresh folder")
+    if resume and not (out.is_dir() and any(out.iterdir())):
+        what = "does not exist" if not out.exists() else "is empty"
+        raise ConfigError(f"--out {out} {what}, so there is nothing to resume; drop --resume")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; sweep writes a fresh folder (--resume goes "
+                          "on with a sweep stopped there)")  # fmt: skip
     varied = parse_vary(vary, load_config(config, list(overrides)))
     settings = grid(varied)
     configs = [load_config(config, [*overrides, *setting]) for setting in settings]
@@ -221,7 +238,10 @@ def sweep(
     for setting, cfg, ref in zip(settings, configs, references, strict=True):
         label = ",".join(setting)
         print_rule(f"fedlora sweep: {label}")
-        result = compare(cfg, out / label, reference=ref, arms_wanted=arms)
+        folder = out / label
+        result = _finished(folder, arms) or compare(
+            cfg, folder, reference=ref, arms_wanted=arms, resume=(folder / SETTINGS_FILE).is_file()
+        )
         rows.append(sweep_row(label, setting, result))
     tol = default_tolerance(classification) if tolerance is None else tolerance
     candidates = [

@@ -5,11 +5,14 @@ so that ``fedlora sweep --help`` answers without loading them.
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedlora.arg_types import output_folder
-from fedlora.compare_arms import check_arms
+from fedlora.arg_types import add_run_arguments, arm_names, finite_number
+
+if TYPE_CHECKING:
+    from fedlora.interrupt import RunInterrupted
 
 # The arms that depend on an adapter or schedule setting; base (LoRA B = 0) and
 # centralized-full (no adapter) would be the same for every rank: run them once with compare.
@@ -35,11 +38,7 @@ example:
 
 
 def _arms(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    try:
-        check_arms(names)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    names = arm_names(text)
     if "federated" not in names:
         raise argparse.ArgumentTypeError("the recommendation needs the 'federated' arm: add it")
     fixed = [name for name in names if name not in SWEEP_ARMS]
@@ -51,16 +50,6 @@ def _arms(text: str) -> list[str]:
     return names
 
 
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def add_sweep_parser(subparsers: Any) -> None:
     """Add ``sweep`` to the ``fedlora`` sub-parsers."""
     parser = subparsers.add_parser(
@@ -69,7 +58,7 @@ def add_sweep_parser(subparsers: Any) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", type=Path, help="run config (TOML), e.g. examples/tiny.toml")
+    # --vary first: the options' help lists it before the shared ones, as the main one.
     parser.add_argument(
         "--vary",
         action="append",
@@ -79,23 +68,13 @@ def add_sweep_parser(subparsers: Any) -> None:
         help="a config key and its values, e.g. modules.shared.rank=2,4,8 or train.lr=1e-3,3e-3 "
         "(repeatable: several make a grid)",
     )
-    parser.add_argument(
-        "--out", type=output_folder, required=True, help="output folder (new or empty)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key for every setting (repeatable), as for `fedlora simulate`",
-    )
-    parser.add_argument(
-        "--reference",
-        action="append",
-        default=[],
-        metavar="train.KEY=VALUE",
-        help="train setting of the in-process arms, as for `fedlora compare` (repeatable)",
+    add_run_arguments(
+        parser,
+        set_help="override a config key for every setting (repeatable), as for `fedlora simulate`",
+        reference_help="train setting of the in-process arms, as for `fedlora compare` "
+        "(repeatable)",
+        resume_help="go on with a sweep stopped in --out (Ctrl-C): finished settings are "
+        "kept, a stopped one resumes as `fedlora compare --resume` does (same arguments)",
     )
     parser.add_argument(
         "--arms",
@@ -107,7 +86,7 @@ def add_sweep_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--tolerance",
-        type=_tolerance,
+        type=finite_number(0, low_allowed=True),
         default=None,
         metavar="T",
         help="how much worse than the best the recommended setting may be: accuracy points "
@@ -115,17 +94,59 @@ def add_sweep_parser(subparsers: Any) -> None:
     )
 
 
-def run_sweep(args: argparse.Namespace) -> int:
-    """Run ``fedlora sweep`` with parsed arguments; 0 on success (errors raise)."""
-    from fedlora.sweep import sweep
+def sweep_command(args: argparse.Namespace) -> list[str]:
+    """The ``fedlora sweep`` command line of ``args`` (without ``--resume``)."""
+    command = ["fedlora", "sweep", str(args.config)]
+    command += [arg for item in args.vary for arg in ("--vary", item)]
+    command += ["--out", str(args.out)]
+    command += [arg for item in args.overrides for arg in ("--set", item)]
+    command += [arg for item in args.reference for arg in ("--reference", item)]
+    if args.arms != list(DEFAULT_ARMS):
+        command += ["--arms", ",".join(args.arms)]
+    if args.tolerance is not None:
+        command += ["--tolerance", str(args.tolerance)]
+    return command
 
-    sweep(
-        args.config,
-        args.overrides,
-        args.vary,
-        args.out,
-        args.arms,
-        args.reference,
-        args.tolerance,
+
+def interrupted_line(stop: RunInterrupted, out: Path, command: list[str]) -> str:
+    """One line: the setting and arm the stopped sweep in ``out`` was in, the settings it
+    finished, and the command that goes on."""
+    from fedlora.compare_progress import SETTINGS_FILE, CompareInterrupted, phase_of
+
+    folders = [p for p in sorted(out.iterdir()) if p.is_dir()] if out.is_dir() else []
+    if not any((p / SETTINGS_FILE).is_file() for p in folders):
+        return f"interrupted before any setting started; start it again: {shlex.join(command)}"
+    done = ", ".join(p.name for p in folders if (p / "compare.md").is_file()) or "none"
+    where = (
+        f"in setting {stop.out.name} {phase_of(stop)}"
+        if isinstance(stop, CompareInterrupted)
+        else "between settings"
     )
+    return (
+        f"interrupted {where} (settings finished: {done}; each finished arm is kept); "
+        f"resume with: {shlex.join([*command, '--resume'])}"
+    )
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Run ``fedlora sweep`` with parsed arguments; 0 on success (errors raise). Ctrl-C and
+    SIGTERM as for ``fedlora compare``: one line, exit 130."""
+    from fedlora.interrupt import RunInterrupted, exit_interrupted, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            from fedlora.sweep import sweep
+
+            sweep(
+                args.config,
+                args.overrides,
+                args.vary,
+                args.out,
+                args.arms,
+                args.reference,
+                args.tolerance,
+                resume=args.resume,
+            )
+    except RunInterrupted as stop:
+        exit_interrupted(interrupted_line(stop, args.out, sweep_command(args)))
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,16 @@ EXAMPLES = REPO / "examples"
 @pytest.fixture
 def examples_dir() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture
+def ray_dir() -> Iterator[Path]:
+    """A Ray and Flower folder of the test's own, for a ``fedlora`` command it starts as a job
+    (``tests/helpers/subprocesses.py``); short, since Ray's socket paths must fit in 107 bytes
+    (AF_UNIX)."""
+    path = Path(tempfile.mkdtemp(prefix="ray-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # The test files that take longest (measured with `pytest --durations`), costliest first. Under

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.subprocesses import fedlora
+from tests.helpers.subprocesses import fedlora
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ import pytest
 
 from fedlora.simulate import scratch_folders
 from server.rundir import RunDirLock
-from tests.subprocesses import fedlora
+from tests.helpers.subprocesses import fedlora
 
 REPO = Path(__file__).resolve().parent.parent
 

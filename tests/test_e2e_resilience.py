@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_e2e_loopback import (
+
+from common.encoding import DELTA_FORMAT, encode_delta
+from common.envelope import HEADER, MAGIC, EnvelopeContext
+from common.registry import Registry
+from common.registry_format import ADAPTER_FILE
+from fedlora.deploy import APP_PACKAGES
+from server.audit import EVENT_REPLY_REJECTED, EVENT_VERSION_PUBLISHED, read_entries
+from tests.helpers.deployment import (
     BIN,
     REPO,
     Deployment,
@@ -40,13 +47,6 @@ from test_e2e_loopback import (
     site_toml,
     wait_for,
 )
-
-from common.encoding import DELTA_FORMAT, encode_delta
-from common.envelope import HEADER, MAGIC, EnvelopeContext
-from common.registry import Registry
-from common.registry_format import ADAPTER_FILE
-from fedlora.deploy import APP_PACKAGES
-from server.audit import EVENT_REPLY_REJECTED, EVENT_VERSION_PUBLISHED, read_entries
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -8,86 +8,35 @@ scratch folder and no half-written file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.subprocesses import kill_everything, rounds_done
+from tests.helpers.subprocesses import (
+    kill_everything,
+    rounds_done,
+    start_job,
+    wait_session_empty,
+)
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 6
 SETTINGS = [f"federation.rounds={ROUNDS}", "train.local-steps=2"]
 ARGS = ["examples/tiny.toml", *(arg for item in SETTINGS for arg in ("--set", item))]
 STOP_SECONDS = 30  # the target is 5 s; this leaves room for a loaded test machine
 
 
-@pytest.fixture
-def ray_dir() -> Iterator[Path]:
-    """Ray's folder: short, since its socket paths must fit in 107 bytes (AF_UNIX)."""
-    path = Path(tempfile.mkdtemp(prefix="ray-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _env(tmp_path: Path, ray_dir: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # output in order, nothing held in a buffer
-    env["RAY_TMPDIR"] = str(ray_dir)
-    env["FLWR_HOME"] = str(ray_dir / "flwr")
-    env["TMPDIR"] = str(tmp_path / "tmp")  # where the run's scratch folder would be left
-    Path(env["TMPDIR"]).mkdir(exist_ok=True)
-    return env
-
-
 def _start(
     out: Path, tmp_path: Path, ray_dir: Path, log: Path, resume: bool = False
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *ARGS, "--out", str(out)]
-    # A background job inherits SIGINT ignored, and so would the command (which then keeps
-    # ignoring it, as it should): a handled SIGINT in this process is reset to the default in
-    # the child.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with log.open("wb") as sink:
-            return subprocess.Popen(
-                [*cmd, "--resume"] if resume else cmd,
-                cwd=REPO,
-                env=_env(tmp_path, ray_dir),
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, as a terminal job has
-            )
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _session(sid: int) -> list[int]:
-    """The processes still alive in session ``sid``."""
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
-                if os.getsid(int(entry.name)) == sid:
-                    alive.append(int(entry.name))
-    return alive
-
-
-def _wait_session_empty(sid: int, seconds: float) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while (alive := _session(sid)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return alive
+    args = ["simulate", *ARGS, "--out", str(out), *(["--resume"] if resume else [])]
+    return start_job(args, tmp_path, ray_dir, log)
 
 
 @pytest.mark.parametrize("how", ["sigint-to-group", "sigterm-to-process"])
@@ -109,7 +58,7 @@ def test_interrupt_stops_cleanly_and_resume_finishes(
         sent = time.monotonic()
         rc = proc.wait(timeout=STOP_SECONDS)
         stopped_after = time.monotonic() - sent
-        left = _wait_session_empty(proc.pid, 20)
+        left = wait_session_empty(proc.pid, 20)
     finally:
         kill_everything(proc, ray_dir)
     output = log.read_text(errors="replace")

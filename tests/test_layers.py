@@ -200,3 +200,44 @@ def test_cycle_finder_reports_a_cycle() -> None:
     edges.append(Edge("c", "d", path, 4))
     assert find_cycles(edges) == [(["a", "b", "c", "a"], ["a", "b", "c"])]
     assert find_cycles(edges[1:]) == []
+
+
+# ---------------------------------------------------------------------------- the tests' own
+TESTS = ROOT / "tests"
+
+
+def names_of_test_modules(root: Path) -> set[str]:
+    """Every test module (``test_*.py``, ``conftest.py``) under ``root``, by each name it can be
+    imported as: dotted from the repository (``tests.server.test_strategy``), and bare
+    (``test_strategy``) since pytest puts a test file's folder on ``sys.path``."""
+    names: set[str] = set()
+    for path in root.rglob("*.py"):
+        if path.name.startswith("test_") or path.name == "conftest.py":
+            names |= {module_name(path), path.stem}
+    return names
+
+
+def test_no_test_module_imports_another() -> None:
+    known = names_of_test_modules(TESTS)
+    bad = [
+        edge.where()
+        for path in sorted(TESTS.rglob("*.py"))
+        for edge in edges_of(module_name(path), path, known)
+    ]
+    header = "test modules imported (what tests share belongs in tests/helpers/):\n"
+    assert not bad, header + "\n".join(bad)
+
+
+def test_test_import_check_sees_dotted_and_bare_imports(tmp_path: Path) -> None:
+    """Both forms are found (a broken walk would pass everything); a helper is allowed."""
+    path = tmp_path / "test_fake.py"
+    path.write_text(
+        "from tests.test_simulation import RecordingGrid\n"
+        "def f() -> None:\n"
+        "    import test_strategy\n"
+        "from tests.helpers.recording import open_envelope\n",
+        encoding="utf-8",
+    )
+    known = names_of_test_modules(TESTS)
+    targets = [e.target for e in edges_of("tests.test_fake", path, known)]
+    assert targets == ["tests.test_simulation", "test_strategy"]

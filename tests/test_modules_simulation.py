@@ -26,7 +26,7 @@ from common.modules import split_modules
 from common.registry import Registry
 from fedlora.inference import load_with_adapters
 from server.federation import prepare, run_federation
-from tests.recording import RecordingGrid, open_envelope, payload_bytes
+from tests.helpers.recording import RecordingGrid, open_envelope, payload_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import pytest
 
 from common.registry import Registry
 from common.registry_format import ADAPTER_FILE
-from tests.subprocesses import kill_everything, rounds_done
+from tests.helpers.subprocesses import kill_everything, rounds_done
 
 pytestmark = pytest.mark.slow
 

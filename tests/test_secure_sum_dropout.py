@@ -21,7 +21,7 @@ from common.registry import Registry
 from fedlora.simulate import backend_config, provision_keys
 from server.app import make_server_app
 from server.federation import prepare
-from tests.fixed_point_bound import mean_error_bound
+from tests.helpers.fixed_point_bound import mean_error_bound
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ from common.envelope import MAGIC
 from common.registry import Registry
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
-from tests.recording import RecordingGrid
+from tests.helpers.recording import RecordingGrid
 
 pytestmark = pytest.mark.slow
 

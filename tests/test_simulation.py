@@ -27,7 +27,7 @@ from common.registry import Registry
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
-from tests.recording import RecordingGrid, open_envelope, payload_bytes
+from tests.helpers.recording import RecordingGrid, open_envelope, payload_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from common.keys import generate_site_key, public_path_for
 from common.registry import Registry
 from fedlora.simulate import simulate
 from server.checkpoint import load_checkpoint
-from tests.fixed_point_bound import mean_error_bound
+from tests.helpers.fixed_point_bound import mean_error_bound
 
 pytestmark = pytest.mark.slow
 

@@ -52,7 +52,7 @@ from common.secagg_records import (
     unmask_request_to_record,
 )
 from common.secagg_server import SecAggResult, SecAggServer
-from tests.fixed_point_bound import sum_error_bound
+from tests.helpers.fixed_point_bound import sum_error_bound
 
 CONTEXT = b"fedlora/1|run-test|round-1|module-default|version-0"
 NORM_BOUND = 1.0  # L2 bound C, so coordinates are clipped to [-1, 1]

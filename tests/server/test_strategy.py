@@ -20,7 +20,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol as P
 from common.adapters import AggregationError
@@ -28,6 +27,7 @@ from common.config import RunConfig, load_config, site_plan
 from common.encoding import Encoding, encode_delta
 from server.aggregate import Aggregator
 from server.strategy import FedLoraStrategy
+from tests.helpers.flower_identity import task_identity
 
 FINGERPRINT = "f" * 64
 # The global state travels as ``<module>/<key>``; each module's delta payload is un-prefixed.
@@ -35,12 +35,10 @@ GLOBAL = {"shared/a.lora_A.weight": torch.ones(2, 4), "shared/a.lora_B.weight": 
 
 
 @pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
+def stamped_messages() -> Iterator[None]:
     """Messages are stamped with the process's run id; a real runtime sets it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    with task_identity(node_id=0):
+        yield
 
 
 @pytest.fixture

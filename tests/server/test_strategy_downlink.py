@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import _global, _header
 from client.received import GlobalVersionMissing, ReceivedVersions
@@ -22,6 +21,7 @@ from common.config import RunConfig, load_config, site_plan
 from common.downlink import state_sha256
 from server.downlink import Downlink
 from server.strategy import FedLoraStrategy
+from tests.helpers.flower_identity import task_identity
 
 FINGERPRINT = "f" * 64
 V0 = {"shared/a.lora_A.weight": torch.ones(2, 4), "shared/a.lora_B.weight": torch.zeros(4, 2)}
@@ -34,11 +34,10 @@ FULL_BYTES = sum(len(array.data) for array in ArrayRecord(V0).values())  # .npy,
 
 
 @pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+def stamped_messages() -> Iterator[None]:
+    """Messages are stamped with the process's run id; a real runtime sets it."""
+    with task_identity(node_id=0):
+        yield
 
 
 def _strategy(examples_dir: Path, downlink: str) -> FedLoraStrategy:
