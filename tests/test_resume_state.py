@@ -40,7 +40,7 @@ from fedlora.simulate import provision_keys
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.checkpoint import load_checkpoint
 from server.federation import prepare, run_federation
-from tests.in_process import Crash, InProcessGrid, flower_task_identity
+from tests.helpers.in_process import Crash, InProcessGrid, flower_task_identity
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 3

@@ -22,7 +22,7 @@ from common.registry import Registry
 from common.sampling import STAGE_EVALUATE, STAGE_TRAIN, draw_cohort
 from server.audit import AUDIT_FILE, read_entries
 from server.federation import prepare, run_federation
-from tests.recording import RecordingGrid
+from tests.helpers.recording import RecordingGrid
 
 pytestmark = pytest.mark.slow
 

@@ -44,7 +44,7 @@ from common.instructions import instruction_digest, instruction_key_path, sign_i
 from common.keys import COORDINATOR_KEY_NAME, load_site_private
 from fedlora.simulate import provision_keys
 from server.federation import prepare, run_federation
-from tests.in_process import InProcessGrid, flower_task_identity, new_context, where
+from tests.helpers.in_process import InProcessGrid, flower_task_identity, new_context, where
 
 pytestmark = pytest.mark.slow  # one real round per privacy mode (tiny model, ~10 s each)
 
