@@ -51,6 +51,7 @@ _COSTLIEST_FIRST = (
     "test_demo.py",
     "test_simulation_modes.py",
     "test_sampling_simulation.py",
+    "test_interrupt_compare.py",
     "test_faults.py",
     "test_resume.py",
     "test_e2e_loopback.py",
