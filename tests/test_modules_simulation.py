@@ -7,16 +7,13 @@ how each module aggregates over its own sites, and what each site keeps in its s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, Message
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import Message
 
-from client.app import make_client_app
 from common import protocol as P
 from common.adapters import AdapterState, aggregate_fedavg, apply_delta
 from common.config import RunConfig, load_config
@@ -25,8 +22,7 @@ from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
 from common.modules import split_modules
 from common.registry import Registry
 from fedlora.inference import load_with_adapters
-from server.federation import prepare, run_federation
-from tests.helpers.recording import RecordingGrid, open_envelope, payload_bytes
+from tests.helpers.recording import RecordingGrid, open_envelope, payload_bytes, simulate_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -50,26 +46,9 @@ RANKS = [
 
 
 def _simulate(out: Path, overrides: list[str]) -> dict[str, Any]:
-    from flwr.simulation import run_simulation
-
-    from fedlora.simulate import SITES_FOLDER, backend_config, provision_keys
-
-    cfg = load_config(REPO / "examples" / "tiny.toml", overrides)
-    sealing, site_keys = provision_keys(cfg, out)
-    coord = prepare(cfg, out, sealing)
-    box: dict[str, RecordingGrid] = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        box["grid"] = RecordingGrid(grid)
-        run_federation(box["grid"], coord)  # type: ignore[arg-type]
-
-    client = make_client_app(cfg, site_keys, out / SITES_FOLDER)
-    run_simulation(app, client, cfg.federation.sites, backend_config=backend_config(cfg))
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["rejected"] == [] for m in metrics), metrics
-    return {"cfg": cfg, "out": out, "grid": box["grid"], "coord": coord}
+    run = simulate_recorded(load_config(REPO / "examples" / "tiny.toml", overrides), out)
+    assert all(m["rejected"] == [] for m in run["metrics"]), run["metrics"]
+    return run
 
 
 @pytest.fixture(scope="module")

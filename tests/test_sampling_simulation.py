@@ -11,18 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, Message, MessageType
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import Message, MessageType
 
-from client.app import make_client_app
 from client.received import KEEP_RECEIVED
 from common import protocol as P
 from common.config import load_config
 from common.registry import Registry
 from common.sampling import STAGE_EVALUATE, STAGE_TRAIN, draw_cohort
 from server.audit import AUDIT_FILE, read_entries
-from server.federation import prepare, run_federation
-from tests.helpers.recording import RecordingGrid
+from tests.helpers.recording import RecordingGrid, simulate_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -37,31 +34,8 @@ SAMPLED = [
 ]
 
 
-def simulate_recorded(out: Path, *overrides: str) -> dict[str, Any]:
-    from flwr.simulation import run_simulation
-
-    from fedlora.simulate import backend_config, provision_keys
-
-    cfg = load_config(TINY, list(overrides))
-    sealing, site_keys = provision_keys(cfg, out)
-    coord = prepare(cfg, out, sealing)
-    box: dict[str, RecordingGrid] = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        box["grid"] = RecordingGrid(grid)
-        run_federation(box["grid"], coord)  # type: ignore[arg-type]
-
-    run_simulation(
-        app,
-        make_client_app(cfg, site_keys, out / "sites"),
-        cfg.federation.sites,
-        backend_config=backend_config(cfg),
-    )
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    grid = box["grid"]
-    return {"cfg": cfg, "out": out, "grid": grid, "metrics": metrics, "coord": coord}
+def simulate_sampled(out: Path, *overrides: str) -> dict[str, Any]:
+    return simulate_recorded(load_config(TINY, list(overrides)), out)
 
 
 def node_sites(grid: RecordingGrid) -> dict[int, str]:
@@ -85,7 +59,7 @@ def header(message: Message) -> Any:
 @pytest.fixture(scope="module")
 def sealed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("sampled") / "run"
-    return simulate_recorded(out, "federation.rounds=4", *SAMPLED)
+    return simulate_sampled(out, "federation.rounds=4", *SAMPLED)
 
 
 def expected(stage: str, server_round: int) -> list[str]:
@@ -185,7 +159,7 @@ def test_the_progress_line_and_summary_show_the_cohort(
 
 
 def test_secure_sum_runs_over_the_sampled_cohort(tmp_path: Path) -> None:
-    run = simulate_recorded(
+    run = simulate_sampled(
         tmp_path / "run", "federation.rounds=2", "privacy.mode='secure-sum'", *SAMPLED
     )
     grid, metrics = run["grid"], run["metrics"]

@@ -12,7 +12,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
 from client.app import SiteKeys, make_client_app
@@ -26,8 +25,8 @@ from common.models import load_base
 from common.registry import Registry
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
-from server.federation import prepare, run_federation
-from tests.helpers.recording import RecordingGrid, open_envelope, payload_bytes
+from server.federation import prepare
+from tests.helpers.recording import RecordingGrid, open_envelope, payload_bytes, simulate_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +35,6 @@ CANARY = "CANARY-7f3a9c-do-not-leak"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from flwr.simulation import run_simulation
-
-    from fedlora.simulate import backend_config, provision_keys
-
     work = tmp_path_factory.mktemp("tiny")
     data = work / "dolly-tiny.jsonl"
     repo = Path(__file__).resolve().parent.parent
@@ -50,25 +45,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(repo / "examples" / "tiny.toml", [f"data.path='{data}'"])
     assert cfg.privacy.mode == "sealed"  # the default and the example's setting
-    out = work / "out"
-    sealing, site_keys = provision_keys(cfg, out)
-    coord = prepare(cfg, out, sealing)
-    grid_box: dict[str, RecordingGrid] = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        grid_box["grid"] = RecordingGrid(grid)
-        run_federation(grid_box["grid"], coord)  # type: ignore[arg-type]
-
-    run_simulation(
-        app,
-        make_client_app(cfg, site_keys, out / "sites"),
-        cfg.federation.sites,
-        backend_config=backend_config(cfg),
-    )
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"cfg": cfg, "out": out, "grid": grid_box["grid"], "metrics": metrics, "coord": coord}
+    return simulate_recorded(cfg, work / "out")
 
 
 def test_every_round_recorded_and_published(run: dict[str, Any]) -> None:

@@ -66,3 +66,34 @@ def open_envelope(coord: Any, reply: Message, module: str) -> bytes:
     )
     sealing = coord.sealing
     return open_delta(envelope, sealing.coordinator, sealing.allow_list, context, 1 << 30)
+
+
+def simulate_recorded(cfg: Any, out: Any) -> dict[str, Any]:
+    """Run ``cfg`` as a real Flower simulation with every message recorded.
+
+    Returns the config, run folder, ``RecordingGrid``, the coordinator and ``metrics.jsonl``.
+    """
+    import json
+
+    from flwr.app import Context
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from fedlora.simulate import SITES_FOLDER, backend_config, provision_keys
+    from server.federation import prepare, run_federation
+
+    sealing, site_keys = provision_keys(cfg, out)
+    coord = prepare(cfg, out, sealing)
+    box: dict[str, RecordingGrid] = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        box["grid"] = RecordingGrid(grid)
+        run_federation(box["grid"], coord)  # type: ignore[arg-type]
+
+    client = make_client_app(cfg, site_keys, out / SITES_FOLDER)
+    run_simulation(app, client, cfg.federation.sites, backend_config=backend_config(cfg))
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"cfg": cfg, "out": out, "grid": box["grid"], "coord": coord, "metrics": metrics}
