@@ -206,7 +206,9 @@ class SiteRuntime:
             sent_keys = {f"{n}/{k}" for n in shared for k in rule.sent_keys(start[n])}
             params = {k: p for k, p in params.items() if k in sent_keys}
             own = split_kept(store.load_kept(before=version))[1]
-            drift = DriftCorrection(params, control, own)
+            # c covers every sent module; a site trains only those it holds (groups).
+            mine = {k: v for k, v in control.items() if k.partition("/")[0] in shared}
+            drift = DriftCorrection(params, mine, own)
         result = train_local(
             self.host.model, batches, plan.train, seed, on_step, self._label_counts(), drift
         )
