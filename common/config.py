@@ -241,8 +241,9 @@ class TrainConfig(Section):
     # SCAFFOLD (client/drift.py): every local step adds c - c_i to the gradient, where c_i is
     # the site's mean gradient of its last round (kept at the site) and c the coordinator's
     # weighted mean of them (sent with the train instruction). Corrects client drift under
-    # label skew; secure-sum compatible (c is a sum); twice the bytes up (the delta and
-    # c_i's change). Needs aggregation.rule = 'fedavg', no robust rule and no DP.
+    # label skew; secure-sum compatible (c is a sum; c_i's change is clipped to
+    # privacy.secure-sum.clip-range per coordinate like the delta); twice the bytes up (the
+    # delta and c_i's change). Refused with rule 'exact', robust rules, server-clip and DP.
     scaffold: bool = False
     # The lr over one round's local steps (transformers' get_scheduler, restarted each round
     # with the optimizer): 'constant', or 'linear' / 'cosine' decay to 0 at the last step,
