@@ -12,21 +12,18 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol as P
+from tests.helpers.flower_identity import task_identity
 
 
 def flower_task_identity() -> Iterator[None]:
     """What Flower's runtimes set in the ServerApp process before any message is made (use
     as a module fixture: ``pytest.fixture(scope="module", autouse=True)(...)``)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
-            patch.setattr(TaskIdentity, name, value)
+    with task_identity(SUPERLINK_NODE_ID):
         yield
 
 
