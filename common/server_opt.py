@@ -69,8 +69,7 @@ def lr_factor(schedule: str, final: float, rounds: int, step: int) -> float:
     """
     if schedule not in ("constant", "cosine", "wsd"):
         raise ConfigError(
-            f"aggregation.server-lr-schedule = {schedule!r}, expected 'constant', 'cosine' "
-            "or 'wsd'"
+            f"aggregation.server-lr-schedule = {schedule!r}, expected 'constant', 'cosine' or 'wsd'"
         )
     if schedule == "constant" or rounds <= 1:
         return 1.0
