@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from subprocesses import fedlora
+from tests.helpers.subprocesses import fedlora
 
 from common.errors import ConfigError
 from common.site_config import CoordinatorConfig, is_loopback, load_coordinator_config
