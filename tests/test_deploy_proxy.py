@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.helpers.subprocesses import fedlora
 
 from common.errors import ConfigError
 from common.site_config import CoordinatorConfig, is_loopback, load_coordinator_config
@@ -27,6 +26,7 @@ from fedlora.deploy_proxy import (
     upstream_tls_name,
     write_proxy_config,
 )
+from tests.helpers.subprocesses import fedlora
 
 BASE = '[coordinator]\nkeys = "keys/coordinator"\nstate = "state"\nruns = "runs"\n'
 
