@@ -142,9 +142,18 @@ def stop_for_exit() -> None:
     if not hold_writes(WRITE_GRACE_SECONDS):
         logger.warning("a write did not finish within %.0f s of the interrupt", WRITE_GRACE_SECONDS)
     ray = sys.modules.get("ray")  # None when the signal came before Flower imported it
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()  # stops the Ray processes this run started, sites included
-    stop_leftovers(LEFTOVER_GRACE_SECONDS)
+    # A Ctrl-C reaches the whole process group: Ray's own processes got it too and may be gone
+    # already, so ray.shutdown can fail. No cleanup error may replace the interrupt (the
+    # terminal is muted by now: it would end the run with rc 1 and no line).
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # stops the Ray processes this run started, sites included
+    except Exception as exc:
+        logger.warning("ray.shutdown after the interrupt failed (%s); stopping what is left", exc)
+    try:
+        stop_leftovers(LEFTOVER_GRACE_SECONDS)
+    except Exception as exc:
+        logger.warning("stopping the run's leftover processes failed: %s", exc)
 
 
 # Seconds Ray's own processes get to exit after ray.shutdown before they are killed.
