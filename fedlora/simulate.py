@@ -92,13 +92,19 @@ def scratch_folders() -> Iterator[None]:
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    """Flower's Ray backend settings: a local Ray instance with this machine's cores, or the
+    running Ray cluster that ``RAY_ADDRESS`` names (Ray's own convention; the cluster then
+    says how many cores there are, and Ray refuses a core count from its client)."""
     cpus = os.cpu_count() or 1
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        init_args["num_cpus"] = cpus
     return {
         "client_resources": {
             "num_cpus": min(cfg.simulation.cpus_per_site, cpus),
             "num_gpus": cfg.simulation.gpus_per_site,
         },
-        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
+        "init_args": init_args,
     }
 
 

@@ -28,6 +28,38 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The scratch folder goes with the test process (Ray's session logs pile up otherwise)."""
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_ray_cluster() -> Iterator[str]:
+    """This test process's Ray cluster (``tests/helpers/shared_ray.py``), its address in
+    ``RAY_ADDRESS`` while the process runs."""
+    from tests.helpers.shared_ray import start_cluster, stop_cluster
+
+    folder = _SCRATCH / "cluster"
+    address = start_cluster(folder)
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield address
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        stop_cluster(folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_for_simulations(request: pytest.FixtureRequest) -> None:
+    """Modules with slow tests (the ones that run simulations) share the process's cluster;
+    the fast tests never start one. ``FEDLORA_TEST_OWN_RAY=1``: every run starts its own Ray."""
+    if os.environ.get("FEDLORA_TEST_OWN_RAY") == "1":
+        return
+    items = [item for item in request.session.items if item.module is request.module]
+    if any(item.get_closest_marker("slow") for item in items):
+        request.getfixturevalue("shared_ray_cluster")
+
+
 @pytest.fixture
 def examples_dir() -> Path:
     return EXAMPLES

@@ -49,6 +49,7 @@ def _args(settings: list[str]) -> list[str]:
 
 def _env(ray_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # SIGKILLed with its own Ray (tests/helpers/shared_ray.py)
     env["RAY_TMPDIR"] = str(ray_dir)
     env["FLWR_HOME"] = str(ray_dir / "flwr")
     return env

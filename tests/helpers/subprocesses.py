@@ -33,6 +33,7 @@ def job_env(tmp_path: Path, ray_dir: Path) -> dict[str, str]:
     """The environment of a command started as a job: Ray and Flower in ``ray_dir``, scratch
     folders under ``tmp_path/tmp`` (where one left behind would show)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # output in order, nothing held in a buffer
+    env.pop("RAY_ADDRESS", None)  # a job that is interrupted or killed starts its own Ray
     env["RAY_TMPDIR"] = str(ray_dir)
     env["FLWR_HOME"] = str(ray_dir / "flwr")
     env["TMPDIR"] = str(tmp_path / "tmp")
