@@ -430,8 +430,9 @@ class SimulationConfig(Section):
     gpus_per_site: Annotated[float, Field(ge=0)] = 0.0
 
 
-# An MLflow tracking URI names its store by scheme (http, https, sqlite, postgresql, ...).
-_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+# An MLflow tracking URI names its store by scheme (http://, sqlite:///, postgresql://, ...);
+# "host:5000" without one would be read as a scheme named "host".
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|databricks\b")
 
 
 class TrackingConfig(Section):
