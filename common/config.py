@@ -430,6 +430,44 @@ class SimulationConfig(Section):
     gpus_per_site: Annotated[float, Field(ge=0)] = 0.0
 
 
+# An MLflow tracking URI names its store by scheme (http://, sqlite:///, postgresql://, ...);
+# "host:5000" without one would be read as a scheme named "host".
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|databricks\b")
+
+
+class TrackingConfig(Section):
+    """Where the coordinator mirrors a run (``server.tracking``); off by default.
+
+    ``metrics.jsonl`` and the registry stay the record: a tracker only copies them, and one
+    that cannot be reached never stops a run. Not part of the config digest, so a run may be
+    resumed with another tracking server.
+    """
+
+    # "mlflow" needs the optional extra (pip install 'fedlora[mlflow]').
+    backend: Literal["none", "mlflow"] = "none"
+    # None: a local store in <run-dir>/mlflow (an SQLite file and an artifact folder), which
+    # needs no server; else a tracking server (http://host:5000) or a database URI.
+    mlflow_uri: str | None = None
+    experiment: Annotated[str, Field(min_length=1, max_length=250)] = "fedlora"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrackingConfig:
+        if self.mlflow_uri is not None and self.backend != "mlflow":
+            raise ValueError(
+                f"tracking.mlflow-uri = {self.mlflow_uri!r} is set but tracking.backend = "
+                f"{self.backend!r}; set tracking.backend = 'mlflow' or drop the URI"
+            )
+        uri = self.mlflow_uri
+        if uri is not None and (not _URI_SCHEME.match(uri) or uri.startswith("file:")):
+            raise ValueError(
+                f"tracking.mlflow-uri = {uri!r}: expected a tracking server "
+                "(http://host:5000) or a database URI (sqlite:///path/mlflow.db); MLflow 3 "
+                "refuses file: stores, and leaving the key out keeps a local store in the run "
+                "folder"
+            )
+        return self
+
+
 class RunConfig(Section):
     """A whole run: what the coordinator reads and the part of it sites are told."""
 
@@ -445,6 +483,7 @@ class RunConfig(Section):
     aggregation: AggregationConfig = AggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     simulation: SimulationConfig = SimulationConfig()
+    tracking: TrackingConfig = TrackingConfig()
     # Simulation only: the policy every virtual site applies to the plans it receives.
     site_policy: SitePolicy = Field(default_factory=simulation_policy)
 

@@ -167,6 +167,29 @@ class ProxySection(Section):
     # delta is one object) or a FAB (10 MB at most).
     max_body_mib: PositiveInt = 64
     nginx: str = "nginx"  # the nginx executable (name on PATH or a path)
+    # The MLflow tracking UI (a run's tracking.backend = "mlflow"): host:port of `mlflow
+    # server`, forwarded with TLS on a listener of its own; None: not forwarded. MLflow
+    # authenticates nobody, so like the Control API it is for the coordinator host only: the
+    # listener stays on loopback (an operator tunnels to it), or, where the proxy runs in a
+    # container, the port is published on the host's loopback (docker-compose.yml).
+    mlflow_upstream: str | None = None
+    mlflow_host: str = "127.0.0.1"
+    mlflow_port: Port = 5443
+
+
+def _check_mlflow_listener(proxy: ProxySection) -> None:
+    """The tracking UI's listener: loopback where nginx runs on this host, a port of its own."""
+    if proxy.start and not is_loopback(proxy.mlflow_host):
+        raise ValueError(
+            f"proxy.mlflow-host = {proxy.mlflow_host!r} would put the MLflow UI, which "
+            "authenticates nobody, on a public address; keep 127.0.0.1 and reach it through an "
+            "SSH tunnel"
+        )
+    if proxy.mlflow_port == proxy.port:
+        raise ValueError(
+            f"proxy.mlflow-port = {proxy.mlflow_port} is also proxy.port: the Fleet API and "
+            "the MLflow UI need a listener each"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -201,6 +224,8 @@ class CoordinatorConfig(Section):
                 f"proxy.port = {proxy.port} is also coordinator.port: the proxy and the "
                 "SuperLink need a port each"
             )
+        if proxy is not None and proxy.mlflow_upstream is not None:
+            _check_mlflow_listener(proxy)
         return self
 
     @property

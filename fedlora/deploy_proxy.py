@@ -144,7 +144,41 @@ http {{
             return 404;
         }}
     }}
-}}
+{_mlflow_server(proxy, paths)}}}
+"""
+
+
+def _mlflow_server(proxy: ProxySection, paths: ProxyPaths) -> str:
+    """The MLflow UI's own listener (``proxy.mlflow-upstream``), or nothing.
+
+    MLflow authenticates nobody: the listener is for the coordinator host (loopback, checked
+    in the config), TLS with the project certificate; the hop to MLflow is plain HTTP on the
+    internal network or loopback. The Host header is passed on as the browser sent it, for
+    MLflow's own host and origin checks (``--allowed-hosts``, ``--cors-allowed-origins``).
+    """
+    if proxy.mlflow_upstream is None:
+        return ""
+    listen = f"[{proxy.mlflow_host}]" if ":" in proxy.mlflow_host else proxy.mlflow_host
+    return f"""
+    upstream mlflow {{
+        server {proxy.mlflow_upstream};
+        keepalive 4;
+    }}
+
+    # The MLflow tracking UI: for the coordinator host only, as the Control API is.
+    server {{
+        listen {listen}:{proxy.mlflow_port} ssl;
+        ssl_certificate {paths.certs / TLS_CERT};
+        ssl_certificate_key {paths.certs / TLS_KEY};
+        ssl_protocols TLSv1.2 TLSv1.3;
+
+        location / {{
+            proxy_pass http://mlflow;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }}
+    }}
 """
 
 

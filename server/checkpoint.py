@@ -44,9 +44,17 @@ class Checkpoint:
     rng_state: torch.Tensor | None = None  # torch CPU generator state of the coordinator
 
 
+# Config sections that change nothing a run computes: left out of the digest, so a run may be
+# resumed with another value (another tracking server), and a checkpoint made before such a
+# section existed still resumes.
+UNDIGESTED_SECTIONS = ("tracking",)
+
+
 def config_digest(config_json: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of the run config (resume refuses another config)."""
-    text = json.dumps(config_json, sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the canonical JSON of the run config (resume refuses another config), less
+    the ``UNDIGESTED_SECTIONS``."""
+    digested = {k: v for k, v in config_json.items() if k not in UNDIGESTED_SECTIONS}
+    text = json.dumps(digested, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

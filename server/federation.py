@@ -68,6 +68,7 @@ from server.init_from import InitSource, check_init_sources, read_init_sources
 from server.metrics import read_metrics, record_round, report_round, run_summary, truncate_metrics
 from server.secure_sum import SecureSumRound
 from server.strategy import FedLoraStrategy, Sealing, StageLog, wait_for_nodes
+from server.tracking import Tracker, check_backend, open_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class Coordinator:
     init_from: dict[str, InitSource] = field(default_factory=dict)
     # federation.fraction-*: draws each stage's cohort (run_federation sets it); None = none.
     sampler: CohortSampler | None = None
+    # tracking.backend: where rounds and versions are mirrored (run_federation opens it).
+    tracker: Tracker = field(default_factory=Tracker)
 
     @property
     def eval_examples(self) -> list[Example]:
@@ -161,6 +164,7 @@ def load_inputs(cfg: RunConfig, deployed: bool = False) -> RunInputs:
     ``deployed``: the sites hold the data, ``data.path`` is not read (see ``run_labels``).
     """
     labels, eval_set = run_labels(cfg, deployed)
+    check_backend(cfg.tracking)  # tracking.backend = 'mlflow' without mlflow: say so now
     init_from = read_init_sources(cfg)  # a bad federation.init-from fails before the model loads
     sent = {name: m for name, m in cfg.modules.items() if m.scope != PRIVATE}
     host = AdapterHost(cfg.model, sent, len(labels) if labels else None)
@@ -307,6 +311,7 @@ def _publish_module(
         round=server_round,
         sha256=version.manifest["sha256"][ADAPTER_FILE],
     )
+    coord.tracker.log_version(version)
     return version.version
 
 
@@ -396,7 +401,13 @@ def _evaluate_and_record(
         server_metrics["dp_delta"] = coord.cfg.privacy.dp.delta
     server_metrics["seconds"] = time.perf_counter() - started
     line = record_round(
-        coord.out_dir, server_round, strategy.version, train_log, eval_log, server_metrics
+        coord.out_dir,
+        server_round,
+        strategy.version,
+        train_log,
+        eval_log,
+        server_metrics,
+        coord.tracker,
     )
     report_round(line)
     coord.audit.append(EVENT_ROUND_COMPLETED, round=server_round, version=strategy.version)
@@ -569,12 +580,36 @@ def _record_failed_round(
     if cohort is not None:
         extra.update(cohort.fields())
     record_round(
-        coord.out_dir, server_round, strategy.version, strategy.train_log, StageLog(), extra
+        coord.out_dir,
+        server_round,
+        strategy.version,
+        strategy.train_log,
+        StageLog(),
+        extra,
+        coord.tracker,
     )
 
 
 def run_federation(grid: Grid, coord: Coordinator, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) every round of ``coord.cfg``; return the summary (also on disk)."""
+    """Run (or resume) every round of ``coord.cfg``; return the summary (also on disk).
+
+    Rounds and versions are mirrored to ``coord.tracker`` (``tracking``): a resumed run
+    continues the tracker's run, and the tracker learns how the run ended.
+    """
+    coord.tracker = open_tracker(coord.cfg, coord.out_dir, resume, coord.run_id)
+    try:
+        summary = _run_rounds(grid, coord, resume)
+    except KeyboardInterrupt:
+        coord.tracker.finish("KILLED")
+        raise
+    except BaseException:
+        coord.tracker.finish("FAILED")
+        raise
+    coord.tracker.finish("FINISHED", coord.out_dir / "summary.json")
+    return summary
+
+
+def _run_rounds(grid: Grid, coord: Coordinator, resume: bool) -> dict[str, Any]:
     cfg, started = coord.cfg, time.perf_counter()
     clock = RoundClock(cfg.federation.rounds)
     strategy = FedLoraStrategy(

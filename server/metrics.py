@@ -11,6 +11,7 @@ from common import protocol as P
 from common.atomic import append_jsonl, write_bytes_atomic
 from common.progress import print_table
 from server.strategy import StageLog
+from server.tracking import Tracker
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -39,7 +40,11 @@ def record_round(
     train: StageLog,
     evaluation: StageLog,
     extra: dict[str, Any],
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
+    """Append the round's line to ``metrics.jsonl`` (the record), then hand it to ``tracker``
+    (a copy: see ``server.tracking``); return it."""
+
     def weighted(log: StageLog, key: str, weight: str) -> float | None:
         pairs = [(m[key], m.get(weight, 0.0)) for m in log.accepted.values() if key in m]
         total = sum(w for _, w in pairs)
@@ -70,6 +75,8 @@ def record_round(
         **extra,
     }
     append_jsonl(run_dir / METRICS_FILE, line)
+    if tracker is not None:
+        tracker.log_round(line)
     return line
 
 

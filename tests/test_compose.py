@@ -62,7 +62,7 @@ def test_an_invalid_key_is_caught(tmp_path: Path) -> None:
 
 def test_coordinator_service_keeps_its_state_and_restarts() -> None:
     services = _config()["services"]
-    assert set(services) == {"coordinator", "proxy"}  # sites and provisioning are opt-in
+    assert set(services) == {"coordinator", "proxy", "mlflow"}  # sites, provisioning opt-in
     coordinator = services["coordinator"]
     assert coordinator["restart"] == "unless-stopped"
     assert coordinator["healthcheck"]["test"][0] == "CMD"
@@ -83,6 +83,7 @@ def test_sites_profile_starts_three_demo_sites() -> None:
 
 def test_demo_configs_parse_as_fedlora_configs(tmp_path: Path) -> None:
     """The inline configs are what `fedlora` reads in the containers: validate them here."""
+    from common.config import TrackingConfig
     from common.site_config import SiteConfig, load_coordinator_config
 
     configs = _config("sites")["configs"]
@@ -97,6 +98,9 @@ def test_demo_configs_parse_as_fedlora_configs(tmp_path: Path) -> None:
         assert site.coordinator.address == "proxy:9092"
     run = tomllib.loads(configs["tiny-run"]["content"])
     assert run["privacy"]["mode"] == "sealed" and run["federation"]["sites"] == 3
+    tracking = TrackingConfig.model_validate(run["tracking"])  # the `mlflow` service
+    assert tracking.backend == "mlflow" and tracking.mlflow_uri == "http://mlflow:5000"
+    assert coordinator.proxy.mlflow_upstream == "mlflow:5000"
 
 
 def test_no_service_mounts_another_partys_keys() -> None:
@@ -112,6 +116,9 @@ def test_no_service_mounts_another_partys_keys() -> None:
         mounts = [m for m in service.get("volumes", []) if m.get("source") == "keys"]
         if name == "provision":  # the enrollment authority: it writes every folder
             continue
+        if name == "mlflow":  # metrics, configs and published adapters: no keys at all
+            assert not mounts, mounts
+            continue
         assert name in own, f"unexpected service {name!r} mounts keys"
         assert mounts, f"{name} has no keys"
         for mount in mounts:
@@ -121,13 +128,17 @@ def test_no_service_mounts_another_partys_keys() -> None:
 
 def test_only_the_proxy_publishes_a_port() -> None:
     """The SuperLink's port also serves the Control API: no service but nginx is published,
-    and the coordinator shares a network only with the proxy."""
+    and the coordinator shares a network only with the proxy (and MLflow). MLflow
+    authenticates nobody: its UI is published on the host's loopback only."""
     config = _config("sites", "provision")
     services = config["services"]
     published = {name for name, service in services.items() if service.get("ports")}
     assert published == {"proxy"}
-    assert [p["target"] for p in services["proxy"]["ports"]] == [9092]
+    ports = {p["target"]: p.get("host_ip") for p in services["proxy"]["ports"]}
+    assert ports == {9092: None, 5443: "127.0.0.1"}
     assert set(services["coordinator"]["networks"]) == {"internal"}
+    assert set(services["mlflow"]["networks"]) == {"internal"}
+    assert services["proxy"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert set(services["proxy"]["networks"]) == {"internal", "edge"}
     assert config["networks"]["internal"]["internal"] is True
     for name, service in services.items():

@@ -98,6 +98,37 @@ def test_the_config_forwards_fleet_and_health_and_refuses_the_rest(tmp_path: Pat
     assert "daemon" not in text  # the command line sets it (the nginx image's default does)
 
 
+def test_the_mlflow_ui_gets_a_loopback_listener_of_its_own(tmp_path: Path) -> None:
+    plain = _config(tmp_path, "port = 19093\n\n[proxy]\nport = 19092\n")
+    paths = ProxyPaths(Path("/certs"), Path("/run/proxy"))
+    assert "mlflow" not in render_nginx_config(plain, paths)  # forwarded only when configured
+    cfg = _config(
+        tmp_path, 'port = 19093\n\n[proxy]\nport = 19092\nmlflow-upstream = "127.0.0.1:5000"\n'
+    )
+    text = render_nginx_config(cfg, paths)
+    assert text.startswith(render_nginx_config(plain, paths).rstrip().removesuffix("}"))
+    mlflow = text.split("upstream mlflow {", 1)[1]
+    assert "server 127.0.0.1:5000;" in mlflow
+    assert "listen 127.0.0.1:5443 ssl;" in mlflow  # the coordinator host only
+    assert "ssl_certificate /certs/superlink.crt;" in mlflow
+    assert mlflow.count("proxy_pass") == 1 and "proxy_pass http://mlflow;" in mlflow
+    assert re.findall(r"location ([^{]+?) \{", text)[-1] == "/"  # the Fleet rules unchanged
+
+
+@pytest.mark.parametrize(
+    ("proxy", "error"),
+    [
+        ('mlflow-host = "0.0.0.0"', r"proxy\.mlflow-host = '0\.0\.0\.0'.*authenticates nobody"),
+        ("port = 5443", r"proxy\.mlflow-port = 5443 is also proxy\.port"),
+    ],
+)
+def test_a_public_or_shared_mlflow_listener_is_refused(
+    tmp_path: Path, proxy: str, error: str
+) -> None:
+    with pytest.raises(ConfigError, match=error):
+        _config(tmp_path, f'[proxy]\nmlflow-upstream = "127.0.0.1:5000"\n{proxy}\n')
+
+
 def test_the_fleet_guard_matches_endpoint_names_only() -> None:
     assert re.match(FLEET_REQUEST_URI, "/v1/fleet/pull-messages")
     for raw in (
@@ -129,7 +160,10 @@ def test_nginx_accepts_the_written_config(keys: Path) -> None:
     if shutil.which("nginx") is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
     path = keys / "coordinator.toml"
-    path.write_text(BASE + 'port = 19093\n\n[proxy]\nhost = "127.0.0.1"\nport = 19092\n')
+    path.write_text(
+        BASE + 'port = 19093\n\n[proxy]\nhost = "127.0.0.1"\nport = 19092\n'
+        'mlflow-upstream = "127.0.0.1:5000"\n'  # its listener is checked too
+    )
     cfg = load_coordinator_config(path)
     config = write_proxy_config(cfg)
     assert config == keys / "state/proxy/nginx.conf"
