@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +44,7 @@ class _Terminal:
     """The terminal's stderr, kept aside while fds 1 and 2 point at /dev/null."""
 
     fd: int | None = None
+    reported: BaseException | None = None
 
     @classmethod
     def mute(cls) -> None:
@@ -57,12 +60,26 @@ class _Terminal:
     def write_line(cls, text: str) -> None:
         os.write(2 if cls.fd is None else cls.fd, (text + "\n").encode())
 
+    @classmethod
+    def write_error(cls, exc: BaseException) -> None:
+        """An error that ends a stopping command: on the terminal, not in /dev/null (once)."""
+        if exc is cls.reported:
+            return
+        cls.reported = exc
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+        cls.write_line(f"fedlora: an error while stopping after the signal:\n{trace}")
+
 
 def _handle(signum: int, frame: FrameType | None) -> None:
     if _Terminal.fd is not None:  # the second signal: leave now, cleaning up nothing
         os._exit(EXIT_CODE)
     _Terminal.mute()
+    sys.excepthook = _report_uncaught  # an error that escapes now must not vanish with stderr
     raise RunInterrupted(signum)
+
+
+def _report_uncaught(kind: type[BaseException], exc: BaseException, trace: Any) -> None:
+    _Terminal.write_error(exc)
 
 
 @contextmanager
@@ -80,7 +97,9 @@ def stop_on_signals() -> Iterator[None]:
         yield
     except RunInterrupted:
         raise
-    except BaseException:
+    except BaseException as exc:
+        if _Terminal.fd is not None:  # interrupted, then something else failed while stopping
+            _Terminal.write_error(exc)
         _restore(previous)
         raise
     _restore(previous)

@@ -5,6 +5,9 @@ A terminal's Ctrl-C sends SIGINT to the whole foreground process group. The comm
 within seconds with one line (which arm ran, what is finished, the command that goes on), no
 traceback and no process of its session left; the arms already measured stay on disk and are
 not measured again.
+
+The commands use the test process's Ray cluster (``tests/helpers/shared_ray.py``): what Ctrl-C
+does to a Ray that fedlora started itself is ``tests/test_interrupt.py``'s to check.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def _interrupt(
 ) -> tuple[int, str]:
     """Start ``fedlora ARGS``, send its process group SIGINT once ``when()`` holds; its exit
     code and output. Fails if it ends before, does not stop in time or leaves a process."""
-    proc = start_job(args, tmp_path, ray_dir, log)
+    proc = start_job(args, tmp_path, ray_dir, log, own_ray=False)
     try:
         deadline = time.monotonic() + 600
         while not when():
@@ -60,7 +63,7 @@ def _interrupt(
 
 def _finish(args: list[str], tmp_path: Path, ray_dir: Path, log: Path) -> str:
     """Run ``fedlora ARGS`` to its end (exit code 0); its output."""
-    proc = start_job(args, tmp_path, ray_dir, log)
+    proc = start_job(args, tmp_path, ray_dir, log, own_ray=False)
     try:
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:

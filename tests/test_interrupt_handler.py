@@ -64,6 +64,37 @@ def test_first_signal_raises_and_the_second_exits_at_once(tmp_path: Path, first:
     assert b"Traceback" not in result.stdout + result.stderr  # the terminal was muted
 
 
+# Interrupted, then stopping fails: the error must reach the terminal (once), not /dev/null,
+# or the command ends with rc 1 and no word (seen in CI, 2026-12-07). "inside": it escapes the
+# guarded block and the command's own handler swallows it (as fedlora's main does with a
+# FedloraError); "after": it escapes to the top (as an error in writing the resume line would).
+FAILED_STOP = """
+import os, signal
+from fedlora.interrupt import RunInterrupted, stop_on_signals
+try:
+    with stop_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except RunInterrupted:
+            if "{where}" == "inside":
+                raise ValueError("stopping broke")
+            raise
+except ValueError:
+    os._exit(1)
+except RunInterrupted:
+    raise ValueError("stopping broke")
+"""
+
+
+@pytest.mark.parametrize("where", ["inside", "after"])
+def test_an_error_while_stopping_reaches_the_terminal_once(where: str) -> None:
+    result = _run(FAILED_STOP.format(where=where))
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert stderr.count("an error while stopping after the signal") == 1, stderr
+    assert "ValueError: stopping broke" in stderr and "RunInterrupted" in stderr, stderr
+
+
 def test_an_ignored_sigint_stays_ignored() -> None:
     script = """
     import os, signal

@@ -9,7 +9,8 @@ disconnects (the run's actors end with its job). Running on an existing cluster 
 fedlora setting in its own right (``fedlora/simulate.py:backend_config``).
 
 Commands that a test kills or interrupts keep their own local Ray (``job_env`` drops
-``RAY_ADDRESS``), so the default path, Ray started and stopped by fedlora itself, stays tested.
+``RAY_ADDRESS`` unless asked not to), so the default path, Ray started and stopped by fedlora
+itself, stays tested.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def start_cluster(folder: Path) -> str:
         text=True,
         timeout=180,
         check=False,
+        start_new_session=True,  # out of the test process's group: no test's cleanup reaches it
     )
     if done.returncode != 0:
         raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")

@@ -29,11 +29,14 @@ def fedlora(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def job_env(tmp_path: Path, ray_dir: Path) -> dict[str, str]:
+def job_env(tmp_path: Path, ray_dir: Path, own_ray: bool = True) -> dict[str, str]:
     """The environment of a command started as a job: Ray and Flower in ``ray_dir``, scratch
-    folders under ``tmp_path/tmp`` (where one left behind would show)."""
+    folders under ``tmp_path/tmp`` (where one left behind would show). ``own_ray``: the job
+    starts (and on a signal stops) its own Ray, rather than using the test process's cluster
+    (``tests/helpers/shared_ray.py``)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # output in order, nothing held in a buffer
-    env.pop("RAY_ADDRESS", None)  # a job that is interrupted or killed starts its own Ray
+    if own_ray:
+        env.pop("RAY_ADDRESS", None)
     env["RAY_TMPDIR"] = str(ray_dir)
     env["FLWR_HOME"] = str(ray_dir / "flwr")
     env["TMPDIR"] = str(tmp_path / "tmp")
@@ -42,10 +45,11 @@ def job_env(tmp_path: Path, ray_dir: Path) -> dict[str, str]:
 
 
 def start_job(
-    args: Sequence[str], tmp_path: Path, ray_dir: Path, log: Path
+    args: Sequence[str], tmp_path: Path, ray_dir: Path, log: Path, own_ray: bool = True
 ) -> subprocess.Popen[bytes]:
     """``python -m fedlora.cli ARGS`` as a terminal starts a job: its own process group and
-    session, SIGINT handled; its output (both streams) goes to ``log``."""
+    session, SIGINT handled; its output (both streams) goes to ``log``. ``own_ray``: see
+    ``job_env``."""
     # A background job inherits SIGINT ignored, and so would the command (which then keeps
     # ignoring it, as it should): a handled SIGINT in this process is reset to the default in
     # the child.
@@ -55,7 +59,7 @@ def start_job(
             return subprocess.Popen(
                 [sys.executable, "-m", "fedlora.cli", *args],
                 cwd=REPO,
-                env=job_env(tmp_path, ray_dir),
+                env=job_env(tmp_path, ray_dir, own_ray),
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, as a terminal job has
