@@ -108,6 +108,43 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def start_local_ray(backend: dict[str, Any]) -> None:
+    """Start Ray from the main thread with SIGINT ignored, as Flower's backend would start it
+    (it then finds Ray running and uses it).
+
+    Ray's daemons (GCS, raylet) join this process group, and a terminal's Ctrl-C reaches the
+    whole group: a raylet killed by it takes the sites' workers with it, and the coordinator's
+    thread logs their deaths before its own handler has muted the terminal. An ignored SIGINT
+    is inherited, so only this process reacts, and stops Ray itself (``stop_for_exit``). The
+    handlers in place before (fedlora's, or Ray's SIGTERM one) are put back. A cluster named
+    by ``RAY_ADDRESS`` is left to Flower to connect to.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Flower's own start (flwr/server/superlink/fleet/vce/backend/raybackend.py): the workers
+    # get this process's import path.
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.init(
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            include_dashboard=False,
+            **backend["init_args"],
+        )
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
 # How long an interrupted run waits for a write in progress to finish before it exits anyway.
 WRITE_GRACE_SECONDS = 10.0
 
@@ -280,12 +317,14 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, A
             sealing, site_keys = provision_keys(cfg, out_dir)
             coord = prepare(cfg, out_dir, sealing, inputs=inputs)
             logging.getLogger("ray._private.worker").addFilter(_RAY_FILTER)
+            backend = backend_config(cfg)
+            start_local_ray(backend)
             run_in_thread(
                 lambda: run_simulation(
                     server_app=make_server_app(coord, resume=resume),
                     client_app=make_client_app(cfg, site_keys, out_dir / SITES_FOLDER),
                     num_supernodes=cfg.federation.sites,
-                    backend_config=backend_config(cfg),
+                    backend_config=backend,
                 )
             )
         except RunInterrupted:
