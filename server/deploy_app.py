@@ -102,8 +102,8 @@ def run_deployed(grid: Grid, run: DeployedRun) -> None:
         run_federation(grid, coord, resume=resume)
 
 
-# Flower registers a simulation's virtual SuperNodes all at once, just after it starts the
-# ServerApp (which loads the base model first): seconds to wait for them.
+# Flower registers a simulation's virtual SuperNodes in one loop, just after it starts the
+# ServerApp's thread (which first imports the app, seconds): how long to wait for them.
 VIRTUAL_NODES_SECONDS = 30.0
 
 
