@@ -44,8 +44,8 @@ from common.errors import FedloraError
 from common.keys import COORDINATOR_KEY_NAME, generate_site_key, public_path_for
 from common.registry import Registry
 from fedlora.simulate import (
-    backend_config,
     provision_keys,
+    run_in_simulation_runtime,
     scratch_folders,
     set_offline_environment,
     simulate,
@@ -142,12 +142,8 @@ def run_faulty(out: Path, overrides: list[str], faults: tuple[Fault, ...]) -> No
     plan.marks.mkdir()
     app = faulty_app(make_client_app(cfg, SiteKeys(out / "keys"), out / "sites"), plan)
     with scratch_folders(), RunDirLock(out):
-        from flwr.simulation import run_simulation  # after the environment is set
-
         coord = prepare(cfg, out, sealing)
-        run_simulation(
-            make_server_app(coord), app, cfg.federation.sites, backend_config=backend_config(cfg)
-        )
+        run_in_simulation_runtime(make_server_app(coord), app, cfg)
 
 
 def by_round(out: Path) -> dict[int, dict[str, Any]]:

@@ -9,6 +9,9 @@ itself only decodes, seals and signs (no transformers, peft or datasets imported
 Without ``site-worker`` (a SuperNode started by hand), the site is built in the ClientApp
 process from the config file (the site's own data file, no partitioning, only the held-out
 split; its own model location and device), and the process keeps each runtime it built.
+
+In a ``flwr run .`` simulation (``common.app_run_config``) the same component serves virtual
+sites instead: ``client.app.make_client_app`` over the run's config and keys folder.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from flwr.app import Context
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
-from client.app import SiteKeys, client_app
+from client.app import SiteKeys, client_app, make_client_app
 from client.remote_site import RemoteSite
 from client.site_api import Site
-from common.config import SitePlan, SitePolicy
+from common.app_run_config import SimulatedRun, simulated_run
+from common.config import SitePlan, SitePolicy, load_config
 from common.errors import ConfigError
 from common.keys import CoordinatorPublicKey, KeyMaterialError
 from common.modules import site_groups, site_modules
@@ -177,4 +182,42 @@ def node_policy(site_id: str) -> SitePolicy:
     return _POLICIES[site_id]
 
 
-app = client_app(node_site, BundleKeys(), node_policy)
+DEPLOYED_APP = client_app(node_site, BundleKeys(), node_policy)
+# Per process: a simulation's ClientApp for each run (its config parsed once).
+_SIMULATED: dict[SimulatedRun, ClientApp] = {}
+
+
+def app_for(context: Context) -> ClientApp:
+    """The deployed site's ClientApp, or the virtual sites' of a ``flwr run .`` simulation."""
+    run = simulated_run(context.run_config, context.run_id)
+    if run is None:
+        return DEPLOYED_APP
+    if NODE_CONFIG_KEY in context.node_config:
+        raise ConfigError(
+            "this run names no coordinator keys folder (run config 'keys'), so it is a "
+            "`flwr run .` simulation; a deployed site takes part only in runs that "
+            "`fedlora coordinator run` submits"
+        )
+    if run not in _SIMULATED:
+        cfg = load_config(run.config)
+        keys = None if cfg.privacy.mode == "none" else SiteKeys(run.keys)
+        _SIMULATED[run] = make_client_app(cfg, keys, run.sites)
+    return _SIMULATED[run]
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return app_for(context)(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return app_for(context)(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return app_for(context)(msg, context)

@@ -7,6 +7,9 @@ nothing is packaged and no data leaves the repository.
 Flower's runtime runs in a worker thread while the main thread waits for it, so that Ctrl-C
 and SIGTERM reach fedlora's handlers (``fedlora/interrupt.py``) rather than Ray's, which
 ``ray.init`` installs when it is called from the main thread.
+
+``flwr run .`` runs the same federation through Flower's supported entry point instead
+(``common/app_run_config.py``); see ``run_in_simulation_runtime`` for why this one stays.
 """
 
 from __future__ import annotations
@@ -23,31 +26,24 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.app import SiteKeys, make_client_app
-from common.allow_list import add_site, load_allow_list
+from common.app_run_config import KEYS_FOLDER, SITES_FOLDER
 from common.atomic import hold_writes
 from common.config import RunConfig
-from common.instructions import INSTRUCTION_KEY_ID, INSTRUCTION_PUBLIC_NAME, instruction_key_path
-from common.keys import (
-    COORDINATOR_KEY_NAME,
-    PRIVATE_SUFFIX,
-    export_public,
-    generate_coordinator_key,
-    generate_site_key,
-    load_coordinator_private,
-    load_site_private,
-    public_path_for,
-)
 from common.progress import print_message
-from common.roster import ENROLL_KEY_ID, ENROLL_KEY_NAME, roster_bytes
 from fedlora.deploy_flower import OFFLINE_ENVIRONMENT
 from fedlora.interrupt import RunInterrupted
 from server.app import make_server_app
 from server.federation import load_inputs, prepare
 from server.rundir import RunDirLock, check_start
+from server.simulation_keys import provision_keys as provision_simulation_keys
 from server.strategy import Sealing
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
 
 logger = logging.getLogger(__name__)
 
@@ -248,53 +244,30 @@ def stop_leftovers(grace: float) -> None:
             return
 
 
-# Each virtual site's own store (what a deployed site keeps on its machine): <out>/sites/<id>.
-SITES_FOLDER = "sites"
-
-
 def provision_keys(cfg: RunConfig, out_dir: Path) -> tuple[Sealing | None, SiteKeys | None]:
-    """Keys in simulation: the coordinator's envelope and instruction keys, one signing key per
-    virtual site.
+    """Keys in simulation (``server.simulation_keys``): the coordinator's, and the virtual
+    sites' folder (None in privacy mode ``none``)."""
+    sealing = provision_simulation_keys(cfg, out_dir)
+    return sealing, None if sealing is None else SiteKeys(out_dir / KEYS_FOLDER)
 
-    Missing keys are created under ``<out>/keys`` (private halves 0600) and every site is
-    enrolled in the allow-list; existing ones (a resumed run, or ``privacy.coordinator-key``
-    and ``privacy.allow-list`` from the config) are used as they are.
+
+def run_in_simulation_runtime(server_app: ServerApp, client_app: ClientApp, cfg: RunConfig) -> None:
+    """Run ``server_app`` with ``cfg.federation.sites`` virtual sites in this process.
+
+    The one call of ``flwr.simulation.run_simulation``, which Flower 1.42 marks deprecated in
+    favour of ``flwr run``. Flower 1.42 has no supported in-process entry point: ``flwr run``
+    packages the app and hands it to a local SuperLink that outlives the command, so apps built
+    from the parsed config (``--set``, ``--resume``, comparison arms) and Ctrl-C handled here
+    (``fedlora/interrupt.py``) need this one.
     """
-    if cfg.privacy.mode == "none":
-        return None, None
-    folder = out_dir / "keys"
-    coordinator_key = cfg.privacy.coordinator_key or folder / COORDINATOR_KEY_NAME
-    if not coordinator_key.exists():
-        generate_coordinator_key(folder, kem=cfg.privacy.kem)
-    if not public_path_for(folder / COORDINATOR_KEY_NAME).exists():
-        export_public(coordinator_key, public_path_for(folder / COORDINATOR_KEY_NAME))
-    allow_list = cfg.privacy.allow_list or folder / "allow-list.json"
-    for index in range(cfg.federation.sites):
-        site = f"site-{index}"
-        if not (folder / f"{site}{PRIVATE_SUFFIX}").exists():
-            key = generate_site_key(folder, site)
-            if cfg.privacy.allow_list is None:
-                add_site(allow_list, site, public_path_for(key))
-    instruction = instruction_key_path(coordinator_key)
-    if not instruction.exists():
-        generate_site_key(instruction.parent, INSTRUCTION_KEY_ID)
-    if not (folder / INSTRUCTION_PUBLIC_NAME).exists():  # what every site pins
-        export_public(instruction, folder / INSTRUCTION_PUBLIC_NAME)
-    # The enrollment authority (here, the simulation itself) signs the roster of site keys.
-    enroll = folder / ENROLL_KEY_NAME
-    if not enroll.exists():
-        generate_site_key(folder, ENROLL_KEY_ID)
-    enrolled = load_allow_list(allow_list)
-    roster = roster_bytes(
-        {site: enrolled.public_key(site) for site in enrolled}, load_site_private(enroll)
+    from flwr.simulation import run_simulation  # after the environment is set
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.federation.sites,
+        backend_config=backend_config(cfg),
     )
-    sealing = Sealing(
-        load_coordinator_private(coordinator_key),
-        enrolled,
-        load_site_private(instruction),
-        roster,
-    )
-    return sealing, SiteKeys(folder)
 
 
 def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -311,22 +284,14 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, A
     )
     inputs = load_inputs(cfg)
     with scratch_folders(), RunDirLock(out_dir):
-        from flwr.simulation import run_simulation  # after the environment is set
-
         try:
             sealing, site_keys = provision_keys(cfg, out_dir)
             coord = prepare(cfg, out_dir, sealing, inputs=inputs)
             logging.getLogger("ray._private.worker").addFilter(_RAY_FILTER)
-            backend = backend_config(cfg)
-            start_local_ray(backend)
-            run_in_thread(
-                lambda: run_simulation(
-                    server_app=make_server_app(coord, resume=resume),
-                    client_app=make_client_app(cfg, site_keys, out_dir / SITES_FOLDER),
-                    num_supernodes=cfg.federation.sites,
-                    backend_config=backend,
-                )
-            )
+            server_app = make_server_app(coord, resume=resume)
+            client_app = make_client_app(cfg, site_keys, out_dir / SITES_FOLDER)
+            start_local_ray(backend_config(cfg))
+            run_in_thread(lambda: run_in_simulation_runtime(server_app, client_app, cfg))
         except RunInterrupted:
             stop_for_exit()  # then the folders above are removed and the lock released
             raise

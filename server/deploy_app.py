@@ -1,13 +1,18 @@
-"""The deployed coordinator's ServerApp, run by the SuperLink for ``fedlora coordinator run``.
+"""The ServerApp that ``flwr run`` starts: a deployed coordinator, or a ``flwr run .`` simulation.
 
-Its run config (``[tool.flwr.app.config]`` in pyproject.toml, set by ``flwr run --run-config``)
-names the fedlora run config file, the run directory and the coordinator's keys folder, all
-absolute paths on the coordinator. A run directory that holds a checkpoint is resumed from its
-last completed round, so resubmitting after a coordinator restart finishes the run.
+A deployed run (``fedlora coordinator run``): the run config (``[tool.flwr.app.config]`` in
+pyproject.toml, set by ``flwr run --run-config``) names the fedlora run config file, the run
+directory and the coordinator's keys folder, all absolute paths on the coordinator. A run
+directory that holds a checkpoint is resumed from its last completed round, so resubmitting
+after a coordinator restart finishes the run.
+
+A simulation (``keys`` empty; ``common.app_run_config`` tells the two apart): the keys are made
+in a fresh run folder, as ``fedlora simulate`` makes them.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.allow_list import load_allow_list
+from common.app_run_config import KEY_CONFIG, KEY_KEYS, KEY_OUT, SimulatedRun, simulated_run
 from common.config import RunConfig, load_config
 from common.errors import ConfigError
 from common.instructions import instruction_key_path
@@ -24,12 +30,9 @@ from common.roster import ROSTER_FILE
 from server.checkpoint import CHECKPOINT_FILE
 from server.federation import prepare, run_federation
 from server.rundir import RunDirLock, check_start
+from server.simulation_keys import provision_keys
 from server.strategy import Sealing
 
-# Keys of the app's run config (pyproject.toml [tool.flwr.app.config]).
-KEY_CONFIG = "config"
-KEY_OUT = "out"
-KEY_KEYS = "keys"
 ALLOW_LIST_NAME = "allow-list.json"
 
 
@@ -99,9 +102,46 @@ def run_deployed(grid: Grid, run: DeployedRun) -> None:
         run_federation(grid, coord, resume=resume)
 
 
+# Flower registers a simulation's virtual SuperNodes in one loop, just after it starts the
+# ServerApp's thread (which first imports the app, seconds): how long to wait for them.
+VIRTUAL_NODES_SECONDS = 30.0
+
+
+def count_virtual_nodes(grid: Grid, timeout: float = VIRTUAL_NODES_SECONDS) -> int:
+    """The number of a simulation's SuperNodes, once two looks 0.5 s apart agree."""
+    deadline, seen = time.monotonic() + timeout, -1
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if (count and count == seen) or time.monotonic() > deadline:
+            return count
+        seen = count
+        time.sleep(0.5)
+
+
+def run_simulated(grid: Grid, run: SimulatedRun) -> None:
+    """Run the simulation ``run`` names in a fresh run folder: one site per SuperNode."""
+    cfg = load_config(run.config)
+    check_start(run.out, resume=False)
+    nodes = count_virtual_nodes(grid)
+    if nodes != cfg.federation.sites:  # else it would wait federation.round-timeout for them
+        raise ConfigError(
+            f"this simulation has {nodes} SuperNodes but {run.config} has federation.sites = "
+            f"{cfg.federation.sites}; run flwr run . --federation-config "
+            f'"num-supernodes={cfg.federation.sites}"'
+        )
+    print_message(f"flwr run simulation of {run.config}: {nodes} sites, output {run.out}")
+    with RunDirLock(run.out):
+        coord = prepare(cfg, run.out, provision_keys(cfg, run.out))
+        run_federation(grid, coord)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_deployed(grid, DeployedRun.from_run_config(dict(context.run_config)))
+    simulation = simulated_run(context.run_config, context.run_id)
+    if simulation is not None:
+        run_simulated(grid, simulation)
+    else:
+        run_deployed(grid, DeployedRun.from_run_config(dict(context.run_config)))
