@@ -24,30 +24,60 @@ def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 
-def imported_modules() -> set[str]:
-    """Top-level names of the modules the packages import, outside the standard library."""
-    names = set()
+def _top_level(name: str) -> str:
+    return name.split(".")[0]
+
+
+def imported_modules() -> tuple[set[str], set[str]]:
+    """Top-level names of the modules the packages import, outside the standard library:
+    those a module imports when it loads, and those imported only inside a function (where an
+    optional extra's package may be, imported when its feature is used)."""
+    at_load: set[str] = set()
+    everywhere: set[str] = set()
     for package in PACKAGES:
         for path in (REPO / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            nested = {
+                id(inner)
+                for node in ast.walk(tree)
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                for inner in ast.walk(node)
+            }
+            for node in ast.walk(tree):
+                names: set[str] = set()
                 if isinstance(node, ast.Import):
-                    names |= {alias.name.split(".")[0] for alias in node.names}
+                    names = {_top_level(alias.name) for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - set(PACKAGES)
+                    names = {_top_level(node.module)}
+                everywhere |= names
+                if id(node) not in nested:
+                    at_load |= names
+    outside = set(sys.stdlib_module_names) | set(PACKAGES)
+    return at_load - outside, everywhere - at_load - outside
 
 
-def test_every_imported_package_is_declared() -> None:
-    declared = {
-        re.split(r"[\[<>=!~; ]", spec, maxsplit=1)[0].lower()
-        for spec in pyproject()["project"]["dependencies"]
-    }
+def _missing(modules: set[str], declared: set[str]) -> list[str]:
     distributions = importlib.metadata.packages_distributions()
     missing = []
-    for module in sorted(imported_modules()):
+    for module in sorted(modules):
         names = {name.lower() for name in distributions.get(module, [module])}
         if not names & (declared | MODEL_PACKAGES):
             missing.append(f"{module} ({', '.join(sorted(names))})")
+    return missing
+
+
+def _names(specs: list[str]) -> set[str]:
+    return {re.split(r"[\[<>=!~; ]", spec, maxsplit=1)[0].lower() for spec in specs}
+
+
+def test_every_imported_package_is_declared() -> None:
+    """What a module imports when it loads is a dependency; what only a function imports may
+    also come from an optional extra (``pip install 'fedlora[mlflow]'``)."""
+    project = pyproject()["project"]
+    declared = _names(project["dependencies"])
+    extras = {name for specs in project["optional-dependencies"].values() for name in _names(specs)}
+    at_load, in_functions = imported_modules()
+    missing = _missing(at_load, declared) + _missing(in_functions, declared | extras)
     assert missing == [], f"imported but not in [project] dependencies: {missing}"
 
 

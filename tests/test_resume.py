@@ -25,7 +25,7 @@ from tests.helpers.subprocesses import kill_everything, rounds_done
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-ROUNDS = 4
+ROUNDS = 3  # a kill in round 2 and one after v0002 both leave rounds to resume
 SETTINGS = [
     f"federation.rounds={ROUNDS}",
     "modules.style.scope='private'",
@@ -47,22 +47,29 @@ def _args(settings: list[str]) -> list[str]:
     return ["examples/tiny.toml", *(arg for item in settings for arg in ("--set", item))]
 
 
-def _env(ray_dir: Path) -> dict[str, str]:
+def _env(ray_dir: Path, own_ray: bool) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # SIGKILLed with its own Ray (tests/helpers/shared_ray.py)
+    if own_ray:  # a run to be SIGKILLed: with the Ray it started, as a user's would be
+        env.pop("RAY_ADDRESS", None)
     env["RAY_TMPDIR"] = str(ray_dir)
     env["FLWR_HOME"] = str(ray_dir / "flwr")
     return env
 
 
 def _start(
-    out: Path, ray_dir: Path, resume: bool = False, settings: list[str] = SETTINGS
+    out: Path,
+    ray_dir: Path,
+    resume: bool = False,
+    settings: list[str] = SETTINGS,
+    own_ray: bool = True,
 ) -> subprocess.Popen[bytes]:
+    """``fedlora simulate`` as a process of its own; ``own_ray=False``: on the test process's
+    Ray cluster (``tests/helpers/shared_ray.py``), for the runs that are not killed."""
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *_args(settings), "--out", str(out)]
     return subprocess.Popen(
         [*cmd, "--resume"] if resume else cmd,
         cwd=REPO,
-        env=_env(ray_dir),
+        env=_env(ray_dir, own_ray),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: SIGKILL reaches Ray's workers too
@@ -91,7 +98,7 @@ def _digests(out: Path) -> dict[str, str]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     with tempfile.TemporaryDirectory(prefix="ray-") as ray:
-        assert _start(out, Path(ray)).wait(timeout=600) == 0
+        assert _start(out, Path(ray), own_ray=False).wait(timeout=600) == 0
     return out
 
 
@@ -118,13 +125,13 @@ def test_sigkill_then_resume_is_bit_identical(
     kill_everything(proc, ray_dir)
     assert rounds_done(out) < ROUNDS
 
-    resumed = _start(out, ray_dir, resume=True)
+    resumed = _start(out, ray_dir, resume=True, own_ray=False)  # nothing of the first is left
     assert resumed.wait(timeout=600) == 0
 
     assert _versions(out) == list(range(ROUNDS + 1))  # none lost, none duplicated
     digests = _digests(out)
     assert digests == _digests(reference)  # every version, every module and site: identical
-    assert "('sites', 'site-1')/style/v0004" in digests  # the private module resumed too
+    assert f"('sites', 'site-1')/style/v{ROUNDS:04d}" in digests  # the private module resumed too
     assert "('sites', 'site-1')/qa/v0000" not in digests  # site-1 is not in group qa
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(ROUNDS + 1))
@@ -140,7 +147,7 @@ def _cohorts(out: Path) -> list[tuple[list[str] | None, list[str] | None]]:
 def sampled_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sampled-reference") / "run"
     with tempfile.TemporaryDirectory(prefix="ray-") as ray:
-        assert _start(out, Path(ray), settings=SAMPLED).wait(timeout=600) == 0
+        assert _start(out, Path(ray), settings=SAMPLED, own_ray=False).wait(timeout=600) == 0
     return out
 
 
@@ -160,7 +167,7 @@ def test_sampled_run_killed_and_resumed_is_bit_identical(
     kill_everything(proc, ray_dir)
     assert rounds_done(out) < ROUNDS
 
-    resumed = _start(out, ray_dir, resume=True, settings=SAMPLED)
+    resumed = _start(out, ray_dir, resume=True, settings=SAMPLED, own_ray=False)
     assert resumed.wait(timeout=600) == 0
 
     assert _versions(out) == list(range(ROUNDS + 1))
