@@ -26,7 +26,7 @@ from tests.helpers.subprocesses import (
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 6
+ROUNDS = 4  # the signal comes once round 1 is recorded; 2 to 3 rounds are left to resume
 SETTINGS = [f"federation.rounds={ROUNDS}", "train.local-steps=2"]
 ARGS = ["examples/tiny.toml", *(arg for item in SETTINGS for arg in ("--set", item))]
 STOP_SECONDS = 30  # the target is 5 s; this leaves room for a loaded test machine
@@ -35,8 +35,10 @@ STOP_SECONDS = 30  # the target is 5 s; this leaves room for a loaded test machi
 def _start(
     out: Path, tmp_path: Path, ray_dir: Path, log: Path, resume: bool = False
 ) -> subprocess.Popen[bytes]:
+    """The interrupted run starts (and must stop) its own Ray; the resumed one, never signalled,
+    uses the test process's cluster (``tests/helpers/shared_ray.py``)."""
     args = ["simulate", *ARGS, "--out", str(out), *(["--resume"] if resume else [])]
-    return start_job(args, tmp_path, ray_dir, log)
+    return start_job(args, tmp_path, ray_dir, log, own_ray=not resume)
 
 
 @pytest.mark.parametrize("how", ["sigint-to-group", "sigterm-to-process"])
