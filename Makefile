@@ -52,7 +52,7 @@ unit: setup
 # and the costliest files start first (tests/conftest.py), so the two finish together.
 WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 bench: setup
 	$(BIN)/python benchmarks/bench_communication.py
