@@ -82,21 +82,27 @@ def _one_round_tiny(folder: Path) -> Path:
     return path
 
 
+def _run_once(config: Path, out: Path, supernodes: int, ray_dir: Path) -> str:
+    """``flwr run .`` of ``config`` into ``out`` on a local SuperLink of its own (stopped
+    after); the command's output."""
+    try:
+        return flwr_run(
+            "--run-config",
+            f"config='{config}' out='{out}'",
+            "--federation-config",
+            f"num-supernodes={supernodes}",
+            env=local_env(ray_dir / "flwr", ray_dir),
+        )
+    finally:
+        stop_local_superlink(ray_dir / "flwr", ray_dir)
+
+
 @pytest.mark.slow
 def test_flwr_run_simulates_the_fedlora_apps(tmp_path: Path, ray_dir: Path) -> None:
     """The same components ``fedlora coordinator run`` deploys, under ``flwr run .`` with its
     local simulation SuperLink: one site per virtual SuperNode, a sealed round published."""
     config, out = _one_round_tiny(tmp_path), tmp_path / "run"
-    try:
-        log = flwr_run(
-            "--run-config",
-            f"config='{config}' out='{out}'",
-            "--federation-config",
-            "num-supernodes=3",
-            env=local_env(ray_dir / "flwr", ray_dir),
-        )
-    finally:
-        stop_local_superlink(ray_dir / "flwr", ray_dir)
+    log = _run_once(config, out, 3, ray_dir)
     assert "Starting local SuperLink" in log and (out / "metrics.jsonl").is_file(), log[-3000:]
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").open()]
     assert rounds == [0, 1], log[-3000:]
@@ -111,15 +117,6 @@ def test_flwr_run_simulates_the_fedlora_apps(tmp_path: Path, ray_dir: Path) -> N
 def test_flwr_run_names_a_missing_config(tmp_path: Path, ray_dir: Path) -> None:
     """``flwr run --stream`` exits 0 when the run fails: the message must be in its output."""
     missing, out = tmp_path / "missing.toml", tmp_path / "run"
-    try:
-        log = flwr_run(
-            "--run-config",
-            f"config='{missing}' out='{out}'",
-            "--federation-config",
-            "num-supernodes=1",
-            env=local_env(ray_dir / "flwr", ray_dir),
-        )
-    finally:
-        stop_local_superlink(ray_dir / "flwr", ray_dir)
+    log = _run_once(missing, out, 1, ray_dir)
     assert f"run config 'config' = '{missing}': {missing} is not a file" in log, log[-3000:]
     assert not out.exists()
