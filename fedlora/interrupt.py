@@ -100,12 +100,13 @@ def stop_on_signals() -> Iterator[None]:
     except BaseException as exc:
         if _Terminal.fd is not None:  # interrupted, then something else failed while stopping
             _Terminal.write_error(exc)
-        _restore(previous)
+        restore_handlers(previous)
         raise
-    _restore(previous)
+    restore_handlers(previous)
 
 
-def _restore(previous: dict[signal.Signals, _Handler]) -> None:
+def restore_handlers(previous: dict[signal.Signals, _Handler]) -> None:
+    """Put back the handlers ``signal.getsignal`` returned (None: not set from Python)."""
     for signum, handler in previous.items():
         if handler is not None:  # None: not set from Python, nothing to put back
             signal.signal(signum, handler)

@@ -34,7 +34,7 @@ from common.atomic import hold_writes
 from common.config import RunConfig
 from common.progress import print_message
 from fedlora.deploy_flower import OFFLINE_ENVIRONMENT
-from fedlora.interrupt import RunInterrupted
+from fedlora.interrupt import RunInterrupted, restore_handlers
 from server.app import make_server_app
 from server.federation import load_inputs, prepare
 from server.rundir import RunDirLock, check_start
@@ -136,9 +136,7 @@ def start_local_ray(backend: dict[str, Any]) -> None:
             **backend["init_args"],
         )
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+        restore_handlers(previous)
 
 
 # How long an interrupted run waits for a write in progress to finish before it exits anyway.

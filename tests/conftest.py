@@ -37,7 +37,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def shared_ray_cluster() -> Iterator[str]:
     """This test process's Ray cluster (``tests/helpers/shared_ray.py``), its address in
     ``RAY_ADDRESS`` while the process runs."""
-    from tests.helpers.shared_ray import start_cluster, stop_cluster
+    from tests.helpers.shared_ray import start_cluster
+    from tests.helpers.subprocesses import kill_ray_processes
 
     folder = _SCRATCH / "cluster"
     address = start_cluster(folder)
@@ -46,7 +47,7 @@ def shared_ray_cluster() -> Iterator[str]:
         yield address
     finally:
         os.environ.pop("RAY_ADDRESS", None)
-        stop_cluster(folder)
+        kill_ray_processes(folder)
 
 
 @pytest.fixture(scope="module", autouse=True)

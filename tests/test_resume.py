@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import pytest
 
 from common.registry import Registry
 from common.registry_format import ADAPTER_FILE
-from tests.helpers.subprocesses import kill_everything, rounds_done
+from tests.helpers.subprocesses import kill_everything, ray_env, rounds_done
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +46,6 @@ def _args(settings: list[str]) -> list[str]:
     return ["examples/tiny.toml", *(arg for item in settings for arg in ("--set", item))]
 
 
-def _env(ray_dir: Path, own_ray: bool) -> dict[str, str]:
-    env = dict(os.environ)
-    if own_ray:  # a run to be SIGKILLed: with the Ray it started, as a user's would be
-        env.pop("RAY_ADDRESS", None)
-    env["RAY_TMPDIR"] = str(ray_dir)
-    env["FLWR_HOME"] = str(ray_dir / "flwr")
-    return env
-
-
 def _start(
     out: Path,
     ray_dir: Path,
@@ -69,7 +59,7 @@ def _start(
     return subprocess.Popen(
         [*cmd, "--resume"] if resume else cmd,
         cwd=REPO,
-        env=_env(ray_dir, own_ray),
+        env=ray_env(ray_dir, own_ray),  # own Ray: a run to be SIGKILLed, as a user's would be
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: SIGKILL reaches Ray's workers too

@@ -52,9 +52,3 @@ def start_cluster(folder: Path) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return f"127.0.0.1:{port}"
-
-
-def stop_cluster(folder: Path) -> None:
-    """SIGKILL every process of the cluster in ``folder`` (each names it on its command line;
-    its workers exit with their raylet)."""
-    subprocess.run(["pkill", "-9", "-f", str(folder)], check=False)

@@ -29,16 +29,23 @@ def fedlora(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def job_env(tmp_path: Path, ray_dir: Path, own_ray: bool = True) -> dict[str, str]:
-    """The environment of a command started as a job: Ray and Flower in ``ray_dir``, scratch
-    folders under ``tmp_path/tmp`` (where one left behind would show). ``own_ray``: the job
-    starts (and on a signal stops) its own Ray, rather than using the test process's cluster
-    (``tests/helpers/shared_ray.py``)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # output in order, nothing held in a buffer
+def ray_env(ray_dir: Path, own_ray: bool = True) -> dict[str, str]:
+    """This process's environment with Ray and Flower in ``ray_dir``. ``own_ray``: a command
+    started with it starts (and on a signal stops) its own Ray, rather than using the test
+    process's cluster (``tests/helpers/shared_ray.py``)."""
+    env = dict(os.environ)
     if own_ray:
         env.pop("RAY_ADDRESS", None)
     env["RAY_TMPDIR"] = str(ray_dir)
     env["FLWR_HOME"] = str(ray_dir / "flwr")
+    return env
+
+
+def job_env(tmp_path: Path, ray_dir: Path, own_ray: bool = True) -> dict[str, str]:
+    """The environment of a command started as a job (``ray_env``), its scratch folders under
+    ``tmp_path/tmp`` (where one left behind would show)."""
+    env = ray_env(ray_dir, own_ray)
+    env["PYTHONUNBUFFERED"] = "1"  # output in order, nothing held in a buffer
     env["TMPDIR"] = str(tmp_path / "tmp")
     Path(env["TMPDIR"]).mkdir(exist_ok=True)
     return env
@@ -101,5 +108,10 @@ def kill_everything(proc: subprocess.Popen[bytes], ray_dir: Path) -> None:
     with contextlib.suppress(ProcessLookupError):  # nothing left in the group
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # Ray daemons may have left the group; they carry the session folder on their command line.
-    subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)
+    kill_ray_processes(ray_dir)  # Ray daemons may have left the group
+
+
+def kill_ray_processes(folder: Path) -> None:
+    """SIGKILL every process of the Ray whose files are in ``folder``: each names it on its
+    command line; its workers exit with their raylet."""
+    subprocess.run(["pkill", "-9", "-f", str(folder)], check=False)
