@@ -33,6 +33,7 @@ from common.config import load_config
 from common.errors import FedloraError
 from common.progress import console, print_message
 from common.site_config import CoordinatorConfig, load_coordinator_config
+from fedlora.app_pin import APP_PACKAGES
 from fedlora.deploy_flower import (
     CONNECTION,
     DeployError,
@@ -55,7 +56,6 @@ from fedlora.deploy_proxy import (
 from fedlora.help_text import plain
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent  # pyproject.toml [tool.flwr.app] + packages
-APP_PACKAGES = ("common", "client", "server", "fedlora")
 ACTIVE_RUN = "active-run.json"  # under coordinator.state: the last run submitted
 SUMMARY = "summary.json"  # written by the ServerApp when a run has finished
 READY_TIMEOUT = 60.0  # seconds for the SuperLink to accept connections

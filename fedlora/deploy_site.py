@@ -41,6 +41,7 @@ from common.keys import (
 from common.model_names import looks_like_dataset_name
 from common.progress import console, print_message
 from common.site_config import SiteConfig, load_site_config
+from fedlora.app_pin import write_task_shims
 from fedlora.deploy_flower import executable, flower_env
 from fedlora.deploy_keys import NODE_KEY
 from fedlora.help_text import plain
@@ -163,6 +164,11 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
+def task_shim_folder(site_id: str) -> Path:
+    """Where the site daemon writes its task commands (``fedlora.app_pin``)."""
+    return flwr_home() / "fedlora-tasks" / site_id
+
+
 def _wait_forwarding_signals(child: subprocess.Popen[bytes]) -> int:
     """Wait for ``child``, passing SIGTERM and SIGINT on; its exit code (128 + N if killed)."""
 
@@ -193,7 +199,12 @@ def run_daemon(cfg: SiteConfig, config_path: Path, preloaded: PreloadedBase) -> 
         command = supernode_command(cfg, config_path, socket_path)
         print_message(f"site {cfg.site.id}: starting the SuperNode → {cfg.coordinator.address}")
         watched = [sys.executable, "-m", "fedlora.parent_watch", str(os.getpid()), *command]
-        child = subprocess.Popen(watched, env=site_env(cfg))
+        env = site_env(cfg)
+        # The SuperNode starts each task by name: the site's own commands come first on PATH,
+        # so that only the installed ClientApp runs here (fedlora.app_pin).
+        shims = write_task_shims(task_shim_folder(cfg.site.id))
+        env["PATH"] = os.pathsep.join([str(shims), env["PATH"]])
+        child = subprocess.Popen(watched, env=env)
         return _wait_forwarding_signals(child)
 
 

@@ -324,6 +324,71 @@ def test_outsider_run_is_refused_and_runs_no_code(deployment: Deployment) -> Non
     assert not marker.exists()
 
 
+OPERATOR_SERVER = """\
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + 180  # the sites may still be connecting
+    while len(grid.get_node_ids()) < int(context.run_config["sites"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    nodes = sorted(grid.get_node_ids())
+    asks = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in nodes]
+    replies = grid.send_and_receive(asks, timeout=180)
+    answers = [r.error.reason if r.has_error() else "content" for r in replies]
+    result = {"nodes": len(nodes), "answers": answers}
+    Path(str(context.run_config["result"])).write_text(json.dumps(result))
+"""
+
+
+def test_a_run_whose_app_is_not_the_sites_install_runs_no_code_at_the_sites(
+    deployment: Deployment,
+) -> None:
+    """Even the coordinator's operator cannot make a site run other code than it installed."""
+    app = deployment.root / "operator-app"
+    (app / "op").mkdir(parents=True, exist_ok=True)
+    marker = deployment.root / "operator-code-ran-at-a-site"
+    result = deployment.root / "operator-app-replies.json"
+    (app / "pyproject.toml").write_text(
+        EVIL_PYPROJECT.replace("evil.", "op.").replace('marker = ""', 'result = ""\nsites = 0')
+    )
+    (app / "op/__init__.py").write_text("")
+    (app / "op/server.py").write_text(OPERATOR_SERVER)
+    client = f"from pathlib import Path\n\nPath({str(marker)!r}).write_text('ran')\n"
+    (app / "op/client.py").write_text(client + EVIL_CLIENT)
+    operator = dict(deployment.env, FLWR_HOME=str(deployment.root / "state/flwr"))
+    config = f'result="{result}" sites={len(SITES)}'
+    done = subprocess.run(
+        [str(BIN / "flwr"), "run", str(app), "fedlora", "--run-config", config],
+        cwd=deployment.root,
+        env=operator,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr  # the SuperLink takes the run
+    wait_for(result.is_file, 300, "the operator app's replies")
+    replies = json.loads(result.read_text())
+    assert replies["nodes"] == len(SITES)
+    assert len(replies["answers"]) == len(SITES)
+    for answer in replies["answers"]:  # every site refused, saying why
+        assert "not the fedlora installed at this site" in answer, answer
+    assert not marker.exists()
+    for proc in deployment.procs:  # and the sites are still up for the next run
+        assert proc.poll() is None, f"{proc.args!r} exited"
+
+
 def _flower_paths() -> list[str]:
     """Every Control and Runtime API path of the installed Flower (its own route tables)."""
     from flwr.supercore.routers.runtime.responses import router as responses
