@@ -273,7 +273,8 @@ def _admit(
         verify_instruction(
             msg.content, msg.metadata.message_type, keys.instruction_key(site.site_id)
         )
-    check_plan(policy(site.site_id), plan, header)
+    earlier = site.earlier_releases(str(header[P.KEY_RUN_ID]))
+    check_plan(policy(site.site_id), plan, header, earlier)
 
 
 def _seal(
@@ -418,6 +419,10 @@ def client_app(
                 str(header[P.KEY_RUN_ID]),
                 _control(msg, plan),
             )
+            if plan.dp is not None and plan.clip is not None:  # before anything is sent
+                site.record_release(
+                    str(header[P.KEY_RUN_ID]), server_round, plan.dp.noise_multiplier
+                )
             if secure is not None:
                 from client.secure_sum import start_round
 

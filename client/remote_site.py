@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from client.privacy_ledger import PrivacyLedger, Releases
 from client.received import RECEIVED_FOLDER, ReceivedVersions
 from client.roster_serial import RosterSerial
 from client.round_claims import check_run_id, claim
@@ -62,6 +63,7 @@ class RemoteSite:
         self._fingerprint = field_of(reply, "fingerprint", str)
         self._claimed: set[int] = set()
         self.roster = RosterSerial(state_dir)  # across runs, in the site's store
+        self.ledger = PrivacyLedger(state_dir)  # DP releases across runs
         self._received: dict[str, ReceivedVersions] = {}
 
     @property
@@ -80,6 +82,14 @@ class RemoteSite:
     def accept_roster(self, serial: int) -> None:
         """``client.roster_serial``: the highest roster serial, in the site's store."""
         self.roster.accept(serial)
+
+    def earlier_releases(self, run_id: str) -> Releases:
+        """``client.privacy_ledger``: DP releases of the site's other runs."""
+        return self.ledger.earlier(run_id)
+
+    def record_release(self, run_id: str, server_round: int, noise_multiplier: float) -> None:
+        """``client.privacy_ledger``: remember this run's release, in the site's store."""
+        self.ledger.record(run_id, server_round, noise_multiplier)
 
     def received_versions(self, run_id: str) -> ReceivedVersions:
         """The site's received versions, in its store (shared with its worker)."""

@@ -17,6 +17,7 @@ import torch
 
 from client.drift import DriftCorrection, join_kept, split_kept, trained_parameters
 from client.losses import label_counts
+from client.privacy_ledger import PrivacyLedger, Releases
 from client.received import ReceivedVersions
 from client.roster_serial import RosterSerial
 from client.site_api import SiteUpdate, StepCallback
@@ -101,6 +102,7 @@ class SiteRuntime:
         self.site_index = site_index
         self.store = store or SiteStore(None)
         self.roster = RosterSerial(self.store.root)
+        self.ledger = PrivacyLedger(self.store.root)  # DP releases across runs
         self._encoded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
 
     @property
@@ -122,6 +124,14 @@ class SiteRuntime:
     def accept_roster(self, serial: int) -> None:
         """Secure sum: no roster older than one accepted before (``client.roster_serial``)."""
         self.roster.accept(serial)
+
+    def earlier_releases(self, run_id: str) -> Releases:
+        """``client.privacy_ledger``: DP releases of the site's other runs."""
+        return self.ledger.earlier(run_id)
+
+    def record_release(self, run_id: str, server_round: int, noise_multiplier: float) -> None:
+        """``client.privacy_ledger``: remember this run's release, in the site's store."""
+        self.ledger.record(run_id, server_round, noise_multiplier)
 
     def check_fingerprint(self, expected: str) -> None:
         """Refuse to work for a coordinator whose base model differs from ours."""

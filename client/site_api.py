@@ -18,6 +18,7 @@ from common.config import SitePlan
 from common.evaluation import EvalResult
 
 if TYPE_CHECKING:
+    from client.privacy_ledger import Releases
     from client.received import ReceivedVersions
 
 # Called after every optimizer step with (step, steps, loss): the app turns it into progress.
@@ -72,6 +73,13 @@ class Site(Protocol):
 
     def accept_roster(self, serial: int) -> None:
         """``check_roster``, then remember ``serial`` (once the instruction is acted on)."""
+
+    def earlier_releases(self, run_id: str) -> Releases:
+        """The site's DP releases in runs other than ``run_id`` (``client.privacy_ledger``)."""
+        ...
+
+    def record_release(self, run_id: str, server_round: int, noise_multiplier: float) -> None:
+        """Remember a DP release of run ``run_id`` at ``server_round``, across runs."""
 
     def train(
         self,

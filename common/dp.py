@@ -324,6 +324,22 @@ def rdp_epsilon(noise_multiplier: float, sampling_rate: float, delta: float, rou
     return float(accountant.get_epsilon(delta))
 
 
+def composed_epsilon(releases: tuple[tuple[float, int], ...], delta: float) -> float:
+    """Epsilon at ``delta`` after every ``(noise multiplier, rounds)`` Gaussian release.
+
+    RDP composes by adding the orders' curves, so runs at different multipliers add up; a
+    single release is ``rdp_epsilon(multiplier, 1.0, delta, rounds)``.
+    """
+    _check_delta(delta)
+    accountant = rdp.RdpAccountant()
+    for noise_multiplier, rounds in releases:
+        _check_positive("privacy.dp.noise-multiplier", noise_multiplier)
+        _check_rounds(rounds)
+        event = dp_accounting.GaussianDpEvent(noise_multiplier)
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(delta))
+
+
 class PrivacyAccountant:
     """Epsilon spent by a run: the Gaussian mechanism composed over rounds, RDP accounting.
 

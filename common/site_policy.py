@@ -8,7 +8,8 @@ an epsilon above the site's bound, a rule or module it did not agree to) with a 
 names the policy key, the site's bound and the plan's value.
 
 Where the site can compute a protection itself it does, rather than trust the plan's figure:
-its own epsilon from the noise multiplier and the round number (at the policy's delta), and,
+its own epsilon from the noise multiplier and the round number (at the policy's delta),
+composed with what it released in earlier runs (``client.privacy_ledger``), and,
 for distributed noise, the share it must add for the secure-sum threshold in the
 instruction's header.
 """
@@ -34,10 +35,15 @@ def _refuse(key: str, bound: object, found: object) -> PolicyRefused:
     )
 
 
-def _epsilon(noise_multiplier: float, delta: float, rounds: int) -> float:
-    from common.dp import rdp_epsilon  # dp_accounting: ~2 s to import; cached per value
+Releases = tuple[tuple[float, int], ...]  # (noise multiplier, rounds) of earlier runs
 
-    return rdp_epsilon(noise_multiplier, 1.0, delta, rounds)
+
+def _epsilon(noise_multiplier: float, delta: float, rounds: int, earlier: Releases) -> float:
+    from common.dp import composed_epsilon, rdp_epsilon  # dp_accounting: ~2 s to import
+
+    if not earlier:
+        return rdp_epsilon(noise_multiplier, 1.0, delta, rounds)  # cached per value
+    return composed_epsilon((*earlier, (noise_multiplier, rounds)), delta)
 
 
 def _threshold(header: ConfigRecord) -> int | None:
@@ -47,7 +53,9 @@ def _threshold(header: ConfigRecord) -> int | None:
     return int(json.loads(str(params))["threshold"])
 
 
-def _check_dp(policy: SitePolicy, plan: SitePlan, header: ConfigRecord, server_round: int) -> None:
+def _check_dp(
+    policy: SitePolicy, plan: SitePlan, header: ConfigRecord, server_round: int, earlier: Releases
+) -> None:
     dp = plan.dp
     needs_dp = policy.min_noise_multiplier is not None or policy.max_epsilon is not None
     if dp is None or plan.clip is None:
@@ -75,18 +83,23 @@ def _check_dp(policy: SitePolicy, plan: SitePlan, header: ConfigRecord, server_r
                 "complete a round"
             )
     if policy.max_epsilon is not None:
-        spent = _epsilon(dp.noise_multiplier, policy.delta, server_round)
+        spent = _epsilon(dp.noise_multiplier, policy.delta, server_round, earlier)
         if spent > policy.max_epsilon:
+            runs = sum(rounds for _, rounds in earlier)
+            before = f" after {runs} round(s) of earlier runs" if earlier else ""
             raise PolicyRefused(
                 f"plan refused by this site's policy: policy.max-epsilon = "
                 f"{policy.max_epsilon!r}, but round {server_round} at noise multiplier "
-                f"{dp.noise_multiplier} would bring this site's epsilon to {spent:.3g} "
-                f"(at policy.delta = {policy.delta:g})"
+                f"{dp.noise_multiplier}{before} would bring this site's epsilon to "
+                f"{spent:.3g} (at policy.delta = {policy.delta:g})"
             )
 
 
-def check_plan(policy: SitePolicy, plan: SitePlan, header: ConfigRecord) -> None:
-    """Raise ``PolicyRefused`` unless ``plan`` (and its header's round) meets ``policy``."""
+def check_plan(
+    policy: SitePolicy, plan: SitePlan, header: ConfigRecord, earlier: Releases = ()
+) -> None:
+    """Raise ``PolicyRefused`` unless ``plan`` (and its header's round) meets ``policy``;
+    ``earlier``: the site's DP releases in other runs (``client.privacy_ledger``)."""
     if plan.privacy_mode not in policy.privacy_modes:
         raise _refuse("privacy-modes", policy.privacy_modes, plan.privacy_mode)
     server_round = int(str(header[P.KEY_ROUND]))
@@ -98,4 +111,4 @@ def check_plan(policy: SitePolicy, plan: SitePlan, header: ConfigRecord) -> None
         extra = sorted(set(plan.modules) - set(policy.modules))
         if extra:
             raise _refuse("modules", policy.modules, extra)
-    _check_dp(policy, plan, header, max(1, server_round))
+    _check_dp(policy, plan, header, max(1, server_round), earlier)

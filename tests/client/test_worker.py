@@ -129,6 +129,17 @@ def test_the_clientapp_keeps_received_versions_where_the_worker_keeps_its_store(
         remote.received_versions("../elsewhere")
 
 
+def test_the_clientapp_keeps_the_privacy_ledger_in_the_sites_store(
+    worker: WorkerServer, site_cfg: SiteConfig, plan: SitePlan
+) -> None:
+    """Each message's ClientApp process is new: what a site released under DP must outlive
+    it, in the store (client.privacy_ledger), for the next run's policy check."""
+    RemoteSite(worker.path, plan, site_cfg.state_dir).record_release("run-1", 3, 1.0)
+    assert RemoteSite(worker.path, plan, site_cfg.state_dir).earlier_releases("run-2") == (
+        (1.0, 3),
+    )
+
+
 def test_socket_is_private_to_the_site_user(worker: WorkerServer) -> None:
     assert stat.S_ISSOCK(worker.path.lstat().st_mode)
     assert stat.S_IMODE(worker.path.lstat().st_mode) == 0o600

@@ -23,10 +23,12 @@ from common.dp import (
     central_noise_std,
     check_budget,
     clip_delta,
+    composed_epsilon,
     coordinator_noise_std,
     distributed_noise_std,
     dp_aggregate_mean,
     noise_multiplier_for,
+    rdp_epsilon,
     secure_generator,
     site_noise_std,
 )
@@ -309,6 +311,21 @@ def test_epsilon_matches_direct_dp_accounting(rounds: int) -> None:
     exact = dp_accounting.get_epsilon_gaussian(1.0 / math.sqrt(rounds), DELTA)
     rho = rounds / 2.0
     assert exact < epsilon <= rho + 2 * math.sqrt(rho * math.log(1 / DELTA))
+
+
+def test_composed_epsilon_adds_runs_at_different_multipliers() -> None:
+    """RDP of the Gaussian mechanism is alpha / (2 sigma^2) per round, so 2 rounds at sigma 1
+    and 4 at sigma 2 are one round at 1 / sigma^2 = 2 / 1 + 4 / 4 = 3."""
+    assert composed_epsilon(((1.0, 2), (2.0, 4)), DELTA) == pytest.approx(
+        rdp_epsilon(1 / math.sqrt(3), 1.0, DELTA, 1), rel=1e-9
+    )
+    assert composed_epsilon(((1.0, 3),), DELTA) == pytest.approx(direct_epsilon(1.0, 3), rel=1e-9)
+    assert composed_epsilon(((1.0, 1), (1.0, 2)), DELTA) == pytest.approx(
+        direct_epsilon(1.0, 3), rel=1e-9
+    )
+    assert composed_epsilon((), DELTA) == 0.0
+    with pytest.raises(ConfigError, match="noise-multiplier"):
+        composed_epsilon(((0.0, 1),), DELTA)
 
 
 def test_epsilon_with_sampling_matches_direct() -> None:

@@ -88,6 +88,19 @@ def test_max_epsilon_is_the_sites_own_count() -> None:
         check_plan(policy, _plan(), _header())  # no DP at all
 
 
+def test_max_epsilon_counts_the_sites_earlier_runs() -> None:
+    """A new run (round 1 again) does not reset what the site has spent."""
+    spent = [rdp_epsilon(1.0, 1.0, 1e-5, r) for r in (2, 3)]
+    policy = SitePolicy(max_epsilon=(spent[0] + spent[1]) / 2)  # 2 rounds fit, 3 do not
+    check_plan(policy, _plan(*DP), _header(server_round=1), earlier=((1.0, 1),))
+    with pytest.raises(PolicyRefused, match=r"after 2 round\(s\) of earlier runs"):
+        check_plan(policy, _plan(*DP), _header(server_round=1), earlier=((1.0, 2),))
+    with pytest.raises(PolicyRefused, match="max-epsilon"):  # two earlier runs of one round
+        check_plan(policy, _plan(*DP), _header(server_round=1), earlier=((1.0, 1), (1.0, 1)))
+    # A much noisier earlier run costs less than a round at multiplier 1.
+    check_plan(policy, _plan(*DP), _header(server_round=1), earlier=((50.0, 1),))
+
+
 def test_rules_modules_and_rounds() -> None:
     plan = _plan()
     with pytest.raises(PolicyRefused, match=r"policy.rules = \['ffa'\], but the plan has 'fedavg'"):
