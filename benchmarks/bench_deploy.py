@@ -2,13 +2,15 @@
 
 Runs, one after the other, (1) ``scripts/e2e-loopback.sh`` with ``ROUNDS=N``: the coordinator
 (SuperLink with TLS + SuperNode authentication, the ServerApp in its SuperExec) and 3 site
-daemons (SuperNodes with the fedlora ClientApp) as real processes on 127.0.0.1, sealed mode,
+daemons (SuperNodes with the fedlora ClientApp) as real processes on 127.0.0.1,
 ``examples/tiny.toml``; and (2) ``fedlora simulate examples/tiny.toml`` with the same number of
-rounds and sites, sealed mode, iid split (the loopback sites each hold a third of the same
-file). Both write ``metrics.jsonl``; the table compares the mean round time (rounds >= 1),
-the train and evaluate stages, bytes up per site, and the wall time from start to summary.
+rounds and sites, iid split (the loopback sites each hold a third of the same file), once per
+privacy mode named (default sealed; ``--privacy sealed secure-sum`` puts the secure sum's
+stages beside sealed mode). Both write ``metrics.jsonl``; the table compares the mean round
+time (rounds >= 1), the train and evaluate stages, bytes up per site, and the wall time from
+start to summary.
 
-    python benchmarks/bench_deploy.py [--rounds 3] [--repeats 1]
+    python benchmarks/bench_deploy.py [--rounds 3] [--repeats 1] [--privacy sealed secure-sum]
 
 The loopback wall time includes starting the SuperLink, registering the sites' keys and
 starting three SuperNodes; the simulation's includes starting Ray. Round figures exclude both.
@@ -52,9 +54,9 @@ def figures(run: Path, wall: float) -> dict[str, Any]:
     }
 
 
-def run_loopback(work: Path, rounds: int, timeout: float) -> dict[str, Any]:
+def run_loopback(work: Path, rounds: int, privacy: str, timeout: float) -> dict[str, Any]:
     """The deployment on loopback; its run folder is ``work/runs/tiny``."""
-    env = {**os.environ, "ROUNDS": str(rounds)}
+    env = {**os.environ, "ROUNDS": str(rounds), "PRIVACY": privacy}
     start = time.perf_counter()
     with (work.parent / f"{work.name}.log").open("w", encoding="utf-8") as log:
         subprocess.run(
@@ -69,9 +71,9 @@ def run_loopback(work: Path, rounds: int, timeout: float) -> dict[str, Any]:
     return figures(work / "runs" / "tiny", time.perf_counter() - start)
 
 
-def run_simulation(out: Path, rounds: int, timeout: float) -> dict[str, Any]:
+def run_simulation(out: Path, rounds: int, privacy: str, timeout: float) -> dict[str, Any]:
     """The same federation in Flower's simulation engine."""
-    overrides = [f"federation.rounds={rounds}", "data.partition='iid'", "privacy.mode='sealed'"]
+    overrides = [f"federation.rounds={rounds}", "data.partition='iid'", f"privacy.mode='{privacy}'"]
     wall = run_simulate(TINY, out, overrides, timeout, out.parent / f"{out.name}.log")
     return figures(out, wall)
 
@@ -92,30 +94,37 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per engine, interleaved")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
     parser.add_argument("--runs", type=Path, default=OUT_DIR / "deploy")
+    parser.add_argument(
+        "--privacy",
+        nargs="+",
+        default=["sealed"],
+        choices=["sealed", "secure-sum"],
+        help="privacy modes, each run by both engines (default: sealed)",
+    )
     args = parser.parse_args()
 
     result = header("bench_deploy")
     if args.runs.exists():
         shutil.rmtree(args.runs)
     args.runs.mkdir(parents=True)
-    raw: dict[str, list[dict[str, Any]]] = {"loopback": [], "simulation": []}
+    raw: dict[str, list[dict[str, Any]]] = {}
     for repeat in range(args.repeats):
-        print(f"[repeat {repeat}] loopback deployment, {args.rounds} rounds ...", flush=True)
-        raw["loopback"].append(
-            run_loopback(args.runs / f"loopback-{repeat}", args.rounds, args.timeout)
-        )
-        print(f"[repeat {repeat}] simulation, {args.rounds} rounds ...", flush=True)
-        raw["simulation"].append(
-            run_simulation(args.runs / f"sim-{repeat}", args.rounds, args.timeout)
-        )
+        for privacy in args.privacy:
+            for engine, run in (("loopback", run_loopback), ("simulation", run_simulation)):
+                print(
+                    f"[repeat {repeat}] {engine}, {privacy}, {args.rounds} rounds ...", flush=True
+                )
+                folder = args.runs / f"{engine}-{privacy}-{repeat}"
+                cell = raw.setdefault(f"{engine} {privacy}", [])
+                cell.append(run(folder, args.rounds, privacy, args.timeout))
 
-    cells = {engine: summary(runs) for engine, runs in raw.items()}
-    sim = cells["simulation"]
+    cells = {name: summary(runs) for name, runs in raw.items()}
     rows = []
-    for engine, cell in cells.items():
+    for name, cell in cells.items():
+        sim = cells[f"simulation {name.split()[1]}"]
         rows.append(
             [
-                engine,
+                name,
                 f"{cell['round_seconds']:.2f}",
                 f"{cell['round_seconds'] / sim['round_seconds']:.2f}",
                 f"{cell['train_seconds']:.2f}",
@@ -125,17 +134,16 @@ def main() -> int:
             ]
         )
     print_table(
-        f"tiny-llama, 3 sites, sealed, {args.rounds} rounds, {args.repeats} run(s) per engine",
-        ["engine", "round s", "x sim", "train s", "eval s", "bytes up/site", "wall s"],
+        f"tiny-llama, 3 sites, {args.rounds} rounds, {args.repeats} run(s) per engine and mode",
+        ["engine, privacy", "round s", "x sim", "train s", "eval s", "bytes up/site", "wall s"],
         rows,
     )
     result.update(
         rounds=args.rounds,
         repeats=args.repeats,
+        privacy=args.privacy,
         runs=raw,
         results=cells,
-        loopback_round_ratio_to_simulation=cells["loopback"]["round_seconds"]
-        / sim["round_seconds"],
     )
     write_result("bench_deploy", result)
     return 0

@@ -8,7 +8,8 @@
 #
 #   scripts/e2e-loopback.sh [WORK_DIR]        (default: a new temp folder, kept for inspection)
 #
-# ROUNDS=N sets the number of rounds (default 2); benchmarks/bench_deploy.py uses it.
+# ROUNDS=N sets the number of rounds (default 2); PRIVACY=secure-sum runs the federation in
+# secure-sum mode instead of sealed; benchmarks/bench_deploy.py uses both.
 #
 # With RESTART=1 it also SIGKILLs the coordinator (every process of it) after round 1 of 4,
 # starts it again, and checks that the run finishes with every version exactly once.
@@ -19,6 +20,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${BIN:-$REPO/.venv/bin}"
 WORK="${1:-$(mktemp -d -t fedlora-e2e-XXXXXX)}"
 ROUNDS="${ROUNDS:-2}"
+PRIVACY="${PRIVACY:-sealed}"
 [[ "${RESTART:-0}" == 1 ]] && ROUNDS=4
 mkdir -p "$WORK"
 cd "$WORK"
@@ -111,6 +113,10 @@ done
 # A deployed coordinator reads no training data (each site names its own in its site.toml).
 sed -e '/^path = "data\/dolly-tiny.jsonl"$/d' \
     -e "s/^rounds = 3/rounds = $ROUNDS/" "$REPO/examples/tiny.toml" >run.toml
+if [[ "$PRIVACY" != sealed ]]; then
+    grep -q '^mode = "sealed"' run.toml || { echo "run.toml: no [privacy] mode to set" >&2; exit 2; }
+    sed -i -e "s/^mode = \"sealed\"/mode = \"$PRIVACY\"/" run.toml
+fi
 
 # 3. The coordinator; the sites once their SuperNode keys are registered.
 t0=$SECONDS
@@ -133,17 +139,17 @@ wait_for 900 "the run's summary.json" test -f runs/tiny/summary.json
 echo "run finished in $((SECONDS - t0)) s"
 
 # 5. The registry: every version exactly once, sealed, every site in the last cohort.
-"$BIN/python" - "$ROUNDS" <<'EOF'
+"$BIN/python" - "$ROUNDS" "$PRIVACY" <<'EOF'
 import json, sys
 from pathlib import Path
-from server.registry import Registry
+from common.registry import Registry
 
-rounds = int(sys.argv[1])
+rounds, privacy = int(sys.argv[1]), sys.argv[2]
 versions = Registry(Path("runs/tiny/registry")).versions("shared")
 assert [v.version for v in versions] == list(range(rounds + 1)), [v.version for v in versions]
-assert all(v.manifest["privacy"] == "sealed" for v in versions)
+assert all(v.manifest["privacy"] == privacy for v in versions), versions[-1].manifest
 assert sorted(versions[-1].manifest["cohort"]) == ["a", "b", "c"], versions[-1].manifest["cohort"]
 lines = Path("runs/tiny/metrics.jsonl").read_text().splitlines()
 assert [json.loads(x)["round"] for x in lines] == list(range(rounds + 1))
-print(f"registry ok: v0000..v{rounds:04d}, sealed, cohort a, b, c")
+print(f"registry ok: v0000..v{rounds:04d}, {privacy}, cohort a, b, c")
 EOF
