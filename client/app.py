@@ -42,7 +42,7 @@ from common.keys import (
     load_site_public,
     public_path_for,
 )
-from common.modules import site_modules, split_modules
+from common.modules import join_modules, site_modules, split_modules
 from common.progress import print_step
 from common.roster import ENROLL_PUBLIC_NAME
 from common.site_policy import check_plan
@@ -296,6 +296,29 @@ def _seal(
     return seal_delta(payload, coordinator, signing, context)
 
 
+def _encoded_deltas(
+    update: SiteUpdate, plan: SitePlan, header: ConfigRecord, site: Site
+) -> dict[str, bytes]:
+    """Each sent module's delta in the plan's encoding; with error feedback, plus the residual
+    kept after the round before, the new residual kept for the next (``common.error_feedback``;
+    by round, so a redone round sends the same values)."""
+    deltas = split_modules(update.delta)
+    if not plan.error_feedback:
+        return {module: encode_delta(delta, plan.encoding) for module, delta in deltas.items()}
+    from common.error_feedback import encode_with_feedback
+
+    residuals = site.residuals(str(header[P.KEY_RUN_ID]))
+    server_round = int(str(header[P.KEY_ROUND]))
+    kept = split_modules(residuals.load(before=server_round))
+    payloads = {}
+    for module, delta in deltas.items():
+        payloads[module], kept[module] = encode_with_feedback(
+            delta, kept.get(module, {}), plan.encoding
+        )
+    residuals.save(server_round, join_modules(kept))  # modules not sent keep theirs
+    return payloads
+
+
 def _wire_payloads(
     update: SiteUpdate,
     plan: SitePlan,
@@ -311,8 +334,7 @@ def _wire_payloads(
     """
     record = ConfigRecord()
     sealed = plan.privacy_mode == "sealed"
-    for module, delta in sorted(split_modules(update.delta).items()):
-        payload = encode_delta(delta, plan.encoding)
+    for module, payload in sorted(_encoded_deltas(update, plan, header, site).items()):
         record[P.delta_key(module)] = (
             _seal(payload, module, header, site, keys) if sealed else payload
         )

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from client.kept_states import RESIDUAL_FOLDER, KeptStates
 from client.privacy_ledger import PrivacyLedger, Releases
 from client.received import RECEIVED_FOLDER, ReceivedVersions
 from client.roster_serial import RosterSerial
@@ -65,6 +66,7 @@ class RemoteSite:
         self.roster = RosterSerial(state_dir)  # across runs, in the site's store
         self.ledger = PrivacyLedger(state_dir)  # DP releases across runs
         self._received: dict[str, ReceivedVersions] = {}
+        self._residuals: dict[str, KeptStates] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -82,6 +84,16 @@ class RemoteSite:
     def accept_roster(self, serial: int) -> None:
         """``client.roster_serial``: the highest roster serial, in the site's store."""
         self.roster.accept(serial)
+
+    def residuals(self, run_id: str) -> KeptStates:
+        """Error feedback's residuals of run ``run_id``, in the site's store (in memory for
+        as long as this proxy lives when it has none)."""
+        if run_id not in self._residuals:
+            folder = None
+            if self.state_dir is not None:
+                folder = self.state_dir / check_run_id(run_id) / RESIDUAL_FOLDER
+            self._residuals[run_id] = KeptStates(folder)
+        return self._residuals[run_id]
 
     def earlier_releases(self, run_id: str) -> Releases:
         """``client.privacy_ledger``: DP releases of the site's other runs."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from client.drift import DriftCorrection, join_kept, split_kept, trained_parameters
+from client.kept_states import KeptStates
 from client.losses import label_counts
 from client.privacy_ledger import PrivacyLedger, Releases
 from client.received import ReceivedVersions
@@ -124,6 +125,10 @@ class SiteRuntime:
     def accept_roster(self, serial: int) -> None:
         """Secure sum: no roster older than one accepted before (``client.roster_serial``)."""
         self.roster.accept(serial)
+
+    def residuals(self, run_id: str) -> KeptStates:
+        """Error feedback's residuals of run ``run_id``, in the site's store."""
+        return self.store.for_run(run_id).residuals
 
     def earlier_releases(self, run_id: str) -> Releases:
         """``client.privacy_ledger``: DP releases of the site's other runs."""

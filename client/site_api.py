@@ -18,6 +18,7 @@ from common.config import SitePlan
 from common.evaluation import EvalResult
 
 if TYPE_CHECKING:
+    from client.kept_states import KeptStates
     from client.privacy_ledger import Releases
     from client.received import ReceivedVersions
 
@@ -73,6 +74,10 @@ class Site(Protocol):
 
     def accept_roster(self, serial: int) -> None:
         """``check_roster``, then remember ``serial`` (once the instruction is acted on)."""
+
+    def residuals(self, run_id: str) -> KeptStates:
+        """The up-link's quantisation residuals of run ``run_id``, by round (error feedback)."""
+        ...
 
     def earlier_releases(self, run_id: str) -> Releases:
         """The site's DP releases in runs other than ``run_id`` (``client.privacy_ledger``)."""

@@ -15,34 +15,28 @@ fedsa's B factors) after training on global version ``NNNN``. Training on, or ev
 version v starts from the file with the largest ``NNNN < v``: a round redone after a
 coordinator crash starts from exactly what the first attempt started from, so a resumed run
 stays bit-identical, and a restarted site loses nothing. Without a root (tests, in-process
-tools) the kept tensors live in memory.
+tools) the kept tensors live in memory (``client.kept_states``). ``residual/`` holds the
+up-link's quantisation residual after each round, the same way (``common.error_feedback``).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
-from safetensors.torch import load, save
 
+from client.kept_states import KEPT_FOLDER, RESIDUAL_FOLDER, KeptStates
 from client.received import RECEIVED_FOLDER, ReceivedVersions
 from client.round_claims import check_run_id, claim
 from common.adapters import AdapterState
-from common.atomic import write_bytes_atomic
-from common.errors import StorageError
 from common.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-KEPT_FOLDER = "kept"
 REGISTRY_FOLDER = "registry"
-_KEPT_NAME = re.compile(r"after-v(\d{4,})\.safetensors")
-# Kept files beyond the newest few are history the registry already holds (private modules).
-KEEP_LAST = 3
 
 
 class SiteStore:
@@ -50,7 +44,9 @@ class SiteStore:
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
-        self._memory: dict[int, AdapterState] = {}
+        self.kept = KeptStates(None if root is None else root / KEPT_FOLDER)
+        # The up-link's quantisation residual after each round (common.error_feedback).
+        self.residuals = KeptStates(None if root is None else root / RESIDUAL_FOLDER)
         self._runs: dict[str, SiteStore] = {}
         self._claimed: set[int] = set()
         self.registry = None if root is None else Registry(root / REGISTRY_FOLDER)
@@ -68,44 +64,13 @@ class SiteStore:
         """``client.round_claims.claim``: this run's ``server_round`` gets one masked input."""
         claim(self.root, server_round, self._claimed)
 
-    def _kept_path(self, version: int) -> Path:
-        assert self.root is not None
-        return self.root / KEPT_FOLDER / f"after-v{version:04d}.safetensors"
-
-    def _kept_versions(self) -> list[int]:
-        if self.root is None:
-            return sorted(self._memory)
-        folder = self.root / KEPT_FOLDER
-        if not folder.is_dir():
-            return []
-        found = (_KEPT_NAME.fullmatch(p.name) for p in folder.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
-
     def load_kept(self, before: int) -> AdapterState:
         """What the site kept after training on the newest version ``< before`` ({} if none)."""
-        candidates = [v for v in self._kept_versions() if v < before]
-        if not candidates:
-            return {}
-        if self.root is None:
-            return dict(self._memory[candidates[-1]])
-        path = self._kept_path(candidates[-1])
-        try:
-            return load(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"{path}: unreadable kept tensors ({exc})") from exc
+        return self.kept.load(before)
 
     def save_kept(self, version: int, kept: AdapterState) -> None:
         """Store what the site keeps after training on ``version`` (replacing a redone one)."""
-        if self.root is None:
-            self._memory[version] = dict(kept)
-        else:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in kept.items()}
-            write_bytes_atomic(self._kept_path(version), save(tensors))
-        for old in self._kept_versions()[:-KEEP_LAST]:
-            if self.root is None:
-                del self._memory[old]
-            else:
-                self._kept_path(old).unlink(missing_ok=True)
+        self.kept.save(version, kept)
 
     def record(
         self,

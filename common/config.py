@@ -371,6 +371,9 @@ class PrivacyConfig(Section):
     kem: Literal["x25519", "mlkem768-x25519"] = "x25519"
     # sealed and none modes only: secure-sum sends fixed-point levels (privacy.secure-sum).
     encoding: DeltaEncoding = "fp32"
+    # Error feedback for int8/int4 (common.error_feedback): each site keeps what rounding
+    # dropped and adds it to its next delta. Unset: on for a quantised encoding without DP.
+    error_feedback: bool | None = None
     # Largest delta payload (bytes) the coordinator accepts from one site.
     max_payload_bytes: PositiveInt = 256 * 1024 * 1024
     # Key files; in simulation, missing ones are created under <out>/keys.
@@ -379,6 +382,13 @@ class PrivacyConfig(Section):
     dp: DpConfig = DpConfig()
     secure_sum: SecureSumConfig = SecureSumConfig()
 
+    @property
+    def feeds_back_errors(self) -> bool:
+        """Whether sites use error feedback (``error-feedback``, or its default)."""
+        if self.error_feedback is not None:
+            return self.error_feedback
+        return self.encoding in QUANTISED_ENCODINGS and not self.dp.enabled
+
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:
         if self.dp.enabled and self.dp.placement == "distributed" and self.mode != "secure-sum":
@@ -386,6 +396,16 @@ class PrivacyConfig(Section):
                 "privacy.dp.placement = 'distributed' needs privacy.mode = 'secure-sum' "
                 "(in sealed mode the coordinator would see each delta with a fraction of the "
                 "noise); use placement = 'central'"
+            )
+        if self.error_feedback and self.encoding not in QUANTISED_ENCODINGS:
+            raise ValueError(
+                f"privacy.error-feedback = true needs a quantised privacy.encoding "
+                f"({', '.join(QUANTISED_ENCODINGS)}); {self.encoding!r} drops nothing to feed back"
+            )
+        if self.error_feedback and self.dp.enabled:
+            raise ValueError(
+                "privacy.error-feedback = true cannot be used with privacy.dp: the residual "
+                "added after clipping would lift the delta's norm above privacy.dp.clip"
             )
         if self.mode == "secure-sum" and self.encoding in QUANTISED_ENCODINGS:
             raise ValueError(
@@ -776,6 +796,8 @@ class SitePlan(Section):
     modules: dict[str, ModuleConfig]
     rule: Rule
     encoding: DeltaEncoding
+    # Keep the quantisation residual and send it with the next delta (common.error_feedback).
+    error_feedback: bool = False
     privacy_mode: PrivacyMode
     # Sites clip their delta to this L2 norm before sending (DP); None = no clipping.
     clip: float | None = None
@@ -843,6 +865,7 @@ def site_plan(cfg: RunConfig, labels: list[str] | None = None) -> SitePlan:
         modules=cfg.modules,
         rule=cfg.aggregation.rule,
         encoding=cfg.privacy.encoding,
+        error_feedback=cfg.privacy.feeds_back_errors,
         privacy_mode=cfg.privacy.mode,
         clip=cfg.privacy.dp.clip if cfg.privacy.dp.enabled else None,
         dp=_plan_dp(cfg),

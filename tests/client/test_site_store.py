@@ -8,7 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from client.site_store import KEEP_LAST, SiteStore
+from client.kept_states import KEEP_LAST
+from client.site_store import SiteStore
 from common.errors import UpdateRejected
 
 

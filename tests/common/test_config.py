@@ -200,3 +200,20 @@ def test_registry_refuses_a_module_folder_outside_it(tmp_path: Path) -> None:
         with pytest.raises(RegistryError, match="not a module name"):
             registry.module_dir(name)
     assert registry.module_dir("shared") == tmp_path / "registry" / "shared"
+
+
+def test_error_feedback_is_on_for_quantised_uplinks_without_dp(examples_dir: Path) -> None:
+    tiny = examples_dir / "tiny.toml"
+
+    def plan(*overrides: str) -> bool:
+        return site_plan(load_config(tiny, list(overrides))).error_feedback
+
+    assert plan("privacy.encoding='int4'") and plan("privacy.encoding='int8'")
+    assert not plan("privacy.encoding='fp16'") and not plan()
+    dp = ["privacy.dp.enabled=true", "privacy.dp.noise-multiplier=1.0", "privacy.dp.clip=0.5"]
+    assert not plan("privacy.encoding='int4'", *dp)  # unset: off with DP
+    assert not plan("privacy.encoding='int4'", "privacy.error-feedback=false")
+    with pytest.raises(ConfigError, match=r"needs a quantised privacy\.encoding"):
+        load_config(tiny, ["privacy.error-feedback=true"])
+    with pytest.raises(ConfigError, match=r"cannot be used with privacy\.dp"):
+        load_config(tiny, ["privacy.encoding='int4'", "privacy.error-feedback=true", *dp])
