@@ -13,8 +13,10 @@ per-message ClientApp process of a deployed site uses it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors.torch import load, save
 
 from common.adapters import AdapterState
@@ -23,53 +25,68 @@ from common.errors import StorageError
 
 KEPT_FOLDER = "kept"  # what never leaves the site (client.site_store)
 RESIDUAL_FOLDER = "residual"  # the up-link's quantisation residual (common.error_feedback)
-_NAME = re.compile(r"after-v(\d{4,})\.safetensors")
 # Files beyond the newest few are history nobody reads (the registry holds private modules).
 KEEP_LAST = 3
 
 
-class KeptStates:
-    """One kind of kept tensors of one site and run: in ``folder``, or in memory when None."""
+class VersionedStates:
+    """Adapter states by version number, ``<folder>/<prefix><NNNN>.safetensors``, written
+    atomically; only the newest ``keep`` are kept. In memory when ``folder`` is None."""
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, prefix: str, keep: int) -> None:
         self.folder = folder
+        self.prefix = prefix
+        self.keep = keep
+        self._name = re.compile(re.escape(prefix) + r"(\d{4,})\.safetensors")
         self._memory: dict[int, AdapterState] = {}
 
     def _path(self, version: int) -> Path:
         assert self.folder is not None
-        return self.folder / f"after-v{version:04d}.safetensors"
+        return self.folder / f"{self.prefix}{version:04d}.safetensors"
 
     def versions(self) -> list[int]:
-        """The versions something was kept after, oldest first."""
+        """The versions held, oldest first."""
         if self.folder is None:
             return sorted(self._memory)
         if not self.folder.is_dir():
             return []
-        found = (_NAME.fullmatch(p.name) for p in self.folder.iterdir())
+        found = (self._name.fullmatch(p.name) for p in self.folder.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
+
+    def read(self, version: int) -> AdapterState:
+        """Version ``version`` as stored; ``KeyError`` if not held in memory, ``OSError`` or
+        ``ValueError`` (``SafetensorError``) if its file is missing or unreadable."""
+        if self.folder is None:
+            return dict(self._memory[version])
+        return load(self._path(version).read_bytes())
+
+    def save(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Keep ``state`` as ``version`` (replacing a redone one); drop all but the newest."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        if self.folder is None:
+            self._memory[version] = tensors
+        else:
+            write_bytes_atomic(self._path(version), save(tensors))
+        for old in self.versions()[: -self.keep]:
+            if self.folder is None:
+                del self._memory[old]
+            else:
+                self._path(old).unlink(missing_ok=True)
+
+
+class KeptStates(VersionedStates):
+    """One kind of kept tensors of one site and run: in ``folder``, or in memory when None."""
+
+    def __init__(self, folder: Path | None) -> None:
+        super().__init__(folder, "after-v", KEEP_LAST)
 
     def load(self, before: int) -> AdapterState:
         """What was kept after the newest version ``< before`` ({} if none)."""
         candidates = [v for v in self.versions() if v < before]
         if not candidates:
             return {}
-        if self.folder is None:
-            return dict(self._memory[candidates[-1]])
-        path = self._path(candidates[-1])
         try:
-            return load(path.read_bytes())
+            return self.read(candidates[-1])
         except (OSError, ValueError) as exc:
+            path = self._path(candidates[-1])
             raise StorageError(f"{path}: unreadable kept tensors ({exc})") from exc
-
-    def save(self, version: int, state: AdapterState) -> None:
-        """Keep ``state`` as made after ``version`` (replacing a redone one); drop old ones."""
-        if self.folder is None:
-            self._memory[version] = dict(state)
-        else:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-            write_bytes_atomic(self._path(version), save(tensors))
-        for old in self.versions()[:-KEEP_LAST]:
-            if self.folder is None:
-                del self._memory[old]
-            else:
-                self._path(old).unlink(missing_ok=True)

@@ -17,17 +17,13 @@ received (the sent modules only, ``<module>/<key>``), written atomically; withou
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
 
+from client.kept_states import VersionedStates
 from common import protocol as P
 from common.adapters import AdapterState
-from common.atomic import write_bytes_atomic
 from common.downlink import apply_step, check_rebuilt
 from common.errors import UpdateRejected
 
@@ -35,55 +31,25 @@ RECEIVED_FOLDER = "received"
 # A step starts from the version the site confirmed, the newest or the one before it (a reply
 # the coordinator never saw); three leave room for a redone round.
 KEEP_RECEIVED = 3
-_NAME = re.compile(r"v(\d{4,})\.safetensors")
 
 
 class GlobalVersionMissing(UpdateRejected):
     """The site does not hold (a sound copy of) the version an instruction builds on."""
 
 
-class ReceivedVersions:
+class ReceivedVersions(VersionedStates):
     """The verified global versions one site holds for one run: in ``folder``, or memory."""
 
     def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-        self._memory: dict[int, AdapterState] = {}
-
-    def _path(self, version: int) -> Path:
-        assert self.folder is not None
-        return self.folder / f"v{version:04d}.safetensors"
-
-    def versions(self) -> list[int]:
-        if self.folder is None:
-            return sorted(self._memory)
-        if not self.folder.is_dir():
-            return []
-        found = (_NAME.fullmatch(p.name) for p in self.folder.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
+        super().__init__(folder, "v", KEEP_RECEIVED)
 
     def load(self, version: int) -> AdapterState | None:
         """Version ``version`` as stored, or None if this site does not hold it (or the file
         is unreadable: the digest check would refuse it anyway)."""
-        if self.folder is None:
-            held = self._memory.get(version)
-            return None if held is None else dict(held)
         try:
-            return load(self._path(version).read_bytes())
-        except (OSError, ValueError, SafetensorError):
+            return self.read(version)
+        except (KeyError, OSError, ValueError, SafetensorError):
             return None
-
-    def save(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
-        """Keep ``version`` (replacing a copy of it); drop all but the newest few."""
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        if self.folder is None:
-            self._memory[version] = tensors
-        else:
-            write_bytes_atomic(self._path(version), save(tensors))
-        for old in self.versions()[:-KEEP_RECEIVED]:
-            if self.folder is None:
-                del self._memory[old]
-            else:
-                self._path(old).unlink(missing_ok=True)
 
 
 def rebuild_global(
