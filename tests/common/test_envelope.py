@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import struct
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import common.envelope as envelope_module
 from common.allow_list import AllowList
 from common.encoding import decode_delta, encode_delta
 from common.envelope import (
@@ -126,6 +128,33 @@ def test_each_seal_is_fresh_and_hides_the_payload() -> None:
     assert b"CANARY" not in first and b"CANARY" not in second
 
 
+def test_max_envelope_bytes_is_the_largest_overhead_exactly() -> None:
+    # header 12 + context 5 * (2 + 256) + 2 * 8 + ML-KEM-768+X25519 enc 1120 + tag + signature
+    assert MAX_CONTEXT_BYTES == 1306
+    assert max_envelope_bytes(0) == 12 + 1306 + 1120 + 16 + 64
+    assert max_envelope_bytes(1000) == max_envelope_bytes(0) + 1000
+
+
+def test_seal_refuses_a_payload_that_is_not_bytes_and_a_key_that_is_not_ed25519() -> None:
+    public = COORDINATOR["x25519"].public_key()
+    with pytest.raises(TypeError, match=r"^payload must be bytes, got bytearray$"):
+        seal_delta(bytearray(PAYLOAD), public, SITE_A, CONTEXT)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^site_private must be an Ed25519 private key$"):
+        seal_delta(PAYLOAD, public, X25519PrivateKey.generate(), CONTEXT)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kem", KEMS)
+def test_largest_payload_is_what_the_length_field_can_describe(
+    kem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real bound is 4 GiB of HPKE output; a small one shows where it falls without that.
+    monkeypatch.setattr(envelope_module, "_MAX_SEALED_BYTES", ENC_BYTES[kem] + TAG_BYTES + 100)
+    assert open_(seal(kem, bytes(100)), kem) == bytes(100)
+    too_large = r"^payload of 101 bytes is too large for one envelope$"
+    with pytest.raises(ValueError, match=too_large):
+        seal(kem, bytes(101))
+
+
 def test_max_envelope_bytes_covers_the_largest_context() -> None:
     big = "x" * MAX_FIELD_BYTES
     context = EnvelopeContext(
@@ -217,13 +246,25 @@ def test_enrolled_site_cannot_pass_off_another_sites_ciphertext() -> None:
 
 
 @pytest.mark.parametrize(
-    "changes",
-    [{"round": -1}, {"round": True}, {"version": 2**64}, {"module": ""}, {"run_id": 7},
-     {"site_id": "../a"}, {"base_fingerprint": "x" * (MAX_FIELD_BYTES + 1)}],
+    ("changes", "reason"),
+    [({"round": -1}, "round: expected an integer in [0, 2**64)"),
+     ({"round": True}, "round: expected an integer in [0, 2**64)"),
+     ({"version": 2**64}, "version: expected an integer in [0, 2**64)"),
+     ({"module": ""}, "module: expected a non-empty string"),
+     ({"run_id": 7}, "run_id: expected a non-empty string"),
+     ({"site_id": "../a"}, "site_id: not a valid site id"),
+     ({"base_fingerprint": "x" * (MAX_FIELD_BYTES + 1)}, "base_fingerprint: over 256 bytes"),
+     ({"module": "é" * 129}, "module: over 256 bytes")],  # counted in UTF-8 bytes
 )  # fmt: skip
-def test_invalid_context_is_refused(changes: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="envelope context"):
+def test_invalid_context_is_refused(changes: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=f"^envelope context {re.escape(reason)}$"):
         dataclasses.replace(CONTEXT, **changes)  # type: ignore[arg-type]
+
+
+def test_context_bounds_are_inclusive() -> None:
+    for changes in ({"round": 0, "version": 0}, {"round": 2**64 - 1, "module": "é" * 128}):
+        context = dataclasses.replace(CONTEXT, **changes)  # type: ignore[arg-type]
+        assert EnvelopeContext.from_info(context.info()) == context
 
 
 def test_context_encoding_is_unambiguous() -> None:
@@ -231,9 +272,12 @@ def test_context_encoding_is_unambiguous() -> None:
     split = dataclasses.replace(CONTEXT, run_id="a", module="b|c")
     assert joined.info() != split.info()
     assert EnvelopeContext.from_info(joined.info()) == joined
-    for bad in (joined.info() + b"\x00", joined.info()[:-1], b""):
-        with pytest.raises((ValueError, struct.error)):
-            EnvelopeContext.from_info(bad)
+    with pytest.raises(ValueError, match=r"^trailing bytes after the context$"):
+        EnvelopeContext.from_info(joined.info() + b"\x00")
+    with pytest.raises(ValueError, match=r"^context field runs past the end$"):
+        EnvelopeContext.from_info(joined.info()[:-1])
+    with pytest.raises(struct.error):
+        EnvelopeContext.from_info(b"")
 
 
 def test_malformed_context_is_rejected_even_if_signed() -> None:
@@ -244,6 +288,15 @@ def test_malformed_context_is_rejected_even_if_signed() -> None:
     body = HEADER.pack(MAGIC, ENVELOPE_VERSION, suite, len(info), sealed_len) + info + sealed
     with pytest.raises(UpdateRejected, match=r"^envelope context malformed$"):
         open_(resign(body))
+
+
+@pytest.mark.parametrize(
+    ("length", "shown"), [(78, "'" + "r" * 78 + "'"), (79, "'" + "r" * 76 + "...")]
+)
+def test_a_long_field_is_quoted_cut_to_80_characters(length: int, shown: str) -> None:
+    with pytest.raises(UpdateRejected) as caught:
+        open_(seal(), run_id="r" * length)
+    assert str(caught.value) == f"envelope is for run 'run-7', expected run {shown}"
 
 
 # ---------------------------------------------------------------------------- tamper, truncate
@@ -303,6 +356,29 @@ def test_every_truncation_is_rejected(kem: str) -> None:
     assert_rejected(envelope + b"\x00", kem)
 
 
+def test_length_checks_at_their_bounds() -> None:
+    envelope = seal()
+    shortest = HEADER.size + SIGNATURE_BYTES
+    assert assert_rejected(envelope[: shortest - 1]) == "envelope truncated"
+    assert assert_rejected(envelope[:shortest]).startswith("envelope length fields do not match")
+    sealed = envelope[HEADER.size + len(CONTEXT.info()) : -SIGNATURE_BYTES]
+    for info_len, reason in (
+        (MAX_CONTEXT_BYTES, "envelope context malformed"),  # within the bound: parsed
+        (MAX_CONTEXT_BYTES + 1, "envelope length fields are out of range"),
+    ):
+        header = HEADER.pack(MAGIC, ENVELOPE_VERSION, SUITE_X25519, info_len, len(sealed))
+        assert assert_rejected(resign(header + bytes(info_len) + sealed)) == reason
+    # HPKE output shorter than the KEM's enc plus the tag: refused before decryption.
+    info, shortest_sealed = CONTEXT.info(), ENC_BYTES["x25519"] + TAG_BYTES
+    for length, reason in (
+        (shortest_sealed - 1, "envelope length fields are out of range"),
+        (shortest_sealed, "envelope cannot be opened: sealed to another coordinator key or"),
+    ):
+        header = HEADER.pack(MAGIC, ENVELOPE_VERSION, SUITE_X25519, len(info), length)
+        with pytest.raises(UpdateRejected, match=f"^{re.escape(reason)}"):
+            open_(resign(header + info + sealed[:length]))
+
+
 def test_oversize_is_rejected_before_parsing() -> None:
     envelope = seal()
     with pytest.raises(UpdateRejected, match="exceeds the bound of"):
@@ -323,7 +399,8 @@ def test_garbage_is_rejected(garbage: bytes) -> None:
 
 @pytest.mark.parametrize("wrong_type", ["text", bytearray(b"FLE1"), memoryview(b"FLE1"), None])
 def test_non_bytes_is_rejected(wrong_type: object) -> None:
-    with pytest.raises(UpdateRejected, match="expected bytes"):
+    kind = type(wrong_type).__name__
+    with pytest.raises(UpdateRejected, match=f"^envelope is {kind}, expected bytes$"):
         open_(wrong_type)  # type: ignore[arg-type]
 
 

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
+from tokenizers import AddedToken
 
 from common.errors import ModelError
-from common.fingerprint import fingerprint, fingerprint_checkpoint
+from common.fingerprint import QUANT_4BIT_EXTRA, _base_key, fingerprint, fingerprint_checkpoint
 
 # sha256 over the length-prefixed fields "class", "config", "tensor", "bytes" of _linear().
 # Registries and sites compare stored fingerprints across versions: a change to what is hashed
@@ -89,6 +91,44 @@ def test_fingerprint_covers_the_elements_of_lists_in_the_config() -> None:
     assert one != other
 
 
+def test_fingerprint_does_not_depend_on_the_key_order_of_config_or_extra() -> None:
+    """Two loads may build the config (or a caller the extra) in another order: same base."""
+    one = fingerprint(_Configured({"hidden": 4, "layers": 2}), None, QUANT_4BIT_EXTRA)
+    other = fingerprint(
+        _Configured({"layers": 2, "hidden": 4}), None, dict(reversed(QUANT_4BIT_EXTRA.items()))
+    )
+    assert one == other
+
+
+def test_config_and_tokenizer_values_json_cannot_encode_are_hashed_by_their_text() -> None:
+    """A config value or special token that is an object (a dtype, an ``AddedToken``) is
+    hashed as its ``str``, not refused: and a different value still gives another digest."""
+    half, brain = _Configured({"init": torch.float16}), _Configured({"init": torch.bfloat16})
+    assert fingerprint(half, None) != fingerprint(brain, None)
+    tokenizer, other = _slow_tokenizer({"a": 0}), _slow_tokenizer({"a": 0})
+    tokenizer.special_tokens_map = {"pad_token": AddedToken("<pad>", special=True)}
+    other.special_tokens_map = {"pad_token": AddedToken("<eos>", special=True)}
+    assert fingerprint(half, tokenizer) != fingerprint(half, other)  # type: ignore[arg-type]
+
+
+def test_every_name_in_a_peft_state_dict_maps_to_the_base_models_name() -> None:
+    """peft prefixes ``base_model.model.`` and renames wrapped layers (``base_layer``,
+    ``original_module``); its adapter tensors (``lora_*``, ``modules_to_save``) map to None."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.head = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+
+    config = LoraConfig(r=1, target_modules=["proj"], modules_to_save=["head"])
+    peft_names = list(get_peft_model(Tiny(), config).state_dict())
+    mapped = {key: _base_key(key) for key in peft_names}
+    assert {name for name in mapped.values() if name is not None} == set(Tiny().state_dict())
+    assert [key for key, name in mapped.items() if name is None] == [
+        key for key in peft_names if "lora_" in key or "modules_to_save" in key
+    ]
+
+
 def test_streamed_checkpoint_fingerprint_hashes_extra(tmp_path: Path) -> None:
     layer = _linear()
     save_file(
@@ -109,3 +149,20 @@ def test_streamed_checkpoint_without_weights_or_with_foreign_names_is_refused(
     save_file(tensors, tmp_path / "m.safetensors")
     with pytest.raises(ModelError, match=r"checkpoint names \['foreign\.weight'\] are not"):
         fingerprint_checkpoint(tmp_path, layer, None, None)  # type: ignore[arg-type]
+    # The refusal quotes at most three names, whatever the file holds.
+    tensors |= {name: torch.zeros(1) for name in ("x.a", "x.b", "x.c")}
+    save_file(tensors, tmp_path / "m.safetensors")
+    with pytest.raises(ModelError, match=r"names \['foreign\.weight', 'x\.a', 'x\.b'\] are not"):
+        fingerprint_checkpoint(tmp_path, layer, None, None)  # type: ignore[arg-type]
+
+
+def test_streamed_checkpoint_leaves_out_model_tensors_the_files_lack(tmp_path: Path) -> None:
+    """A 4-bit model holds quantization state (``absmax`` and the like) that the unquantized
+    checkpoint has not and that shares no memory with a checkpoint tensor: not hashed."""
+    layer = _linear()
+    save_file(
+        {k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "m.safetensors"
+    )
+    layer.register_buffer("weight_absmax", torch.ones(2))
+    streamed = fingerprint_checkpoint(tmp_path, layer, None, None)  # type: ignore[arg-type]
+    assert streamed == LINEAR_DIGEST
