@@ -273,7 +273,7 @@ def _admit(
         verify_instruction(
             msg.content, msg.metadata.message_type, keys.instruction_key(site.site_id)
         )
-    earlier = site.earlier_releases(str(header[P.KEY_RUN_ID]))
+    earlier = site.ledger.earlier(str(header[P.KEY_RUN_ID]))
     check_plan(policy(site.site_id), plan, header, earlier)
 
 
@@ -442,7 +442,7 @@ def client_app(
                 _control(msg, plan),
             )
             if plan.dp is not None and plan.clip is not None:  # before anything is sent
-                site.record_release(
+                site.ledger.record(
                     str(header[P.KEY_RUN_ID]), server_round, plan.dp.noise_multiplier
                 )
             if secure is not None:

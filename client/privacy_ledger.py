@@ -19,9 +19,9 @@ from pathlib import Path
 
 from common.atomic import write_bytes_atomic
 from common.errors import UpdateRejected
+from common.site_policy import Releases
 
 PRIVACY_LEDGER_FILE = "privacy-ledger.json"
-Releases = tuple[tuple[float, int], ...]  # (noise multiplier, rounds), one per run and multiplier
 
 
 class PrivacyLedger:

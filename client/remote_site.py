@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from client.kept_states import RESIDUAL_FOLDER, KeptStates
-from client.privacy_ledger import PrivacyLedger, Releases
+from client.privacy_ledger import PrivacyLedger
 from client.received import RECEIVED_FOLDER, ReceivedVersions
 from client.roster_serial import RosterSerial
 from client.round_claims import check_run_id, claim
@@ -94,14 +94,6 @@ class RemoteSite:
                 folder = self.state_dir / check_run_id(run_id) / RESIDUAL_FOLDER
             self._residuals[run_id] = KeptStates(folder)
         return self._residuals[run_id]
-
-    def earlier_releases(self, run_id: str) -> Releases:
-        """``client.privacy_ledger``: DP releases of the site's other runs."""
-        return self.ledger.earlier(run_id)
-
-    def record_release(self, run_id: str, server_round: int, noise_multiplier: float) -> None:
-        """``client.privacy_ledger``: remember this run's release, in the site's store."""
-        self.ledger.record(run_id, server_round, noise_multiplier)
 
     def received_versions(self, run_id: str) -> ReceivedVersions:
         """The site's received versions, in its store (shared with its worker)."""

@@ -18,7 +18,7 @@ import torch
 from client.drift import DriftCorrection, join_kept, split_kept, trained_parameters
 from client.kept_states import KeptStates
 from client.losses import label_counts
-from client.privacy_ledger import PrivacyLedger, Releases
+from client.privacy_ledger import PrivacyLedger
 from client.received import ReceivedVersions
 from client.roster_serial import RosterSerial
 from client.site_api import SiteUpdate, StepCallback
@@ -129,14 +129,6 @@ class SiteRuntime:
     def residuals(self, run_id: str) -> KeptStates:
         """Error feedback's residuals of run ``run_id``, in the site's store."""
         return self.store.for_run(run_id).residuals
-
-    def earlier_releases(self, run_id: str) -> Releases:
-        """``client.privacy_ledger``: DP releases of the site's other runs."""
-        return self.ledger.earlier(run_id)
-
-    def record_release(self, run_id: str, server_round: int, noise_multiplier: float) -> None:
-        """``client.privacy_ledger``: remember this run's release, in the site's store."""
-        self.ledger.record(run_id, server_round, noise_multiplier)
 
     def check_fingerprint(self, expected: str) -> None:
         """Refuse to work for a coordinator whose base model differs from ours."""

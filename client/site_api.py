@@ -19,7 +19,7 @@ from common.evaluation import EvalResult
 
 if TYPE_CHECKING:
     from client.kept_states import KeptStates
-    from client.privacy_ledger import Releases
+    from client.privacy_ledger import PrivacyLedger
     from client.received import ReceivedVersions
 
 # Called after every optimizer step with (step, steps, loss): the app turns it into progress.
@@ -57,6 +57,11 @@ class Site(Protocol):
     @property
     def fingerprint(self) -> str: ...
 
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The site's DP releases across runs, in its store (``client.privacy_ledger``)."""
+        ...
+
     def check_fingerprint(self, expected: str) -> None:
         """Raise ``FingerprintMismatch`` unless the site's base model is ``expected``."""
 
@@ -78,13 +83,6 @@ class Site(Protocol):
     def residuals(self, run_id: str) -> KeptStates:
         """The up-link's quantisation residuals of run ``run_id``, by round (error feedback)."""
         ...
-
-    def earlier_releases(self, run_id: str) -> Releases:
-        """The site's DP releases in runs other than ``run_id`` (``client.privacy_ledger``)."""
-        ...
-
-    def record_release(self, run_id: str, server_round: int, noise_multiplier: float) -> None:
-        """Remember a DP release of run ``run_id`` at ``server_round``, across runs."""
 
     def train(
         self,

@@ -134,10 +134,8 @@ def test_the_clientapp_keeps_the_privacy_ledger_in_the_sites_store(
 ) -> None:
     """Each message's ClientApp process is new: what a site released under DP must outlive
     it, in the store (client.privacy_ledger), for the next run's policy check."""
-    RemoteSite(worker.path, plan, site_cfg.state_dir).record_release("run-1", 3, 1.0)
-    assert RemoteSite(worker.path, plan, site_cfg.state_dir).earlier_releases("run-2") == (
-        (1.0, 3),
-    )
+    RemoteSite(worker.path, plan, site_cfg.state_dir).ledger.record("run-1", 3, 1.0)
+    assert RemoteSite(worker.path, plan, site_cfg.state_dir).ledger.earlier("run-2") == ((1.0, 3),)
 
 
 def test_socket_is_private_to_the_site_user(worker: WorkerServer) -> None:
