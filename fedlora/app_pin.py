@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-import os
 import shlex
 import sys
 import zipfile
 from pathlib import Path
 
+from common.atomic import write_bytes_atomic
 from common.errors import FedloraError
 
 APP_PACKAGES = ("common", "client", "server", "fedlora")  # what a FAB of fedlora holds
@@ -134,8 +134,6 @@ def write_task_shims(folder: Path) -> Path:
         )
     for name, body in scripts.items():
         path = folder / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("#!/bin/sh\n" + body, encoding="utf-8")
-        tmp.chmod(0o700)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, ("#!/bin/sh\n" + body).encode())
+        path.chmod(0o700)  # written before the SuperNode that runs it starts
     return folder
