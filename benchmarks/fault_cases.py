@@ -14,7 +14,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -194,10 +194,10 @@ def reasons(line: dict[str, Any], site: str) -> list[str]:
 
 
 # -- the cases ---------------------------------------------------------------------------------
-def site_crash_before_training(work: Path) -> list[CaseResult]:
+def site_crash_before_training(work: Path, extra: Sequence[str] = ()) -> list[CaseResult]:
     """a. site-1's ClientApp raises on round 1's train instruction, then behaves."""
     out = work / "a-crash-before-training"
-    overrides = ["federation.rounds=2", "federation.min-sites=2"]
+    overrides = ["federation.rounds=2", "federation.min-sites=2", *extra]
     run_faulty(out, overrides, (Fault(site=1, round=1, stage="train", kind=CRASH),))
     m = by_round(out)
     checks = {
@@ -212,14 +212,14 @@ def site_crash_before_training(work: Path) -> list[CaseResult]:
     return [result]
 
 
-def site_crash_after_upload(work: Path) -> list[CaseResult]:
+def site_crash_after_upload(work: Path, extra: Sequence[str] = ()) -> list[CaseResult]:
     """b. site-1 uploads in round 1, crashes evaluating it and at round 2's train."""
     out = work / "b-crash-after-upload"
     faults = (
         Fault(site=1, round=1, stage="evaluate", kind=CRASH),
         Fault(site=1, round=2, stage="train", kind=CRASH),
     )
-    run_faulty(out, ["federation.rounds=2", "federation.min-sites=2"], faults)
+    run_faulty(out, ["federation.rounds=2", "federation.min-sites=2", *extra], faults)
     m = by_round(out)
     v1 = Registry(out / "registry").get("shared", 1).manifest
     checks = {
@@ -314,10 +314,10 @@ def disk_full_at(version: int) -> Iterator[None]:
         safetensors.torch.save_file = real
 
 
-def disk_full_while_publishing(work: Path) -> list[CaseResult]:
+def disk_full_while_publishing(work: Path, extra: Sequence[str] = ()) -> list[CaseResult]:
     """d. Writing v0002 fails with ENOSPC; the run stops; ``--resume`` completes it."""
     out = work / "d-disk-full"
-    cfg = load_config(TINY, ["federation.rounds=3"])
+    cfg = load_config(TINY, ["federation.rounds=3", *extra])
     error: Exception | None = None
     with disk_full_at(2):
         try:
@@ -372,7 +372,7 @@ HOSTILE_COLUMNS = ["hostile reply", "sent by", "seen as", "rejected", "reason", 
 MAX_DELTA_NORM = 50.0
 
 
-def hostile_replies(work: Path) -> list[CaseResult]:
+def hostile_replies(work: Path, extra: Sequence[str] = ()) -> list[CaseResult]:
     """e. Round 2: seven sites each send one kind of hostile reply, two are honest."""
     out = work / "e-hostile-replies"
     faults = tuple(
@@ -385,6 +385,7 @@ def hostile_replies(work: Path) -> list[CaseResult]:
         "federation.min-sites=1",
         "data.partition='iid'",
         f"aggregation.max-delta-norm={MAX_DELTA_NORM}",
+        *extra,
     ]
     run_faulty(out, overrides, faults)
     m = by_round(out)

@@ -1,7 +1,8 @@
 """Run a whole federation on one machine with Flower's simulation runtime (Ray backend).
 
 The coordinator (ServerApp) runs in this process; each virtual site's ClientApp runs in a Ray
-worker with ``simulation.cpus-per-site`` cores. The apps are built from the parsed config, so
+worker with ``simulation.cpus-per-site`` cores (or, with ``simulation.backend = "in-process"``,
+in this process too: ``fedlora/in_process.py``). The apps are built from the parsed config, so
 nothing is packaged and no data leaves the repository.
 
 Flower's runtime runs in a worker thread while the main thread waits for it, so that Ctrl-C
@@ -250,7 +251,8 @@ def provision_keys(cfg: RunConfig, out_dir: Path) -> tuple[Sealing | None, SiteK
 
 
 def run_in_simulation_runtime(server_app: ServerApp, client_app: ClientApp, cfg: RunConfig) -> None:
-    """Run ``server_app`` with ``cfg.federation.sites`` virtual sites in this process.
+    """Run ``server_app`` with ``cfg.federation.sites`` virtual sites on ``simulation.backend``:
+    Flower's Ray runtime, or this process (``fedlora/in_process.py``).
 
     The one call of ``flwr.simulation.run_simulation``, which Flower 1.42 marks deprecated in
     favour of ``flwr run``. Flower 1.42 has no supported in-process entry point: ``flwr run``
@@ -258,6 +260,11 @@ def run_in_simulation_runtime(server_app: ServerApp, client_app: ClientApp, cfg:
     from the parsed config (``--set``, ``--resume``, comparison arms) and Ctrl-C handled here
     (``fedlora/interrupt.py``) need this one.
     """
+    if cfg.simulation.backend == "in-process":
+        from fedlora.in_process import run_in_process
+
+        run_in_process(server_app, client_app, cfg.federation.sites)
+        return
     from flwr.simulation import run_simulation  # after the environment is set
 
     run_simulation(
@@ -288,7 +295,8 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, A
             logging.getLogger("ray._private.worker").addFilter(_RAY_FILTER)
             server_app = make_server_app(coord, resume=resume)
             client_app = make_client_app(cfg, site_keys, out_dir / SITES_FOLDER)
-            start_local_ray(backend_config(cfg))
+            if cfg.simulation.backend == "ray":
+                start_local_ray(backend_config(cfg))
             run_in_thread(lambda: run_in_simulation_runtime(server_app, client_app, cfg))
         except RunInterrupted:
             stop_for_exit()  # then the folders above are removed and the lock released

@@ -44,16 +44,20 @@ class Checkpoint:
     rng_state: torch.Tensor | None = None  # torch CPU generator state of the coordinator
 
 
-# Config sections that change nothing a run computes: left out of the digest, so a run may be
-# resumed with another value (another tracking server), and a checkpoint made before such a
-# section existed still resumes.
+# Config sections and keys that change nothing a run computes: left out of the digest, so a run
+# may be resumed with another value (another tracking server, the other simulation runtime),
+# and a checkpoint made before such a section or key existed still resumes.
 UNDIGESTED_SECTIONS = ("tracking",)
+UNDIGESTED_KEYS = (("simulation", "backend"),)
 
 
 def config_digest(config_json: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of the run config (resume refuses another config), less
-    the ``UNDIGESTED_SECTIONS``."""
+    the ``UNDIGESTED_SECTIONS`` and ``UNDIGESTED_KEYS``."""
     digested = {k: v for k, v in config_json.items() if k not in UNDIGESTED_SECTIONS}
+    for section, key in UNDIGESTED_KEYS:
+        if isinstance(digested.get(section), dict):
+            digested[section] = {k: v for k, v in digested[section].items() if k != key}
     text = json.dumps(digested, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -52,12 +52,14 @@ def shared_ray_cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _ray_for_simulations(request: pytest.FixtureRequest) -> None:
-    """Modules with slow tests (the ones that run simulations) share the process's cluster;
-    the fast tests never start one. ``FEDLORA_TEST_OWN_RAY=1``: every run starts its own Ray."""
+    """Modules marked ``ray`` (those that run Flower's Ray runtime, in this process or in a
+    ``fedlora`` command they start) share the process's cluster; the others never start one,
+    and a run of theirs on Ray would start its own. ``FEDLORA_TEST_OWN_RAY=1``: every run
+    starts its own Ray."""
     if os.environ.get("FEDLORA_TEST_OWN_RAY") == "1":
         return
     items = [item for item in request.session.items if item.module is request.module]
-    if any(item.get_closest_marker("slow") for item in items):
+    if any(item.get_closest_marker("ray") for item in items):
         request.getfixturevalue("shared_ray_cluster")
 
 

@@ -16,6 +16,7 @@ from fedlora.cli import main
 from fedlora.compare import ARMS, compare, reference_train
 from fedlora.comparison import Comparison
 from server.metrics import read_metrics
+from tests.helpers.in_process import IN_PROCESS
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
 COLUMNS = [
@@ -33,7 +34,9 @@ COLUMNS = [
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("compare") / "out"
-    assert main(["compare", str(TINY), "--out", str(out), "--set", "federation.rounds=2"]) == 0
+    argv = ["compare", str(TINY), "--out", str(out),
+            "--set", "federation.rounds=2", "--set", IN_PROCESS]  # fmt: skip
+    assert main(argv) == 0
     return out, json.loads((out / "compare.json").read_text())
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from common.registry import Registry
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parent.parent
 REDUCED = [

@@ -2,8 +2,11 @@
 site that crashes before training or after uploading, a site slower than the round timeout, a
 full disk while a version is written, and seven kinds of hostile reply in one round.
 
-Each case is a real Flower simulation of ``examples/tiny.toml``; ``benchmarks/fault_cases.py``
-holds the cases and their checks, these tests assert the checks and the key counts.
+Each case is a simulation of ``examples/tiny.toml`` through the real apps;
+``benchmarks/fault_cases.py`` holds the cases and their checks, these tests assert the checks
+and the key counts. The slow site needs Ray's parallel sites and round timeout; the other cases
+run on the in-process runtime (``IN_PROCESS``), where a site that raises is answered with an
+error reply as Flower's Ray runtime answers it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import fault_cases
 from fault_cases import CaseResult
 from fault_inject import HOSTILE_KINDS
 
-pytestmark = pytest.mark.slow
+from tests.helpers.in_process import IN_PROCESS
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def assert_ok(result: CaseResult) -> None:
@@ -29,14 +34,14 @@ def assert_ok(result: CaseResult) -> None:
 
 
 def test_site_crash_before_training_round_goes_on_and_site_rejoins(tmp_path: Path) -> None:
-    [result] = fault_cases.site_crash_before_training(tmp_path)
+    [result] = fault_cases.site_crash_before_training(tmp_path, [IN_PROCESS])
     assert_ok(result)
     assert (result.rounds_completed, result.published) == (2, 3)
     assert (result.accepted, result.rejected) == (2 + 3, 1)  # round 1 without site-1
 
 
 def test_site_crash_after_upload_loses_nothing(tmp_path: Path) -> None:
-    [result] = fault_cases.site_crash_after_upload(tmp_path)
+    [result] = fault_cases.site_crash_after_upload(tmp_path, [IN_PROCESS])
     assert_ok(result)
     assert (result.rounds_completed, result.published) == (2, 3)
     assert (result.accepted, result.rejected) == (3 + 2, 1)  # its round-1 upload counts
@@ -54,7 +59,7 @@ def test_slow_site_is_left_out_and_its_late_reply_never_counts(tmp_path: Path) -
 
 
 def test_disk_full_stops_the_run_cleanly_and_resume_completes_it(tmp_path: Path) -> None:
-    stopped, resumed = fault_cases.disk_full_while_publishing(tmp_path)
+    stopped, resumed = fault_cases.disk_full_while_publishing(tmp_path, [IN_PROCESS])
     assert_ok(stopped)
     assert "No space left on device" in stopped.details["error"]
     assert (stopped.rounds_completed, stopped.published) == (1, 2)
@@ -65,7 +70,7 @@ def test_disk_full_stops_the_run_cleanly_and_resume_completes_it(tmp_path: Path)
 def test_every_hostile_reply_is_rejected_and_the_round_aggregates_the_rest(
     tmp_path: Path,
 ) -> None:
-    [result] = fault_cases.hostile_replies(tmp_path)
+    [result] = fault_cases.hostile_replies(tmp_path, [IN_PROCESS])
     assert_ok(result)
     rows = result.details["hostile rows"]
     assert [row[0] for row in rows] == list(HOSTILE_KINDS)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.in_process import IN_PROCESS
 from tests.helpers.subprocesses import (
     kill_everything,
     rounds_done,
@@ -36,9 +37,15 @@ def _start(
     out: Path, tmp_path: Path, ray_dir: Path, log: Path, resume: bool = False
 ) -> subprocess.Popen[bytes]:
     """The interrupted run starts (and must stop) its own Ray; the resumed one, never signalled,
-    uses the test process's cluster (``tests/helpers/shared_ray.py``)."""
-    args = ["simulate", *ARGS, "--out", str(out), *(["--resume"] if resume else [])]
-    return start_job(args, tmp_path, ray_dir, log, own_ray=not resume)
+    runs on the in-process runtime (``simulation.backend`` is not part of the config digest)."""
+    args = [
+        "simulate",
+        *ARGS,
+        "--out",
+        str(out),
+        *(["--resume", "--set", IN_PROCESS] if resume else []),
+    ]
+    return start_job(args, tmp_path, ray_dir, log)
 
 
 @pytest.mark.parametrize("how", ["sigint-to-group", "sigterm-to-process"])

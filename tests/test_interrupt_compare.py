@@ -6,7 +6,7 @@ within seconds with one line (which arm ran, what is finished, the command that 
 traceback and no process of its session left; the arms already measured stay on disk and are
 not measured again.
 
-The commands use the test process's Ray cluster (``tests/helpers/shared_ray.py``): what Ctrl-C
+The commands run their federations on the in-process runtime (``IN_PROCESS``): what Ctrl-C
 does to a Ray that fedlora started itself is ``tests/test_interrupt.py``'s to check.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.in_process import IN_PROCESS
 from tests.helpers.subprocesses import (
     kill_everything,
     rounds_done,
@@ -41,7 +42,7 @@ def _interrupt(
 ) -> tuple[int, str]:
     """Start ``fedlora ARGS``, send its process group SIGINT once ``when()`` holds; its exit
     code and output. Fails if it ends before, does not stop in time or leaves a process."""
-    proc = start_job(args, tmp_path, ray_dir, log, own_ray=False)
+    proc = start_job(args, tmp_path, ray_dir, log)
     try:
         deadline = time.monotonic() + 600
         while not when():
@@ -63,7 +64,7 @@ def _interrupt(
 
 def _finish(args: list[str], tmp_path: Path, ray_dir: Path, log: Path) -> str:
     """Run ``fedlora ARGS`` to its end (exit code 0); its output."""
-    proc = start_job(args, tmp_path, ray_dir, log, own_ray=False)
+    proc = start_job(args, tmp_path, ray_dir, log)
     try:
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
@@ -89,7 +90,7 @@ def test_compare_stops_per_arm_and_its_resume_command_finishes(
 ) -> None:
     out = tmp_path / "compare"
     args = ["compare", "examples/tiny.toml", "--out", str(out), "--set",
-            f"federation.rounds={ROUNDS}", "--arms", ARMS]  # fmt: skip
+            f"federation.rounds={ROUNDS}", "--set", IN_PROCESS, "--arms", ARMS]  # fmt: skip
 
     # 1. During the federated arm, after its first round.
     _, output = _interrupt(
@@ -137,7 +138,7 @@ def test_sweep_stops_in_a_setting_and_its_resume_command_finishes(
 ) -> None:
     out = tmp_path / "sweep"
     args = ["sweep", "examples/tiny.toml", "--vary", "modules.shared.rank=2,4", "--out", str(out),
-            "--set", "federation.rounds=2"]  # fmt: skip
+            "--set", "federation.rounds=2", "--set", IN_PROCESS]  # fmt: skip
     first, second = out / "modules.shared.rank=2", out / "modules.shared.rank=4"
 
     # Stopped in the second setting's federated arm: the first setting is finished.

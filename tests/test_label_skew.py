@@ -1,4 +1,5 @@
-"""Label skew through real Flower: each site holds 2 of 16 labels (a pathological split).
+"""Label skew through the real apps (on the in-process runtime): each site holds 2 of 16 labels
+(a pathological split).
 
 With the old defaults (a fresh local AdamW each round, FedAvg) every site's steps push down the
 14 labels it lacks at full Adam step size, the average cancels, and the global classifier
@@ -85,6 +86,9 @@ targets = ["q_proj", "v_proj"]
 [privacy]
 mode = "sealed"
 encoding = "fp32"
+
+[simulation]
+backend = "in-process"
 """,
         encoding="utf-8",
     )

@@ -1,4 +1,5 @@
-"""A lying coordinator against secure sum, through real Flower (simulation, tiny model).
+"""A lying coordinator against secure sum, through the real Flower apps (the in-process
+simulation runtime, tiny model).
 
 The first attack (issue 13, finding 2): the coordinator puts its own key advert in place of a
 victim's neighbours', so that it can open the shares the victim seals to them and unmask the
@@ -23,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
 from client.app import SiteKeys, make_client_app
 from client.roster_serial import ROSTER_SERIAL_FILE
@@ -34,7 +34,8 @@ from common.registry import Registry
 from common.roster import ENROLL_KEY_NAME, roster_bytes
 from common.secagg import ConfirmRequest, KeyAdvert, UnmaskRequest, advert_message
 from common.secagg_server import SecAggServer
-from fedlora.simulate import backend_config, provision_keys
+from fedlora.in_process import run_in_process
+from fedlora.simulate import provision_keys
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare, run_federation
@@ -70,7 +71,7 @@ def test_substituted_advert_is_refused_by_the_sites(
     monkeypatch.setattr(SecAggServer, "collect_adverts", substitute)
     coord = prepare(cfg, tmp_path, sealing)
     app = make_client_app(cfg, SiteKeys(tmp_path / "keys"), tmp_path / "sites")
-    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+    run_in_process(make_server_app(coord), app, 3)
 
     assert swapped, "the attack never ran"
     refusals = [
@@ -123,7 +124,7 @@ def test_inconsistent_dropout_story_gets_no_mask_key_of_the_victim(
     monkeypatch.setattr(SecAggServer, "collect_confirmations", forward)
     coord = prepare(cfg, tmp_path, sealing)
     app = make_client_app(cfg, SiteKeys(tmp_path / "keys"), tmp_path / "sites")
-    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+    run_in_process(make_server_app(coord), app, 3)
 
     assert told and len(set(told.values())) == 2, told  # the attack ran
     refusals = [
@@ -160,7 +161,7 @@ def test_an_older_roster_is_refused_after_a_newer_one(
     monkeypatch.setattr(SecureSumRound, "_header", relayed)
     coord = prepare(cfg, tmp_path, dataclasses.replace(sealing, roster=newer))
     app = make_client_app(cfg, SiteKeys(tmp_path / "keys"), tmp_path / "sites")
-    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+    run_in_process(make_server_app(coord), app, 3)
 
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "failed" not in metrics[1], metrics[1]  # serial 2 accepted
@@ -216,7 +217,7 @@ def test_a_site_rescaling_the_aggregate_is_caught(tmp_path: Path, weight: float)
     coord = prepare(cfg, tmp_path, sealing)
     honest = make_client_app(cfg, SiteKeys(tmp_path / "keys"), tmp_path / "sites")
     app = rescaling(honest, weight)
-    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+    run_in_process(make_server_app(coord), app, 3)
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "total weight" in metrics[1].get("failed", ""), metrics[1]
     assert Registry(tmp_path / "registry").latest("shared").version == 0  # type: ignore[union-attr]
@@ -261,15 +262,13 @@ def test_a_redone_round_gets_no_second_masked_input(tmp_path: Path) -> None:
         with contextlib.suppress(CoordinatorCrashed):
             run_federation(CrashBeforeUnmask(grid), coord)  # type: ignore[arg-type]
 
-    run_simulation(crashing, app, 3, backend_config=backend_config(cfg))
+    run_in_process(crashing, app, 3)
     claims = sorted(tmp_path.glob("sites/site-*/*/secure-sum/round-1"))
     assert len(claims) == 3  # every site sent its masked input for round 1
     assert Registry(tmp_path / "registry").latest("shared").version == 0  # type: ignore[union-attr]
 
     resumed = prepare(cfg, tmp_path, sealing)
-    run_simulation(
-        make_server_app(resumed, resume=True), app, 3, backend_config=backend_config(cfg)
-    )
+    run_in_process(make_server_app(resumed, resume=True), app, 3)
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     redo = [m for m in metrics if m["round"] == 1]
     assert "failed" in redo[-1], redo

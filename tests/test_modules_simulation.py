@@ -22,6 +22,7 @@ from common.exact import aggregate_exact, factors_for_site_rank, rank_fill_seed
 from common.modules import split_modules
 from common.registry import Registry
 from fedlora.inference import load_with_adapters
+from tests.helpers.in_process import IN_PROCESS
 from tests.helpers.recording import RecordingGrid, open_envelope, payload_bytes, simulate_recorded
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,8 @@ RANKS = [
 
 
 def _simulate(out: Path, overrides: list[str]) -> dict[str, Any]:
-    run = simulate_recorded(load_config(REPO / "examples" / "tiny.toml", overrides), out)
+    cfg = load_config(REPO / "examples" / "tiny.toml", [IN_PROCESS, *overrides])
+    run = simulate_recorded(cfg, out)
     assert all(m["rejected"] == [] for m in run["metrics"]), run["metrics"]
     return run
 

@@ -20,6 +20,7 @@ from fedlora.report import (
 )
 from fedlora.report_cli import add_report_parser, main, run_report
 from fedlora.run_plots import PLOT_FILES, metric_series
+from tests.helpers.in_process import IN_PROCESS
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,9 +29,10 @@ SITES = ["site-0", "site-1", "site-2"]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real 3-site, 3-round federation of examples/tiny.toml (about 25 s)."""
+    """A real 3-site, 3-round federation of examples/tiny.toml (on the in-process runtime)."""
     out = tmp_path_factory.mktemp("report") / "tiny"
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "examples/tiny.toml", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "examples/tiny.toml", "--out", str(out),
+           "--set", IN_PROCESS]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
     return out
 

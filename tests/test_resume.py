@@ -2,6 +2,11 @@
 
 The run has a shared, a group and a private module, so what the sites keep between rounds
 (``<out>/sites/<id>/<run-id>``) must resume exactly too.
+
+The runs killed at two points run on Ray of their own, as a user's would; the sampled one, the
+resumed runs and the references run on the in-process runtime (``IN_PROCESS``), which publishes
+the same versions (``tests/test_simulation.py``). A run killed on Ray and resumed in process is
+resumed from its run folder alone: ``simulation.backend`` is not part of the config digest.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import pytest
 
 from common.registry import Registry
 from common.registry_format import ADAPTER_FILE
+from tests.helpers.in_process import IN_PROCESS
 from tests.helpers.subprocesses import kill_everything, ray_env, rounds_done
 
 pytestmark = pytest.mark.slow
@@ -51,15 +57,16 @@ def _start(
     ray_dir: Path,
     resume: bool = False,
     settings: list[str] = SETTINGS,
-    own_ray: bool = True,
+    on_ray: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """``fedlora simulate`` as a process of its own; ``own_ray=False``: on the test process's
-    Ray cluster (``tests/helpers/shared_ray.py``), for the runs that are not killed."""
+    """``fedlora simulate`` as a process of its own, on the in-process runtime, or with
+    ``on_ray`` on a Ray of its own (a run to be SIGKILLed, as a user's would be)."""
+    settings = settings if on_ray else [*settings, IN_PROCESS]
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *_args(settings), "--out", str(out)]
     return subprocess.Popen(
         [*cmd, "--resume"] if resume else cmd,
         cwd=REPO,
-        env=ray_env(ray_dir, own_ray),  # own Ray: a run to be SIGKILLed, as a user's would be
+        env=ray_env(ray_dir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: SIGKILL reaches Ray's workers too
@@ -88,7 +95,7 @@ def _digests(out: Path) -> dict[str, str]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     with tempfile.TemporaryDirectory(prefix="ray-") as ray:
-        assert _start(out, Path(ray), own_ray=False).wait(timeout=600) == 0
+        assert _start(out, Path(ray)).wait(timeout=600) == 0
     return out
 
 
@@ -106,7 +113,7 @@ def test_sigkill_then_resume_is_bit_identical(
 ) -> None:
     out = tmp_path / "run"
     ray_dir = Path(tempfile.mkdtemp(prefix="ray-"))
-    proc = _start(out, ray_dir)
+    proc = _start(out, ray_dir, on_ray=True)
     deadline = time.monotonic() + 300
     while not KILL_POINTS[kill_point](out):
         assert proc.poll() is None, "the run ended before the kill point"
@@ -115,7 +122,7 @@ def test_sigkill_then_resume_is_bit_identical(
     kill_everything(proc, ray_dir)
     assert rounds_done(out) < ROUNDS
 
-    resumed = _start(out, ray_dir, resume=True, own_ray=False)  # nothing of the first is left
+    resumed = _start(out, ray_dir, resume=True)  # nothing of the first is left
     assert resumed.wait(timeout=600) == 0
 
     assert _versions(out) == list(range(ROUNDS + 1))  # none lost, none duplicated
@@ -137,7 +144,7 @@ def _cohorts(out: Path) -> list[tuple[list[str] | None, list[str] | None]]:
 def sampled_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sampled-reference") / "run"
     with tempfile.TemporaryDirectory(prefix="ray-") as ray:
-        assert _start(out, Path(ray), settings=SAMPLED, own_ray=False).wait(timeout=600) == 0
+        assert _start(out, Path(ray), settings=SAMPLED).wait(timeout=600) == 0
     return out
 
 
@@ -157,7 +164,7 @@ def test_sampled_run_killed_and_resumed_is_bit_identical(
     kill_everything(proc, ray_dir)
     assert rounds_done(out) < ROUNDS
 
-    resumed = _start(out, ray_dir, resume=True, settings=SAMPLED, own_ray=False)
+    resumed = _start(out, ray_dir, resume=True, settings=SAMPLED)
     assert resumed.wait(timeout=600) == 0
 
     assert _versions(out) == list(range(ROUNDS + 1))

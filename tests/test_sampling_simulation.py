@@ -19,6 +19,7 @@ from common.config import load_config
 from common.registry import Registry
 from common.sampling import STAGE_EVALUATE, STAGE_TRAIN, draw_cohort
 from server.audit import AUDIT_FILE, read_entries
+from tests.helpers.in_process import IN_PROCESS
 from tests.helpers.recording import RecordingGrid, simulate_recorded
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ SAMPLED = [
 
 
 def simulate_sampled(out: Path, *overrides: str) -> dict[str, Any]:
-    return simulate_recorded(load_config(TINY, list(overrides)), out)
+    return simulate_recorded(load_config(TINY, [IN_PROCESS, *overrides]), out)
 
 
 def node_sites(grid: RecordingGrid) -> dict[int, str]:

@@ -312,6 +312,7 @@ def text_files(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_canary_never_leaves_the_site(canary_run: dict[str, Any]) -> None:
     out, log = canary_run["out"], canary_run["log"]
     assert canary_run["planted"] > 0
@@ -326,6 +327,7 @@ def test_canary_never_leaves_the_site(canary_run: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_no_delta_bytes_in_logs_or_text_files(canary_run: dict[str, Any]) -> None:
     out, log = canary_run["out"], canary_run["log"]
     markers = tensor_markers(out / "registry")
@@ -339,6 +341,7 @@ def test_no_delta_bytes_in_logs_or_text_files(canary_run: dict[str, Any]) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_no_site_delta_anywhere_in_the_run(canary_run: dict[str, Any]) -> None:
     """No single site's delta, raw or as hex or base64 text, is in any file the run wrote
     (binary ones included: tensors, checkpoint, site stores) or in its log."""
@@ -358,6 +361,7 @@ def test_no_site_delta_anywhere_in_the_run(canary_run: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_run_keys_are_private_and_never_logged(canary_run: dict[str, Any]) -> None:
     out, log = canary_run["out"], canary_run["log"]
     keys = sorted(out.rglob("*.key"))

@@ -12,13 +12,13 @@ import pytest
 import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
-from flwr.simulation import run_simulation
 
 from client.app import SiteKeys, make_client_app
 from common import protocol as P
 from common.config import SecureSumConfig, load_config
 from common.registry import Registry
-from fedlora.simulate import backend_config, provision_keys
+from fedlora.in_process import run_in_process
+from fedlora.simulate import provision_keys
 from server.app import make_server_app
 from server.federation import prepare
 from tests.helpers.fixed_point_bound import mean_error_bound
@@ -56,7 +56,7 @@ def run(
     sealing, _ = provision_keys(cfg, out)
     coord = prepare(cfg, out, sealing)
     app = dropping(make_client_app(cfg, SiteKeys(out / "keys"), out / "sites"), drop, stage)
-    run_simulation(make_server_app(coord), app, sites, backend_config=backend_config(cfg))
+    run_in_process(make_server_app(coord), app, sites)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"metrics": metrics, "registry": Registry(out / "registry")}
 

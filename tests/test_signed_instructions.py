@@ -42,9 +42,8 @@ def downgrade_in_transit(msg: Message) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from flwr.simulation import run_simulation
-
-    from fedlora.simulate import backend_config, provision_keys
+    from fedlora.in_process import run_in_process
+    from fedlora.simulate import provision_keys
 
     out = tmp_path_factory.mktemp("signed")
     overrides = ["federation.rounds=1", "federation.min-sites=1", "train.local-steps=2"]
@@ -76,7 +75,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         box["grid"] = RecordingGrid(grid)
         run_federation(box["grid"], coord)  # type: ignore[arg-type]
 
-    run_simulation(server, clients, 3, backend_config=backend_config(cfg))
+    run_in_process(server, clients, 3)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"out": out, "metrics": metrics, "grid": box["grid"]}
 

@@ -1,5 +1,10 @@
 """End to end through real Flower: examples/tiny.toml in the simulation runtime (Ray), with
-every message between coordinator and sites captured for inspection."""
+every message between coordinator and sites captured for inspection.
+
+The same run on the in-process runtime (``fedlora/in_process.py``) publishes the same
+versions bit for bit: the tests that run their federations there (most of the suite) test
+what Ray would run.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,13 @@ from common.errors import UpdateRejected
 from common.fingerprint import fingerprint
 from common.models import load_base
 from common.registry import Registry
+from fedlora.in_process import run_in_process
 from server.app import make_server_app
 from server.audit import AUDIT_FILE, EVENT_REPLY_REJECTED, read_entries
 from server.federation import prepare
 from tests.helpers.recording import RecordingGrid, open_envelope, payload_bytes, simulate_recorded
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 CANARY = "CANARY-7f3a9c-do-not-leak"
 
@@ -211,9 +217,7 @@ def test_base_fingerprint_unchanged_by_training(run: dict[str, Any]) -> None:
 
 def test_site_with_foreign_base_refuses_and_round_goes_on(tmp_path: Path) -> None:
     """Site 2 runs a different base (another seed); it refuses, the others aggregate."""
-    from flwr.simulation import run_simulation
-
-    from fedlora.simulate import backend_config, provision_keys
+    from fedlora.simulate import provision_keys
 
     repo = Path(__file__).resolve().parent.parent
     overrides = ["federation.rounds=1", "federation.min-sites=2"]
@@ -236,7 +240,7 @@ def test_site_with_foreign_base_refuses_and_round_goes_on(tmp_path: Path) -> Non
         return (impostor if site == 2 else honest)(msg, context)
 
     coord = prepare(cfg, tmp_path, sealing)
-    run_simulation(make_server_app(coord), app, 3, backend_config=backend_config(cfg))
+    run_in_process(make_server_app(coord), app, 3)
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["cohort"] == ["site-0", "site-1"]
     reasons = [r["reason"] for r in metrics[1]["rejected"]]
@@ -252,3 +256,38 @@ def test_site_with_foreign_base_refuses_and_round_goes_on(tmp_path: Path) -> Non
     }
     assert refused == {"train", "evaluate"}, refused
     assert Registry(tmp_path / "registry").latest("shared").version == 1  # type: ignore[union-attr]
+
+
+def test_the_in_process_runtime_publishes_what_ray_publishes(
+    run: dict[str, Any], tmp_path: Path
+) -> None:
+    """The run of the fixture again, on the in-process runtime: every version of every round
+    holds the same tensors, every round the same losses, bytes and cohort, and the same
+    instructions cross."""
+    ray_cfg: RunConfig = run["cfg"]
+    assert ray_cfg.simulation.backend == "ray"
+    cfg = ray_cfg.model_copy(
+        update={"simulation": ray_cfg.simulation.model_copy(update={"backend": "in-process"})}
+    )
+    other = simulate_recorded(cfg, tmp_path / "out")
+    ray_registry, registry = Registry(run["out"] / "registry"), Registry(other["out"] / "registry")
+    versions = [v.version for v in ray_registry.versions("shared")]
+    assert versions == [v.version for v in registry.versions("shared")] == [0, 1, 2, 3]
+    for version in versions:
+        ray_state, state = ray_registry.load("shared", version), registry.load("shared", version)
+        assert ray_state.keys() == state.keys()
+        assert all(torch.equal(ray_state[k], state[k]) for k in state), version
+
+    def figures(metrics: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        keys = ("round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "cohort")
+        return [tuple(m.get(k) for k in keys) for m in metrics]
+
+    assert figures(other["metrics"]) == figures(run["metrics"])
+
+    def traffic(grid: RecordingGrid) -> tuple[list[str], int]:
+        """Instructions by type (in order), and how many replies carried an error."""
+        return [m.metadata.message_type for m in grid.sent], sum(
+            m.has_error() for m in grid.received
+        )
+
+    assert traffic(other["grid"]) == traffic(run["grid"])

@@ -1,4 +1,5 @@
-"""Aggregation rules, server optimizers, DP and enrollment through the real simulation path."""
+"""Aggregation rules, server optimizers, DP and enrollment through the real coordinator and site
+apps, on the in-process simulation runtime (``tests/helpers/in_process.py``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from common.registry import Registry
 from fedlora.simulate import simulate
 from server.checkpoint import load_checkpoint
 from tests.helpers.fixed_point_bound import mean_error_bound
+from tests.helpers.in_process import IN_PROCESS
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +26,7 @@ TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
 
 
 def run_tiny(out: Path, *overrides: str) -> dict[str, Any]:
-    cfg = load_config(TINY, ["federation.rounds=2", *overrides])
+    cfg = load_config(TINY, ["federation.rounds=2", IN_PROCESS, *overrides])
     summary = simulate(cfg, out)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     registry = Registry(out / "registry")

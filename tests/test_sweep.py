@@ -14,6 +14,7 @@ from common.errors import ConfigError
 from fedlora.cli import main
 from fedlora.sweep import NO_PICK, grid, markdown, parse_vary, plot_sweep
 from fedlora.sweep_rule import Candidate, recommend
+from tests.helpers.in_process import IN_PROCESS
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
 
@@ -182,7 +183,7 @@ def test_arms_that_do_not_sweep_are_a_usage_error(tmp_path: Path, arms: str, wor
 def test_rank_sweep_writes_the_table_and_picture(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["sweep", str(TINY), "--vary", "modules.shared.rank=2,4", "--out", str(out),
-            "--set", "federation.rounds=1"]  # fmt: skip
+            "--set", "federation.rounds=1", "--set", IN_PROCESS]  # fmt: skip
     assert main(argv) == 0
     assert {"sweep.json", "sweep.md", "sweep.png"} <= {p.name for p in out.iterdir()}
     assert (out / "modules.shared.rank=2" / "compare.json").exists()

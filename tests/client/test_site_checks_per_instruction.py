@@ -42,9 +42,10 @@ from common import protocol as P
 from common.config import RunConfig, SitePolicy, load_config
 from common.instructions import instruction_digest, instruction_key_path, sign_instruction
 from common.keys import COORDINATOR_KEY_NAME, load_site_private
+from fedlora.in_process import site_context
 from fedlora.simulate import provision_keys
 from server.federation import prepare, run_federation
-from tests.helpers.in_process import InProcessGrid, flower_task_identity, new_context, where
+from tests.helpers.in_process import InProcessGrid, flower_task_identity, where
 
 pytestmark = pytest.mark.slow  # one real round per privacy mode (tiny model, ~10 s each)
 
@@ -198,7 +199,7 @@ def _replay(
     files, state = _files(store), _state(replay.state)
     msg = Message(replay.content, dst_node_id=SITE, message_type=kept.message_type)
     msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-    context = new_context(SITE, recorded.cfg.federation.sites)
+    context = site_context(1, SITE, recorded.cfg.federation.sites)
     context.state = replay.state
     # A deployed site's default policy: sealed or secure-sum, never plain deltas.
     app = client_app(

@@ -1,22 +1,21 @@
-"""The real coordinator and the real site glue in one process, with no Ray and no SuperLink.
+"""The real coordinator and the real site glue in one process, with no Ray and no SuperLink,
+and a coordinator that can be made to crash.
 
-``InProcessGrid`` is a Flower Grid that hands each instruction straight to the ClientApp, node
-by node, each node keeping its own ``Context`` as a SuperNode would. The resume tests crash
-the coordinator at a stage boundary with it; the site-check tests look at (and replay) what
-one site receives.
+``InProcessGrid`` is the in-process runtime's Grid (``fedlora/in_process.py``) with two test
+hooks: the resume tests crash the coordinator at a stage boundary with it; the site-check
+tests look at (and replay) what one site receives.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from common import protocol as P
+from fedlora import in_process
 from tests.helpers.flower_identity import task_identity
 
 
@@ -39,46 +38,37 @@ def where(msg: Message) -> tuple[int, str]:
     return int(str(header[P.KEY_ROUND])), stage
 
 
-def new_context(node: int, sites: int) -> Context:
-    """Node ``node``'s context: partition ``node - 1`` of ``sites``, empty state."""
-    return Context(
-        run_id=1,
-        node_id=node,
-        node_config={"partition-id": node - 1, "num-partitions": sites},
-        state=RecordDict(),
-        run_config={},
-    )
+class InProcessGrid(in_process.InProcessGrid):
+    """The in-process runtime's Grid (run 1), with test hooks.
 
-
-@dataclass
-class InProcessGrid:
-    """A Flower Grid that hands each instruction straight to the ClientApp, node by node.
-
-    Node i + 1 is partition i (``site-<i>``). ``crash_before``: ``(round, stage)`` (see
-    ``where``) of the first instruction that raises ``Crash`` instead of being delivered, or
-    ``(round, stage, node)``: the nodes before ``node`` got theirs (and may have trained).
-    ``before_delivery``: called with each instruction and its node's context just before the
-    site gets it.
+    ``crash_before``: ``(round, stage)`` (see ``where``) of the first instruction that raises
+    ``Crash`` instead of being delivered, or ``(round, stage, node)``: the nodes before
+    ``node`` got theirs (and may have trained). ``before_delivery``: called with each
+    instruction and its node's context just before the site gets it.
     """
 
-    app: ClientApp
-    sites: int
-    crash_before: tuple[int, str] | tuple[int, str, int] | None = None
-    before_delivery: Callable[[Message, Context], None] | None = None
-    contexts: dict[int, Context] = field(default_factory=dict)
+    def __init__(
+        self,
+        app: ClientApp,
+        sites: int,
+        crash_before: tuple[int, str] | tuple[int, str, int] | None = None,
+        before_delivery: Callable[[Message, Context], None] | None = None,
+    ) -> None:
+        super().__init__(app, sites)
+        self.crash_before = crash_before
+        self.before_delivery = before_delivery
 
-    def get_node_ids(self) -> Iterable[int]:
-        return range(1, self.sites + 1)
+    def deliver(self, message: Message, context: Context) -> Message:
+        node = message.metadata.dst_node_id
+        if self.crash_before in (where(message), (*where(message), node)):
+            raise Crash(f"coordinator killed before sending {where(message)} to node {node}")
+        if self.before_delivery is not None:
+            self.before_delivery(message, context)
+        return super().deliver(message, context)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if self.crash_before in (where(msg), (*where(msg), node)):
-                raise Crash(f"coordinator killed before sending {where(msg)} to node {node}")
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what a Grid's push sets
-            context = self.contexts.setdefault(node, new_context(node, self.sites))
-            if self.before_delivery is not None:
-                self.before_delivery(msg, context)
-            replies.append(self.app(msg, context))
-        return replies
+
+# The override that runs a simulation on the in-process runtime (``fedlora/in_process.py``):
+# about 20 s less per run than Ray on 2 cores. ``tests/test_simulation.py`` checks that both
+# runtimes publish the same versions; the tests of Ray itself (timeouts, Ctrl-C, the demo) and
+# of deployment run real processes.
+IN_PROCESS = "simulation.backend='in-process'"

@@ -69,7 +69,8 @@ def open_envelope(coord: Any, reply: Message, module: str) -> bytes:
 
 
 def simulate_recorded(cfg: Any, out: Any) -> dict[str, Any]:
-    """Run ``cfg`` as a real Flower simulation with every message recorded.
+    """Run ``cfg`` as a real Flower simulation (on ``simulation.backend``) with every message
+    recorded.
 
     Returns the config, run folder, ``RecordingGrid``, the coordinator and ``metrics.jsonl``.
     """
@@ -77,10 +78,9 @@ def simulate_recorded(cfg: Any, out: Any) -> dict[str, Any]:
 
     from flwr.app import Context
     from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
 
     from client.app import make_client_app
-    from fedlora.simulate import SITES_FOLDER, backend_config, provision_keys
+    from fedlora.simulate import SITES_FOLDER, provision_keys, run_in_simulation_runtime
     from server.federation import prepare, run_federation
 
     sealing, site_keys = provision_keys(cfg, out)
@@ -94,6 +94,6 @@ def simulate_recorded(cfg: Any, out: Any) -> dict[str, Any]:
         run_federation(box["grid"], coord)  # type: ignore[arg-type]
 
     client = make_client_app(cfg, site_keys, out / SITES_FOLDER)
-    run_simulation(app, client, cfg.federation.sites, backend_config=backend_config(cfg))
+    run_in_simulation_runtime(app, client, cfg)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"cfg": cfg, "out": out, "grid": box["grid"], "coord": coord, "metrics": metrics}

@@ -16,6 +16,7 @@ from common.models import load_base
 from common.registry import Registry
 from common.registry_format import ADAPTER_FILE
 from server.init_from import check_init_sources, parse_init_from, read_init_sources
+from tests.helpers.in_process import IN_PROCESS
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.toml"
 
@@ -120,7 +121,7 @@ def test_version_0_of_a_new_run_is_the_source_version(source: Path, tmp_path: Pa
     from fedlora.simulate import simulate
 
     out = tmp_path / "run"
-    simulate(_cfg(str(source), "federation.rounds=1"), out)
+    simulate(_cfg(str(source), "federation.rounds=1", IN_PROCESS), out)
     copied = out / "registry/shared/v0000"
     original = source / "registry/shared/v0001"
     # Bit-identical: the same tensors, saved as the same bytes.
