@@ -83,17 +83,17 @@ def ray_dir() -> Iterator[Path]:
 # file is left running alone at the end while the other worker idles.
 _COSTLIEST_FIRST = (
     "test_e2e_resilience.py",
-    "test_demo.py",
-    "test_simulation_modes.py",
-    "test_sampling_simulation.py",
-    "test_interrupt_compare.py",
-    "test_faults.py",
-    "test_resume.py",
     "test_e2e_loopback.py",
-    "test_secure_sum_dropout.py",
-    "test_resume_state.py",
-    "test_cli.py",
+    "test_demo.py",
+    "test_interrupt.py",
+    "test_resume.py",
+    "test_interrupt_compare.py",
+    "test_flwr_run.py",
+    "test_faults.py",
+    "test_simulation.py",
     "test_label_skew.py",
+    "test_secrets_hygiene.py",
+    "test_simulation_modes.py",
 )
 
 
