@@ -72,6 +72,15 @@ _DATASETS: dict[str, Dataset] = {}
 _RUNTIMES: dict[str, SiteRuntime] = {}
 
 
+def release_site_caches() -> None:
+    """Forget this process's hosts, data sets and virtual sites: what a Ray worker takes with it
+    when it exits, released after a simulation that ran its sites in this process (a sweep's
+    next setting would otherwise keep every earlier setting's base model in memory)."""
+    _HOSTS.clear()
+    _DATASETS.clear()
+    _RUNTIMES.clear()
+
+
 def _dataset(cfg: RunConfig) -> Dataset:
     from common.data import load_dataset
 

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.app import SiteKeys, make_client_app
+from client.app import SiteKeys, make_client_app, release_site_caches
 from common.app_run_config import KEYS_FOLDER, SITES_FOLDER
 from common.atomic import hold_writes
 from common.config import RunConfig
@@ -263,7 +263,10 @@ def run_in_simulation_runtime(server_app: ServerApp, client_app: ClientApp, cfg:
     if cfg.simulation.backend == "in-process":
         from fedlora.in_process import run_in_process
 
-        run_in_process(server_app, client_app, cfg.federation.sites)
+        try:
+            run_in_process(server_app, client_app, cfg.federation.sites)
+        finally:
+            release_site_caches()
         return
     from flwr.simulation import run_simulation  # after the environment is set
 

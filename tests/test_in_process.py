@@ -4,6 +4,9 @@ context, and the ServerApp identity is set only while the run lasts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -12,6 +15,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.in_process import run_in_process
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
 
 
 def _app(seen: list[tuple[int, int, Message]]) -> ClientApp:
@@ -76,3 +81,25 @@ def test_an_instruction_to_a_node_that_is_not_there_is_refused() -> None:
 
     with pytest.raises(ValueError, match="no node 9 in this simulation of 2 sites"):
         run_in_process(server, _app([]), sites=2)
+
+
+def test_a_simulation_in_process_releases_its_sites_memory(tmp_path: Path) -> None:
+    """The base model, data and virtual sites a run loaded in this process are released when it
+    ends (a Ray worker takes them with it), so a sweep does not keep one model per setting."""
+    from client import app as site_glue
+    from common.config import load_config
+    from fedlora.simulate import simulate
+
+    cfg = load_config(TINY, ["federation.rounds=1", "simulation.backend='in-process'"])
+    hosts: list[int] = []
+    original = site_glue._host
+
+    def counting_host(*args: Any) -> Any:
+        hosts.append(len(site_glue._HOSTS))
+        return original(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(site_glue, "_host", counting_host)
+        simulate(cfg, tmp_path / "run")
+    assert hosts and max(hosts) >= 1  # the sites did use the process's host
+    assert not site_glue._HOSTS and not site_glue._DATASETS and not site_glue._RUNTIMES
