@@ -103,3 +103,18 @@ def test_a_simulation_in_process_releases_its_sites_memory(tmp_path: Path) -> No
         simulate(cfg, tmp_path / "run")
     assert hosts and max(hosts) >= 1  # the sites did use the process's host
     assert not site_glue._HOSTS and not site_glue._DATASETS and not site_glue._RUNTIMES
+
+
+def test_the_backend_is_not_part_of_the_config_digest() -> None:
+    """A run may resume on the other runtime, and a checkpoint made before the key existed
+    (its config has no ``simulation.backend``) still matches; other simulation keys count."""
+    from common.config import config_to_dict, load_config
+    from server.checkpoint import config_digest
+
+    ray = config_to_dict(load_config(TINY))
+    in_process = config_to_dict(load_config(TINY, ["simulation.backend='in-process'"]))
+    older = {**ray, "simulation": {k: v for k, v in ray["simulation"].items() if k != "backend"}}
+    cores = config_to_dict(load_config(TINY, ["simulation.cpus-per-site=2"]))
+    assert ray["simulation"]["backend"] == "ray"
+    assert config_digest(ray) == config_digest(in_process) == config_digest(older)
+    assert config_digest(ray) != config_digest(cores)
