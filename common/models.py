@@ -30,6 +30,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tokenizer_models
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from common.atomic import fsync_path
 from common.config import ModelConfig
 from common.errors import ModelError
 from common.fingerprint import QUANT_4BIT_EXTRA, fingerprint_checkpoint
@@ -190,11 +191,7 @@ def _smollm2_folder() -> Path:
 
 def _fsync_tree(folder: Path) -> None:
     for path in [*folder.rglob("*"), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
