@@ -134,11 +134,12 @@ class InProcessGrid(Grid):
 
 
 @contextmanager
-def server_identity(run_id: int) -> Iterator[None]:
-    """The identity Flower's runtime sets in a ServerApp process (messages are stamped with
-    it) while the block runs; the one before it afterwards."""
+def task_identity(run_id: int, node_id: int) -> Iterator[None]:
+    """The identity Flower's runtimes set in a process (messages are stamped with it): task 1
+    of run ``run_id`` on node ``node_id`` (the SuperLink's id: a ServerApp) while the block
+    runs; the one before it afterwards."""
     before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, node_id
     try:
         yield
     finally:
@@ -152,5 +153,5 @@ def run_in_process(server_app: ServerApp, client_app: ClientApp, sites: int) -> 
     context = Context(
         run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={}
     )
-    with server_identity(run_id):
+    with task_identity(run_id, SUPERLINK_NODE_ID):
         server_app(grid, context)

@@ -3,18 +3,12 @@ that builds ``Message`` objects by hand, outside a runtime, sets it with ``task_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
-import pytest
-from flwr.supercore.task_identity import TaskIdentity
+from fedlora import in_process
 
 
-@contextmanager
-def task_identity(node_id: int) -> Iterator[None]:
+def task_identity(node_id: int) -> AbstractContextManager[None]:
     """Run 1, task 1 on node ``node_id`` (0: a site; the SuperLink's id: a ServerApp) while the
-    block runs; the identity before it afterwards."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", node_id)):
-            patch.setattr(TaskIdentity, name, value)
-        yield
+    block runs; the identity before it afterwards (``fedlora.in_process.task_identity``)."""
+    return in_process.task_identity(1, node_id)
